@@ -1,0 +1,418 @@
+"""DeepCABAC decoding (clause 10 and the supplement, sections 1, 2, 3 and 6): the arithmetic
+decoding engine, the context models, and quant_tensor() for one tensor.
+
+This is the pure-Python backend; decoder_core/_deepcabac.pyx mirrors decode_tensor_levels() with the
+same signature.
+"""
+
+from .compat import zeros
+from .errors import NNCError
+from .tables import CtxParameterList, CurveTab, RangeTabLps, StateTransTab
+
+# Number of left shifts that bring an LPS range (2..228) back to at least 256.
+_RENORM = bytearray(256)
+for _r in range(1, 256):
+    _n = 0
+    while (_r << _n) < 256:
+        _n += 1
+    _RENORM[_r] = _n
+
+_INT32_MAX = 0x7FFFFFFF
+
+
+class ArithmeticDecoder:
+    """The 9-bit engine of supplement 1.1-1.9 in the scaled form of 1.10.
+
+    ``value`` holds IvlOffset << 7 plus up to 7 look-ahead bits; ``bits_needed`` is -8..-1.
+    The standard's bit pointer (relative to the segment start) is 8 * (p - start) + bits_needed + 1.
+    """
+
+    def __init__(self, data, start, end):
+        self.data = data
+        self.start = start
+        self.end = end
+        self.p = start
+        # 1.3: IvlCurrRange = 510, IvlOffset = read_bits(9)
+        self.range = 510
+        self.value = (self._fetch() << 8) | self._fetch()
+        self.bits_needed = -8
+
+    def _fetch(self):
+        p = self.p
+        if p >= self.end:
+            raise NNCError("arithmetic-coded data runs past the end of the NNR unit", p, "ae(v)")
+        self.p = p + 1
+        return self.data[p]
+
+    def get_bit_pointer(self):
+        return 8 * (self.p - self.start) + self.bits_needed + 1
+
+    def ivl_offset(self):
+        return self.value >> 7
+
+    def decode_decision(self, ctx):
+        """1.5-1.7: one context-coded bin; ctx = [pStateIdx0, pStateIdx1, shift0 + 4, shift1]."""
+        s0 = ctx[0]
+        s1 = ctx[1]
+        p = 16 * s0 + s1
+        rng = self.range
+        q = p >> 7
+        lps = RangeTabLps[(rng & 0xE0) + (q if q >= 0 else -q)]
+        rng -= lps
+        scaled = rng << 7
+        value = self.value
+        if value < scaled:
+            b = 1 if p >= 0 else 0
+            if rng < 256:
+                rng <<= 1
+                value <<= 1
+                bn = self.bits_needed + 1
+                if bn == 0:
+                    bn = -8
+                    value += self._fetch()
+                self.bits_needed = bn
+        else:
+            b = 0 if p >= 0 else 1
+            n = _RENORM[lps]
+            value = (value - scaled) << n
+            rng = lps << n
+            bn = self.bits_needed + n
+            if bn >= 0:
+                value += self._fetch() << bn
+                bn -= 8
+            self.bits_needed = bn
+        self.range = rng
+        self.value = value
+        # 1.6: two-rate estimator update
+        if b:
+            ctx[0] = s0 + (CurveTab[16 + (s0 >> 3)] >> ctx[2])
+            ctx[1] = s1 + (CurveTab[16 + (s1 >> 7)] >> ctx[3])
+        else:
+            ctx[0] = s0 - (CurveTab[16 + ((-s0) >> 3)] >> ctx[2])
+            ctx[1] = s1 - (CurveTab[16 + ((-s1) >> 7)] >> ctx[3])
+        return b
+
+    def decode_bypass(self):
+        """1.8"""
+        value = self.value << 1
+        bn = self.bits_needed + 1
+        if bn >= 0:
+            bn = -8
+            value += self._fetch()
+        self.bits_needed = bn
+        scaled = self.range << 7
+        if value >= scaled:
+            self.value = value - scaled
+            return 1
+        self.value = value
+        return 0
+
+    def uae(self, n):
+        x = 0
+        for _ in range(n):
+            x = (x << 1) | self.decode_bypass()
+        return x
+
+    def iae(self, n):
+        x = self.uae(n)
+        if n and x >= 1 << (n - 1):
+            x -= 1 << n
+        return x
+
+    def decode_terminate(self):
+        """1.9"""
+        rng = self.range - 2
+        scaled = rng << 7
+        if self.value >= scaled:
+            self.range = rng
+            return 1
+        if rng < 256:
+            rng <<= 1
+            self.value <<= 1
+            bn = self.bits_needed + 1
+            if bn == 0:
+                bn = -8
+                self.value += self._fetch()
+            self.bits_needed = bn
+        self.range = rng
+        return 0
+
+    def terminate_cabac(self):
+        """10.2.1.2 with the checks of 1.9: stop bit, nesting_zero_bits, and the end of the unit."""
+        if not self.decode_terminate():
+            raise NNCError("terminating_one_bit is 0", self.p, "terminate_cabac()")
+        ptr = self.get_bit_pointer()
+        seg_len = self.end - self.start
+        last = ptr - 1
+        if last < 0 or not (self.data[self.start + (last >> 3)] >> (7 - (last & 7))) & 1:
+            raise NNCError("arithmetic-coded data does not end with its stop bit", self.p, "terminate_cabac()")
+        if (ptr + 7) >> 3 != seg_len:
+            raise NNCError("arithmetic-coded data ends %d bytes before the end of the NNR unit"
+                           % (seg_len - ((ptr + 7) >> 3)), self.start + ((ptr + 7) >> 3), "terminate_cabac()")
+        if ptr & 7 and self.data[self.start + (ptr >> 3)] & ((1 << (8 - (ptr & 7))) - 1):
+            raise NNCError("nesting_zero_bit is 1", self.start + (ptr >> 3), "nesting_zero_bit")
+
+    def reset_range(self):
+        self.range = 256
+
+    def set_entry_point(self, ivl_offset, pointer):
+        """1.11: IvlCurrRange = 256, IvlOffset = cabac_offset_list[j], set_bit_pointer(pointer)."""
+        seg_len = self.end - self.start
+        if pointer < 9 or pointer > 8 * seg_len:
+            raise NNCError("entry point bit offset %d outside the segment" % pointer, self.start, "BitOffsetList")
+        self.range = 256
+        byte = pointer >> 3
+        bit = pointer & 7
+        if bit == 0:
+            self.p = self.start + byte
+            self.bits_needed = -1
+            self.value = ivl_offset << 7
+        else:
+            a = 8 - bit
+            if byte >= seg_len:
+                raise NNCError("entry point bit offset %d outside the segment" % pointer, self.start, "BitOffsetList")
+            self.p = self.start + byte + 1
+            self.bits_needed = -1 - a
+            self.value = (ivl_offset << 7) + ((self.data[self.start + byte] & ((1 << a) - 1)) << (7 - a))
+
+
+def _ctx(set_id):
+    s = CtxParameterList[set_id]
+    return [s[2], s[3], s[0] + 4, s[1]]
+
+
+def _reset(group, set_ids):
+    for i in range(len(group)):
+        s = CtxParameterList[set_ids[i]]
+        c = group[i]
+        c[0] = s[2]
+        c[1] = s[3]
+        c[2] = s[0] + 4
+        c[3] = s[1]
+
+
+class TensorCoding:
+    """How one tensor is coded: everything decode_tensor_levels() needs besides the engine."""
+
+    def __init__(self, dims, dq_flag, cabac_unary_length_minus1, scan_order=0, profile=0,
+                 codebook_size=0, codebook_zero_offset=0, entry_points=None, tca_base=None,
+                 hdsp_history=None, parent_node_id_present_flag=0):
+        self.dims = dims
+        self.dq_flag = dq_flag
+        self.cabac_unary_length_minus1 = cabac_unary_length_minus1
+        self.scan_order = scan_order
+        self.profile = profile
+        self.codebook_size = codebook_size
+        self.codebook_zero_offset = codebook_zero_offset
+        # entry_points: (cabac_offset_list, dq_state_list, BitOffsetList, first index) or None
+        self.entry_points = entry_points
+        self.tca_base = tca_base
+        self.hdsp_history = hdsp_history
+        self.parent_node_id_present_flag = parent_node_id_present_flag
+
+
+def decode_tensor_levels(engine, coding):
+    """Contexts, the profile-1 start bins, shift_parameter_ids() and quant_tensor() of one tensor.
+
+    Returns QuantParam (after the dependent-quantization mapping) as array('i') in row-major order.
+    """
+    dims = coding.dims
+    count = 1
+    for d in dims:
+        count *= d
+    h = dims[0]
+    w = count // h if h else 0
+    levels = zeros("i", count)
+    if count == 0:
+        return levels
+    dq = coding.dq_flag
+    N = coding.cabac_unary_length_minus1 + 1
+    profile = coding.profile
+    S = coding.codebook_size if profile == 1 else 0
+    Z = coding.codebook_zero_offset
+    if S == 1:
+        return levels  # 6.8: no bins at all; every QuantParam is 0.
+
+    tca = profile == 1 and coding.tca_base is not None
+    base = coding.tca_base
+    hist = coding.hdsp_history if profile == 1 else None
+
+    # 2.1 step 2: all contexts of the tensor start from setId 0 (2.7).
+    n_sig = 24 if dq else 3
+    sig = [_ctx(0) for _ in range(n_sig)]
+    sig_tca = [_ctx(0) for _ in range(16 if dq else 2)] if tca else []
+    sign = [_ctx(0) for _ in range(3)]
+    sign_tca = [_ctx(0) for _ in range(2)] if tca else []
+    gtx = [_ctx(0) for _ in range(2 * N)]
+    gtx_tca = [_ctx(0) for _ in range(2 * N)] if tca else []
+    gtx2 = [_ctx(0) for _ in range(31)]
+    shift_flag = _ctx(0)
+    row_skip_ctx = _ctx(0)
+
+    # 2.1 step 3 / 6.4: profile-1 bins at the start of the tensor.
+    hdsp = 0
+    row_skip = None
+    if profile == 1 and w > 1 and h > 1:
+        if coding.parent_node_id_present_flag:
+            hdsp = engine.decode_bypass()
+        if engine.decode_bypass():
+            row_skip = bytearray(h)
+            for r in range(h):
+                row_skip[r] = engine.decode_decision(row_skip_ctx)
+    if hist is None:
+        hdsp_lookup = 0  # 6.7: without an earlier decode the history is all 0
+    else:
+        hdsp_lookup = hdsp
+    sig_hdsp = [_ctx(0) for _ in range(8 if dq else 1)] if hdsp else []
+
+    # 2.6: shift_parameter_ids(), groups in this order.
+    cb = profile == 1 and S > 1
+    max_abs = Z if Z > S - 1 - Z else S - 1 - Z
+    sign_coded = not (cb and (Z == 0 or Z == S - 1))
+    reset_groups = []
+    for group, kind in ((sig, None), (sig_tca, None), (sig_hdsp, None), (sign + sign_tca, "sign"),
+                        (gtx, "gtx"), (gtx_tca, "gtx_tca"), (gtx2, "gtx2")):
+        ids = []
+        for a in range(len(group)):
+            present = True
+            if cb:
+                # 6.8: which shift_idx() are present with a profile-1 codebook
+                if kind == "sign":
+                    present = sign_coded
+                elif kind == "gtx":
+                    present = a < 2 * max_abs
+                elif kind == "gtx_tca":
+                    present = a + 2 * N < 2 * (max_abs - 1) + 2 * N
+                elif kind == "gtx2":
+                    present = (N - 1) + ((2 << a) - 1) < max_abs
+            set_id = 0
+            if present and engine.decode_decision(shift_flag):
+                set_id = 1 + engine.uae(3)
+            ids.append(set_id)
+        # The sign group is a new list holding the same context objects as sign and sign_tca.
+        _reset(group, ids)
+        reset_groups.append((group, ids))
+
+    # Scan geometry (3.1, 3.2).
+    scan = coding.scan_order if len(dims) > 1 else 0
+    if scan > 0:
+        bh = bw = 4 << scan
+    else:
+        bh = h
+        bw = w
+    eps = coding.entry_points
+    use_eps = scan > 0 and h > bh and eps is not None
+    if use_eps:
+        # 1.11: IvlCurrRange = 256 before the first parameter as well.
+        engine.reset_range()
+        bit_pointer = engine.get_bit_pointer()
+        ep_offsets, ep_states, ep_bits, ep_first = eps
+        sum_offset = 0
+
+    state = 0
+    nb = 0
+    dd = engine.decode_decision
+    byp = engine.decode_bypass
+    trans = StateTransTab
+    # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
+    skip_trans = list(range(8))
+    for _ in range(w % 4 if w % 4 else 4):
+        skip_trans = [trans[s][0] for s in skip_trans]
+    block_row = 0
+    for by in range(0, h, bh):
+        if by > 0 and use_eps:
+            j = ep_first + block_row - 1
+            if j >= len(ep_bits):
+                raise NNCError("entry point %d missing from the NDU header" % j, engine.p, "cabac_offset_list")
+            sum_offset += ep_bits[j]
+            engine.set_entry_point(ep_offsets[j], bit_pointer + sum_offset)
+            if dq:
+                state = ep_states[j]
+            for g, ids in reset_groups:
+                _reset(g, ids)
+            nb = 0
+        block_row += 1
+        y_end = by + bh if by + bh < h else h
+        for bx in range(0, w, bw):
+            x_end = bx + bw if bx + bw < w else w
+            for y in range(by, y_end):
+                if row_skip is not None and row_skip[y]:
+                    # 6.5: the segment stays 0, nb is unchanged, the DQ state moves w times.
+                    if dq:
+                        state = skip_trans[state]
+                    continue
+                row = y * w
+                for x in range(bx, x_end):
+                    pos = row + x
+                    if tca:
+                        bv = base[pos]
+                    else:
+                        bv = 0
+                    # sig_flag (2.4)
+                    if hdsp_lookup and hist[pos]:
+                        c = sig_hdsp[state]
+                    elif bv:
+                        c = sig_tca[2 * state + (1 if bv > 1 or bv < -1 else 0)]
+                    else:
+                        c = sig[3 * state + (0 if nb == 0 else (1 if nb < 0 else 2))]
+                    if not dd(c):
+                        if dq:
+                            state = trans[state][0]
+                        nb = 0
+                        continue
+                    # sign_flag
+                    if not sign_coded:
+                        s = 1 if Z != 0 else 0
+                    elif bv:
+                        s = dd(sign_tca[0 if bv < 0 else 1])
+                    else:
+                        s = dd(sign[0 if nb == 0 else (1 if nb < 0 else 2)])
+                    q = 1
+                    if cb:
+                        limit = Z if s else S - 1 - Z
+                    else:
+                        limit = 0
+                    if not cb or limit > 1:
+                        # abs_level_greater_x[j]
+                        absb = bv if bv >= 0 else -bv
+                        j = 0
+                        while True:
+                            if bv:
+                                g = dd(gtx_tca[2 * j + (0 if absb >= j else 1)])
+                            else:
+                                g = dd(gtx[2 * j + s])
+                            q += g
+                            j += 1
+                            if not g or j >= N or (cb and q >= limit):
+                                break
+                        if g and (not cb or q < limit):
+                            # abs_level_greater_x2 (exp-Golomb prefix) and abs_remainder
+                            rem_bits = 0
+                            j = 0
+                            while True:
+                                g = dd(gtx2[j])
+                                if g:
+                                    q += 1 << rem_bits
+                                    rem_bits += 1
+                                j += 1
+                                if not g or j > 30 or (cb and q + (1 << rem_bits) > limit):
+                                    break
+                            if rem_bits:
+                                r = 0
+                                for _ in range(rem_bits):
+                                    r = (r << 1) | byp()
+                                q += r
+                    k = -q if s else q
+                    if dq:
+                        st = state
+                        state = trans[st][k & 1]
+                        if st & 1:
+                            k = 2 * k + (1 if k < 0 else -1)
+                        else:
+                            k = 2 * k
+                    if k > _INT32_MAX or k < -_INT32_MAX - 1:
+                        raise NNCError("decoded level %d does not fit in 32 bits" % k, engine.p, "int_param()")
+                    levels[pos] = k
+                    nb = k
+    return levels
+
