@@ -1,9 +1,18 @@
 """nnc-edge portable decoder core: ISO/IEC 15938-17 (NNC) bitstreams to tensors.
 
-Pure Python that also runs on MicroPython. Public API: ``decode``, ``Decoder``, ``NNCError``.
+Pure Python that also runs on MicroPython. Public API: ``decode``, ``Decoder``, ``StreamDecoder``
+(push decoding), ``NNCError``, ``backend_name`` (on CPython a compiled DeepCABAC backend is used when built).
 """
 
 from .errors import NNCError
 from .decoder import Decoder, decode
+from .stream import StreamDecoder
+from . import backend as _backend
 
-__all__ = ["NNCError", "Decoder", "decode"]
+
+def backend_name():
+    """The active DeepCABAC backend: "cython" (compiled) or "python" (see decoder_core.backend)."""
+    return _backend.name()
+
+
+__all__ = ["NNCError", "Decoder", "decode", "StreamDecoder", "backend_name"]

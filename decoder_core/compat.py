@@ -16,6 +16,10 @@ _CPYTHON_ARRAY = _has_frombytes()
 
 def zeros(typecode, n):
     """An array of n zeros without building an n-element list first."""
+    if not _CPYTHON_ARRAY:
+        # MicroPython sizes the array from the memoryview's length and fills it by iterating: a
+        # temporary of n bytes instead of n * itemsize.
+        return array(typecode, memoryview(bytearray(n)))
     raw = bytes(n * _ITEMSIZE[typecode])
     return from_raw(typecode, raw)
 

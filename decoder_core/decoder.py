@@ -34,23 +34,24 @@ class Decoder:
         self.history = {}
         self.max_partial_bytes = max_partial_bytes
         self._partial = None
+        # Handed to every payload (PayloadContext): CPython output buffers and a block-row runner.
+        self.output = None
+        self.runner = None
 
     # --- whole buffers -------------------------------------------------------------------------
     def decode(self, data):
         """Decode every unit in ``data``; returns a list of (name, shape, values) in stream order."""
         out = []
-        offset = 0
-        end = len(data)
-        while offset < end:
-            size = nnr_unit_size(data, offset, end)[0]
-            if offset + size > end:
-                raise NNCError("nnr_unit_size %d runs past the end of the data (%d bytes left)"
-                               % (size, end - offset), offset, "nnr_unit_size")
-            for name, dims, values, _ in self.decode_unit(data, offset, offset + size):
+        for offset, end in unit_spans(data):
+            for name, dims, values, _ in self.decode_unit(data, offset, end):
                 out.append((name, tuple(dims), values))
-            offset += size
         self.finish()
         return out
+
+    @property
+    def in_partial_data(self):
+        """True while a partial-data sequence is open (units with lower counters must follow)."""
+        return self._partial is not None
 
     def finish(self):
         """Check that no partial-data sequence is left open (the stream ended inside it)."""
@@ -65,15 +66,27 @@ class Decoder:
         """Decode the complete NNR unit data[offset:end]; returns (name, dims, values, levels) tuples."""
         unit = parse_unit(data, offset, end, self.parser)
         out = []
-        self._walk(data, unit, out)
+        self._walk(data, unit, lambda job: out.extend(job.run()))
         return out
 
-    def _walk(self, data, unit, out):
+    def plan_unit(self, data, offset, end):
+        """Parse the complete NNR unit data[offset:end] (joining partial data) without decoding payloads.
+
+        Returns the PayloadJob of every NDU payload the unit completes, in stream order. Running them in
+        order gives what decode_unit() returns; jobs may also run concurrently, each after the earlier
+        jobs it shares an update-chain name with (PayloadJob.chain_names).
+        """
+        unit = parse_unit(data, offset, end, self.parser)
+        jobs = []
+        self._walk(data, unit, jobs.append)
+        return jobs
+
+    def _walk(self, data, unit, sink):
         if unit.nnr_unit_type == NNR_AGG:
             if self._partial is not None:
                 self._interrupted(unit)
             for child in unit.units:
-                self._walk(data, child, out)
+                self._walk(data, child, sink)
             return
         if unit.nnr_unit_type != NNR_NDU:
             if self._partial is not None:
@@ -83,11 +96,11 @@ class Decoder:
                                % (unit.partial_data_counter, unit.type_name), unit.offset, "partial_data_counter")
             return
         if unit.partial_data_counter > 0:
-            self._join(data, unit, out)
+            self._join(data, unit, sink)
             return
         if self._partial is not None:
             self._interrupted(unit)
-        out.extend(self._payload(unit, data, unit.payload_start, unit.payload_end))
+        sink(self._payload(unit, data, unit.payload_start, unit.payload_end))
 
     def _interrupted(self, unit):
         p = self._partial
@@ -95,7 +108,7 @@ class Decoder:
         raise NNCError("partial-data sequence for %s interrupted by a %s unit before its counter reached 1"
                        % (", ".join(p.unit.names), unit.type_name), unit.offset, "partial_data_counter")
 
-    def _join(self, data, unit, out):
+    def _join(self, data, unit, sink):
         # The NDU header repeats in every partial unit: compare its bytes after the counter.
         header = bytes(data[unit.offset + _size_bytes(data, unit.offset) + 2:unit.payload_start])
         p = self._partial
@@ -121,7 +134,7 @@ class Decoder:
             return
         self._partial = None
         joined = b"".join(p.chunks)
-        out.extend(self._payload(p.unit, joined, 0, len(joined)))
+        sink(self._payload(p.unit, joined, 0, len(joined)))
 
     def _payload(self, unit, data, start, end):
         ctx = PayloadContext(unit.general_profile_idc, unit.QpDensity, unit.QuantizationParameter)
@@ -129,12 +142,55 @@ class Decoder:
             # Update chains: keep each parameter's integer tensor for TCA and its history for HDSP.
             ctx.bases = self.bases
             ctx.history = self.history
+        ctx.output = self.output
+        ctx.runner = self.runner
+        return PayloadJob(unit, data, start, end, ctx)
+
+
+class PayloadJob:
+    """One parsed NDU payload, ready to decode (clause 7.3); run() returns its (name, dims, values,
+    levels) tuples.
+
+    ``chain_names`` is empty for an independent payload. A payload of an update chain (parent
+    signalling: TCA bases and HDSP history, 6.6 / 6.7) reads and writes the decoder state under these
+    names, so it must run after every earlier job that shares one of them.
+    """
+
+    def __init__(self, unit, data, start, end, ctx):
+        self.unit = unit
+        self.data = data
+        self.start = start
+        self.end = end
+        self.ctx = ctx
+        names = unit.names
+        chain = ()
+        if ctx.bases is not None:
+            chain = list(names)
+            if len(names) > 1:
+                chain.append("|".join(names))  # the key payload.py uses for a combined tensor
+        self.chain_names = chain
+
+    def run(self):
+        unit = self.unit
         try:
-            return decode_ndu_payload(unit.ndu, unit.names, data, start, end, ctx)
+            return decode_ndu_payload(unit.ndu, unit.names, self.data, self.start, self.end, self.ctx)
         except NNCError as exc:
-            if exc.offset is not None and data is not None and start == 0 and unit.partial_data_counter:
+            if exc.offset is not None and self.data is not None and self.start == 0 and unit.partial_data_counter:
                 exc.args = (exc.args[0] + " in the joined partial data of the NDU at byte %d" % unit.offset,)
             raise
+
+
+def unit_spans(data):
+    """Yield (offset, end) of each NNR unit in a whole buffer, checking nnr_unit_size against its end."""
+    offset = 0
+    end = len(data)
+    while offset < end:
+        size = nnr_unit_size(data, offset, end)[0]
+        if offset + size > end:
+            raise NNCError("nnr_unit_size %d runs past the end of the data (%d bytes left)"
+                           % (size, end - offset), offset, "nnr_unit_size")
+        yield offset, offset + size
+        offset += size
 
 
 def _size_bytes(data, offset):

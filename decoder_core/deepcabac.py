@@ -17,7 +17,10 @@ for _r in range(1, 256):
         _n += 1
     _RENORM[_r] = _n
 
+# Both bounds are constants: on MicroPython they are big ints, and computing -_INT32_MAX - 1 per
+# level would allocate.
 _INT32_MAX = 0x7FFFFFFF
+_INT32_MIN = -0x80000000
 
 
 class ArithmeticDecoder:
@@ -155,6 +158,15 @@ class ArithmeticDecoder:
     def reset_range(self):
         self.range = 256
 
+    def fork(self):
+        """A copy of the engine state, to look ahead without moving this engine."""
+        e = ArithmeticDecoder(self.data, self.start, self.end)
+        e.p = self.p
+        e.range = self.range
+        e.value = self.value
+        e.bits_needed = self.bits_needed
+        return e
+
     def set_entry_point(self, ivl_offset, pointer):
         """1.11: IvlCurrRange = 256, IvlOffset = cabac_offset_list[j], set_bit_pointer(pointer)."""
         seg_len = self.end - self.start
@@ -191,6 +203,42 @@ def _reset(group, set_ids):
         c[3] = s[1]
 
 
+# Supplement 1.5: a context-coded bin that reads no bit lowers IvlCurrRange (at most 510) by at least 2
+# (rangeTabLps >= 2), so at most 128 bins pass per bit read; a bypass bin reads one bit.
+_BINS_PER_BIT = 128
+
+
+def check_codable(engine, coding):
+    """Refuse a tensor with more coded positions than the rest of the segment can hold.
+
+    Every position that is coded at all (not in a skipped row, not a one-entry codebook) needs its
+    sig_flag bin. Called before anything is allocated, so a header claiming a huge tensor over a few
+    bytes is refused without work. Profile-1 row skipping (6.4) is looked ahead on a copy of the engine.
+    """
+    count = 1
+    for d in coding.dims:
+        count *= d
+    if count == 0 or (coding.profile == 1 and coding.codebook_size == 1):
+        return
+    h = coding.dims[0]
+    w = count // h
+    coded = count
+    if coding.profile == 1 and w > 1 and h > 1:
+        peek = engine.fork()
+        if coding.parent_node_id_present_flag:
+            peek.decode_bypass()
+        if peek.decode_bypass():
+            ctx = _ctx(0)
+            for _ in range(h):
+                if peek.decode_decision(ctx):
+                    coded -= w
+    left = engine.end - engine.p
+    # The unread bytes plus at most 16 bits already in IvlOffset and its look-ahead.
+    if coded > _BINS_PER_BIT * (8 * left + 17):
+        raise NNCError("a tensor of %d coded positions cannot fit in the %d bytes left of the segment"
+                       % (coded, left), engine.p, "quant_tensor()")
+
+
 class TensorCoding:
     """How one tensor is coded: everything decode_tensor_levels() needs besides the engine."""
 
@@ -209,13 +257,25 @@ class TensorCoding:
         self.tca_base = tca_base
         self.hdsp_history = hdsp_history
         self.parent_node_id_present_flag = parent_node_id_present_flag
+        # Optional (compiled backend): an object with ``workers`` and ``run(n, fn)`` that runs the
+        # chunks of block rows (entry points, supplement 1.11) concurrently.
+        self.runner = None
 
 
-def decode_tensor_levels(engine, coding):
+def decode_tensor_levels(engine, coding, out=None):
     """Contexts, the profile-1 start bins, shift_parameter_ids() and quant_tensor() of one tensor.
 
-    Returns QuantParam (after the dependent-quantization mapping) as array('i') in row-major order.
+    Returns QuantParam (after the dependent-quantization mapping) as array('i') in row-major order,
+    or, when ``out`` (a writable buffer of 4-byte items; CPython) is given, copied into it and ``out``.
     """
+    levels = _decode_levels(engine, coding)
+    if out is None:
+        return levels
+    memoryview(out).cast("B")[:] = memoryview(levels).cast("B")
+    return out
+
+
+def _decode_levels(engine, coding):
     dims = coding.dims
     count = 1
     for d in dims:
@@ -410,7 +470,7 @@ def decode_tensor_levels(engine, coding):
                             k = 2 * k + (1 if k < 0 else -1)
                         else:
                             k = 2 * k
-                    if k > _INT32_MAX or k < -_INT32_MAX - 1:
+                    if k > _INT32_MAX or k < _INT32_MIN:
                         raise NNCError("decoded level %d does not fit in 32 bits" % k, engine.p, "int_param()")
                     levels[pos] = k
                     nb = k

@@ -18,4 +18,9 @@ class NNCError(ValueError):
             where.append("at byte %d" % offset)
         if where:
             message = "%s (%s)" % (message, ", ".join(where))
-        ValueError.__init__(self, message)
+        super().__init__(message)
+
+    def __str__(self):
+        # Messages are reworded by assigning exc.args; on MicroPython that sets a plain attribute
+        # and the native exception keeps the old text, so str() reads args here (same on CPython).
+        return str(self.args[0])

@@ -7,12 +7,16 @@ row-major order, levels the integer QuantParam array (None for NNR_PT_RAW_FLOAT)
 from array import array
 
 from .compat import from_raw, zeros
-from .deepcabac import ArithmeticDecoder, TensorCoding, decode_tensor_levels
+from . import backend
+from .deepcabac import ArithmeticDecoder, TensorCoding, check_codable
 from .errors import NNCError
 from .tables import (
     NNR_CPT_BI, NNR_CPT_BN, NNR_CPT_DC, NNR_CPT_LS, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT,
     NNR_PT_RAW_FLOAT,
 )
+
+# Distinct levels whose reconstructed value reconstruct() keeps (about 30 KB on MicroPython).
+_RECONSTRUCT_CACHE = 1024
 
 
 def _f32(x):
@@ -32,20 +36,34 @@ def step_size(qp, qp_density):
     return mul * 2.0 ** exponent
 
 
-def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0):
+def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False):
     """recParam = QuantParam (or Codebook[QuantParam + CbZeroOffset]) * stepSize, as float32.
 
     NNCodec multiplies float32(QuantParam) by float32(stepSize) in float32 (uniform and DQ) and
     Codebook values by stepSize in float64 (supplement 4.3); both are reproduced exactly here.
+    With ``in_place`` (CPython only) the float32 values overwrite the int32 ``levels`` buffer,
+    which is returned.
     """
     step = step_size(qp, qp_density)
+    if in_place:
+        return _reconstruct_in_place(levels, step, codebook, zero_offset, where)
     n = len(levels)
     if codebook is None:
         values = array("f", levels)  # float32(QuantParam)
         s32 = _f32(step)
         if s32 != 1.0:
+            # Each distinct level's product (exact double product of two float32, rounded once on
+            # store) is formed once: MicroPython boxes every float it computes, so multiplying per
+            # element would allocate 32 bytes per parameter. Levels are few; the cache is bounded.
+            cache = {}
             for i in range(n):
-                values[i] *= s32  # exact double product of two float32, rounded once on store
+                k = levels[i]
+                v = cache.get(k)
+                if v is None:
+                    v = values[i] * s32
+                    if len(cache) < _RECONSTRUCT_CACHE:
+                        cache[k] = v
+                values[i] = v
         return values
     size = len(codebook)
     scaled = [v * step for v in codebook]
@@ -59,6 +77,33 @@ def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0):
     return values
 
 
+def _reconstruct_in_place(levels, step, codebook, zero_offset, where):
+    raw = memoryview(levels).cast("B")
+    ints = raw.cast("i")
+    floats = raw.cast("f")
+    if codebook is None:
+        one = array("f", [0.0])
+        s32 = _f32(step)
+        cache = {}
+        for i in range(len(ints)):
+            k = ints[i]
+            v = cache.get(k)
+            if v is None:
+                one[0] = k  # float32(QuantParam)
+                v = cache[k] = one[0] * s32
+            floats[i] = v
+        return levels
+    size = len(codebook)
+    scaled = [v * step for v in codebook]
+    for i in range(len(ints)):
+        k = ints[i] + zero_offset
+        if k < 0 or k >= size:
+            raise NNCError("level %d indexes outside a codebook of %d entries" % (ints[i], size), where,
+                           "QuantParam")
+        floats[i] = scaled[k]
+    return levels
+
+
 class PayloadContext:
     """What payload decoding needs from the decoder state."""
 
@@ -68,6 +113,11 @@ class PayloadContext:
         self.quantization_parameter = quantization_parameter
         self.bases = None      # name -> previous integer tensor, for TCA (6.6)
         self.history = None    # name -> bytearray, for HDSP (6.7)
+        # CPython hooks (nnc_edge): ``output.levels(name, count)`` gives the int32 buffer a tensor is
+        # decoded into (float32 values then overwrite it in place) and ``output.values(buffer,
+        # typecode)`` what is returned for it; ``runner`` decodes block rows concurrently.
+        self.output = None
+        self.runner = None
 
 
 def decode_ndu_payload(ndu, names, data, start, end, ctx):
@@ -97,7 +147,7 @@ def decode_ndu_payload(ndu, names, data, start, end, ctx):
         if ndu.get("decomposed_part") == "H" and ndu.codebook_present_flag:
             codebook, zero = ndu.get("CodebookDC", codebook), ndu.get("CbZeroOffsetDC", zero)
         values, levels = _decode_one(engine, ctx, ndu, name, dims, unary, pt, codebook, zero,
-                                     _entry_points(ndu, 0), start)
+                                     _entry_points(ndu, 0), start, ctx.output if len(names) == 1 else None)
         out = _split(ndu, names, dims, values, levels, start)
     engine.terminate_cabac()
     return out
@@ -109,8 +159,12 @@ def _entry_points(ndu, first):
     return ndu.cabac_offset_list, ndu.dq_state_list, ndu.BitOffsetList, first
 
 
-def _decode_one(engine, ctx, ndu, name, dims, unary, pt, codebook, zero_offset, entry_points, where):
-    """7.3.6 for one tensor: quant_param(), shift_parameter_ids(), quant_tensor(), reconstruction."""
+def _decode_one(engine, ctx, ndu, name, dims, unary, pt, codebook, zero_offset, entry_points, where, output=None):
+    """7.3.6 for one tensor: quant_param(), shift_parameter_ids(), quant_tensor(), reconstruction.
+
+    With ``output`` (PayloadContext.output) the tensor is decoded into the buffer it provides and no
+    levels are returned for float tensors (their buffer now holds the values).
+    """
     qp_value = None
     if pt != NNR_PT_INT:
         if ctx.qp_density is None:
@@ -133,19 +187,24 @@ def _decode_one(engine, ctx, ndu, name, dims, unary, pt, codebook, zero_offset, 
         dims, ndu.dq_flag, unary, ndu.scan_order, ctx.profile,
         len(codebook) if codebook is not None else 0, zero_offset, entry_points, base, history,
         ndu.get("parent_node_id_present_flag", 0))
-    levels = decode_tensor_levels(engine, coding)
+    coding.runner = ctx.runner
+    check_codable(engine, coding)
+    out = output.levels(name, _prod(dims)) if output is not None else None
+    levels = backend.decode_tensor_levels(engine, coding, out)
     if ctx.bases is not None:
-        ctx.bases[name] = levels
+        # In-place reconstruction overwrites the buffer: keep a copy as the TCA base.
+        ctx.bases[name] = levels if out is None or pt == NNR_PT_INT else from_raw("i", memoryview(levels).cast("B"))
         if history is None:
-            history = bytearray(len(levels))
+            history = bytearray(_prod(dims))
             ctx.history[name] = history
-        for i in range(len(levels)):
-            if levels[i]:
-                history[i] = 1
+        backend.update_history(levels, history)
     if pt == NNR_PT_INT:
-        return levels, levels
+        return (levels if out is None else output.values(levels, "i")), levels
     qp = qp_value + ctx.quantization_parameter
-    return reconstruct(levels, qp, ctx.qp_density, codebook, zero_offset, where), levels
+    if out is not None:
+        backend.reconstruct(levels, qp, ctx.qp_density, codebook, zero_offset, where, True)
+        return output.values(levels, "f"), None
+    return backend.reconstruct(levels, qp, ctx.qp_density, codebook, zero_offset, where), levels
 
 
 def _decode_block(ndu, names, engine, ctx, dims, unary):
@@ -246,7 +305,7 @@ def _split(ndu, names, dims, values, levels, where):
 
 
 def _take(values, outer, full, inner, lo, hi):
-    part = array(values.typecode)
+    part = values[0:0]  # empty, same typecode (MicroPython arrays have no .typecode)
     for o in range(outer):
         base = o * full * inner
         part.extend(values[base + lo * inner:base + hi * inner])
@@ -261,7 +320,7 @@ def _permute(values, dims, perm):
         strides[i] = strides[i + 1] * dims[i + 1]
     out_dims = [dims[p] for p in perm]
     out_strides = [strides[p] for p in perm]
-    out = array(values.typecode, values)
+    out = values[:]  # a copy of the same typecode
     index = [0] * n
     src = 0
     for i in range(len(values)):

@@ -16,7 +16,7 @@ from .tables import (
 
 # Hostile-header limits, checked before anything is allocated.
 MAX_TENSOR_DIMENSIONS = 16
-MAX_TENSOR_ELEMENTS = 1 << 31
+MAX_TENSOR_ELEMENTS = 1 << 28  # 1 GiB as float32; hostile headers claim more
 MAX_LIST_ENTRIES = 1 << 16
 MAX_AGG_NESTING = 4
 
@@ -25,7 +25,9 @@ class Syntax:
     """A parsed syntax structure; attributes are the standard's syntax element names."""
 
     def __init__(self, **fields):
-        self.__dict__.update(fields)
+        # MicroPython's instance __dict__ is read-only: set the attributes one by one.
+        for key in fields:
+            setattr(self, key, fields[key])
 
     def get(self, name, default=None):
         return self.__dict__.get(name, default)
@@ -215,7 +217,7 @@ def nnr_compressed_data_unit_header(reader, state):
     if pt in (NNR_PT_FLOAT, NNR_PT_BLOCK):
         ndu.codebook_present_flag = reader.u(1, "codebook_present_flag")
         if ndu.codebook_present_flag:
-            ndu.CbZeroOffset, ndu.Codebook = integer_codebook(reader)
+            ndu.CbZeroOffset, ndu.Codebook, ndu.codebook_egk = integer_codebook(reader)
     ndu.dq_flag = 0
     if pt in (NNR_PT_INT, NNR_PT_FLOAT, NNR_PT_BLOCK):
         ndu.dq_flag = reader.u(1, "dq_flag")
@@ -243,7 +245,7 @@ def nnr_compressed_data_unit_header(reader, state):
         if ndu.cabac_unary_length_flag:
             ndu.cabac_unary_length_minus1 = reader.u(8, "cabac_unary_length_minus1")
     if pt == NNR_PT_BLOCK and (ndu.compressed_parameter_types & NNR_CPT_DC) and ndu.codebook_present_flag:
-        ndu.CbZeroOffsetDC, ndu.CodebookDC = integer_codebook(reader)
+        ndu.CbZeroOffsetDC, ndu.CodebookDC, ndu.codebook_egkDC = integer_codebook(reader)
     _derive_tensor_dimensions(reader, ndu, state)
     ndu.scan_order = 0
     ndu.NumBlockRowsMinus1 = 0
@@ -356,7 +358,7 @@ def _check_elements(count, reader, element):
 
 
 def integer_codebook(reader):
-    """6.3.3.7 integer_codebook(): returns (cbZeroOffset, integerCodebook)."""
+    """6.3.3.7 integer_codebook(): returns (cbZeroOffset, integerCodebook, codebook_egk)."""
     egk = reader.u(4, "codebook_egk")
     size = reader.ue(2, "codebook_size")
     _check_count(size, MAX_LIST_ENTRIES, reader, "codebook_size")
@@ -375,7 +377,7 @@ def integer_codebook(reader):
     for j in range(zero_offset + 1, size):
         book[j] = previous + reader.ue(egk, "codebook_delta_right") + 1
         previous = book[j]
-    return zero_offset, book
+    return zero_offset, book, egk
 
 
 def tensor_dimension_list(reader):
@@ -648,6 +650,11 @@ def _maybe_inflate(data, compression_format, unit, element):
         out = d.decompress(data, 1 << 26)
         if d.unconsumed_tail:
             raise NNCError("deflated data expands past 64 MiB", unit.offset, element)
+        # decompress() returns what it has for a cut-off stream: a complete one ends with its
+        # Adler-32 check (eof) and nothing follows it in the unit.
+        if not getattr(d, "eof", True) or getattr(d, "unused_data", b""):
+            raise NNCError("invalid deflate data: the zlib stream is truncated or followed by other bytes",
+                           unit.offset, element)
         return out
     except NNCError:
         raise

@@ -3,6 +3,7 @@
 from decoder_core import NNCError
 
 from .decoding import Decoder, decode
+from .streaming import StreamDecoder, decode_stream, iter_decode
 
 __version__ = "0.1.0"
-__all__ = ["NNCError", "Decoder", "decode", "__version__"]
+__all__ = ["NNCError", "Decoder", "decode", "StreamDecoder", "decode_stream", "iter_decode", "__version__"]

@@ -1,0 +1,221 @@
+"""Push decoding: bytes in any chunking, tensors out as soon as their NNR unit is complete.
+
+This is the framer of design.md. It knows only nnr_unit_size (6.2.2) and unit boundaries: it
+holds at most one incomplete NNR unit, in a buffer allocated once the unit's size is known, and
+hands every complete unit to ``Decoder.decode_unit``, which joins partial-data units (6.4.3.1)
+and keeps the decoder state. Consumed input is never kept.
+
+Pure Python for CPython and MicroPython (no numpy)::
+
+    dec = StreamDecoder()
+    while True:
+        chunk = f.read(4096)
+        if not chunk:
+            break
+        for name, shape, values in dec.feed(chunk):
+            use(name, shape, values)
+    dec.close()
+"""
+
+from .decoder import Decoder
+from .errors import NNCError
+from .units import nnr_unit_size
+
+# A unit bigger than this is refused before its buffer is allocated (hostile nnr_unit_size).
+DEFAULT_MAX_UNIT_SIZE = 256 << 20
+
+
+class StreamDecoder:
+    """Incremental NNR decoder fed with chunks of any size (down to one byte).
+
+    ``feed(chunk)`` returns the list of (name, shape, values) tensors completed by that chunk,
+    like ``decoder_core.decode``; ``close()`` checks the stream ended cleanly. After ``close()``
+    the same object accepts the next bitstream, keeping the decoder state an update chain needs
+    (temporal context adaptation bases, significance history); consecutive bitstreams may also
+    simply be fed back to back.
+
+    Progress counters: ``bytes`` fed, complete top-level ``units``, ``tensors`` emitted (all
+    cumulative over the object's life).
+    """
+
+    def __init__(self, topology=None, max_unit_size=DEFAULT_MAX_UNIT_SIZE, decoder=None):
+        self.decoder = decoder if decoder is not None else Decoder(topology)
+        self.max_unit_size = max_unit_size
+        self.bytes = 0
+        self.units = 0
+        self.tensors = 0
+        self._head = bytearray(4)  # nnr_unit_size() bytes of the next unit, while incomplete
+        self._head_len = 0
+        self._buf = None           # the current unit, preallocated from its nnr_unit_size
+        self._size = 0             # nnr_unit_size of the current unit (0: at a unit boundary)
+        self._fill = 0
+        self._start = 0            # stream offset of the current unit
+
+    # --- state ----------------------------------------------------------------------------------
+    @property
+    def at_unit_boundary(self):
+        """True when no byte of an incomplete unit is held."""
+        return self._head_len == 0 and self._size == 0
+
+    @property
+    def at_boundary(self):
+        """True at a unit boundary with no partial-data sequence open: the stream may end here."""
+        return self.at_unit_boundary and not self.decoder.in_partial_data
+
+    @property
+    def pending(self):
+        """Bytes still needed to complete the current unit (at least 1 inside nnr_unit_size())."""
+        if self._size:
+            return self._size - self._fill
+        if self._head_len:
+            return (4 if self._head[0] & 0x80 else 2) - self._head_len
+        return 0
+
+    # --- input ----------------------------------------------------------------------------------
+    def feed(self, chunk):
+        """Add the next bytes of the stream; return the tensors whose last unit byte they carry."""
+        n = len(chunk)
+        out = []
+        if n == 0:
+            return out
+        mv = memoryview(chunk)
+        pos = 0
+        try:
+            while pos < n:
+                if self._size == 0:
+                    pos = self._read_size(chunk, mv, pos, n, out)
+                    continue
+                take = self._size - self._fill
+                if take > n - pos:
+                    take = n - pos
+                self._buf[self._fill:self._fill + take] = mv[pos:pos + take]
+                self._fill += take
+                pos += take
+                self.bytes += take
+                if self._fill == self._size:
+                    size = self._size
+                    self._size = 0
+                    self._decode(self._buf, 0, size, out)
+        except NNCError:
+            # Whatever failed, the framer drops the unit it held; the caller decides what next.
+            self._drop()
+            raise
+        finally:
+            mv = None  # MicroPython and CPython: do not keep the caller's buffer exported
+        return out
+
+    def close(self):
+        """End of the stream: raise NNCError unless it ended on a unit boundary with no open
+        partial-data sequence. The decoder state for update chains is kept."""
+        if not self.at_unit_boundary:
+            if self._size:
+                msg = "stream ends inside an NNR unit: %d of its %d bytes arrived" % (self._fill, self._size)
+                element = "nnr_unit"
+            else:
+                msg = "stream ends inside nnr_unit_size() (%d byte(s) of it arrived)" % self._head_len
+                element = "nnr_unit_size"
+            offset = self._start
+            self.reset()
+            raise NNCError(msg, offset, element)
+        self._buf = None
+        self.decoder.finish()
+
+    def reset(self):
+        """Forget any incomplete unit and open partial-data sequence (e.g. an abandoned
+        transfer); the next byte fed starts a new unit. Update-chain state is kept."""
+        self._drop()
+        self._discard_partial()
+
+    # --- framing --------------------------------------------------------------------------------
+    def _read_size(self, chunk, mv, pos, n, out):
+        """Collect nnr_unit_size() (6.2.2: 2 or 4 bytes by its first bit); then either decode a
+        unit lying wholly inside ``chunk`` in place, or allocate the unit's buffer."""
+        head = self._head
+        if self._head_len == 0:
+            self._start = self.bytes
+            nbytes = 4 if chunk[pos] & 0x80 else 2
+            if n - pos >= nbytes:
+                size = self._unit_size(chunk, pos, pos + nbytes)
+                if n - pos >= size:
+                    # The whole unit is in this chunk: decode it where it is, no copy.
+                    self.bytes += size
+                    self._decode(chunk if isinstance(chunk, (bytes, bytearray)) else mv, pos, pos + size, out)
+                    return pos + size
+                self._allocate(size)
+                self._buf[0:nbytes] = mv[pos:pos + nbytes]
+                self._fill = nbytes
+                self.bytes += nbytes
+                return pos + nbytes
+        # nnr_unit_size() itself is split across chunks.
+        head[self._head_len] = chunk[pos]
+        self._head_len += 1
+        self.bytes += 1
+        nbytes = 4 if head[0] & 0x80 else 2
+        if self._head_len == nbytes:
+            self._head_len = 0
+            size = self._unit_size(head, 0, nbytes)
+            self._allocate(size)
+            self._buf[0:nbytes] = head[0:nbytes]
+            self._fill = nbytes
+        return pos + 1
+
+    def _unit_size(self, data, offset, end):
+        try:
+            size = nnr_unit_size(data, offset, end)[0]
+        except NNCError as exc:
+            _rebase(exc, self._start, offset)
+            raise
+        if size > self.max_unit_size:
+            raise NNCError("nnr_unit_size %d exceeds the maximum unit size of %d bytes (max_unit_size)"
+                           % (size, self.max_unit_size), self._start, "nnr_unit_size")
+        return size
+
+    def _allocate(self, size):
+        # One buffer, reused while it is big enough: the framer holds at most one unit.
+        if self._buf is None or len(self._buf) < size:
+            self._buf = None
+            self._buf = bytearray(size)
+        self._size = size
+
+    def _decode(self, data, offset, end, out):
+        try:
+            tensors = self.decoder.decode_unit(data, offset, end)
+        except NNCError as exc:
+            _rebase(exc, self._start, offset)
+            raise
+        self.units += 1
+        for t in tensors:
+            out.append((t[0], tuple(t[1]), t[2]))
+        self.tensors += len(tensors)
+
+    def _drop(self):
+        self._head_len = 0
+        self._size = 0
+        self._fill = 0
+        self._buf = None
+
+    def _discard_partial(self):
+        try:
+            self.decoder.finish()
+        except NNCError:
+            pass
+
+
+def _rebase(exc, start, base):
+    """Turn an offset into the unit's buffer (which holds the unit at ``base``) into a stream
+    offset, keeping NNCError's message format."""
+    if exc.offset is None or start == base:
+        return
+    where = []
+    if exc.element:
+        where.append(exc.element)
+    where.append("at byte %d" % exc.offset)
+    suffix = " (%s)" % ", ".join(where)
+    message = exc.args[0]
+    if not message.endswith(suffix):
+        # Offsets into joined partial data are relative to the joined payload: keep them.
+        exc.args = (message + " [in the NNR unit at stream byte %d]" % start,)
+        return
+    exc.offset += start - base
+    where[-1] = "at byte %d" % exc.offset
+    exc.args = (message[:-len(suffix)] + " (%s)" % ", ".join(where),)

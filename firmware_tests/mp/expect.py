@@ -1,0 +1,43 @@
+"""Expected tensors exported by tests/test_micropython.py, checked on MicroPython.
+
+An expectation file NAME.json holds {"name", "chain", "nnc", "tensors": [{"name", "type" ("f" float32 or
+"i" int32), "shape", "bytes", "crc32", "raw"}]}; "raw" names a file with the tensor's little-endian bytes.
+"""
+
+import binascii
+import json
+
+
+def load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _kind(values):
+    # MicroPython arrays have no .typecode: the item type tells float32 from int32.
+    if not len(values):
+        return None
+    return "f" if isinstance(values[0], float) else "i"
+
+
+def mismatch(expected, name, shape, values, raw=None):
+    """None if (name, shape, values) is the expected tensor bit for bit, else what differs.
+
+    Compares the CRC-32 of the tensor's bytes and, when ``raw`` (the expected bytes) is given, the
+    bytes themselves.
+    """
+    if name != expected["name"]:
+        return "tensor %r where %r was expected" % (name, expected["name"])
+    if list(shape) != expected["shape"]:
+        return "%s: shape %r, expected %r" % (name, list(shape), expected["shape"])
+    kind = _kind(values)
+    if kind is not None and kind != expected["type"]:
+        return "%s: element type %s, expected %s" % (name, kind, expected["type"])
+    if 4 * len(values) != expected["bytes"]:
+        return "%s: %d elements, expected %d" % (name, len(values), expected["bytes"] // 4)
+    crc = binascii.crc32(values) & 0xFFFFFFFF
+    if crc != expected["crc32"]:
+        return "%s: CRC-32 %08x, expected %08x" % (name, crc, expected["crc32"])
+    if raw is not None and bytes(values) != raw:
+        return "%s: bytes differ from the expected tensor" % name
+    return None

@@ -1,0 +1,126 @@
+#!/usr/bin/env node
+// Runs a MicroPython script under the official MicroPython WebAssembly port (npm package
+// @micropython/micropython-webassembly-pyscript) with a fixed heap, after copying host files into
+// the port's (Emscripten, in-memory) filesystem. Relays the script's output and exit status.
+//
+//   node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... SCRIPT.py [ARG...]
+//
+//   --heap SIZE      MicroPython GC heap in bytes, or with a k / m suffix (default 1m)
+//   --pystack WORDS  MicroPython Python-stack size in words (default 8192)
+//   --copy HOST=MP   copy a host file or directory tree (skipping __pycache__) to path MP;
+//                    MicroPython's sys.path includes /lib, so --copy ../decoder_core=/lib/decoder_core
+//                    makes the package importable
+//
+// The script runs with top-level `await` allowed, so it can drive MicroPython's asyncio (whose
+// event loop this port hands to JavaScript's). sys.argv is [SCRIPT, ARG...]. Exit status: the
+// script's SystemExit code, 0 when it ends normally, 1 for an uncaught Python exception (its
+// traceback goes to stderr), 2 for a usage error or a failure of the port itself.
+
+import fs from "node:fs";
+import path from "node:path";
+
+const USAGE = "usage: node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... SCRIPT.py [ARG...]";
+
+function fail(message) {
+    process.stderr.write("run.mjs: " + message + "\n");
+    process.exit(2);
+}
+
+function parseSize(text) {
+    const m = /^(\d+)([kKmM]?)$/.exec(text);
+    if (!m) fail("bad size '" + text + "'");
+    const unit = { "": 1, k: 1024, m: 1048576 }[m[2].toLowerCase()];
+    return parseInt(m[1], 10) * unit;
+}
+
+function parseArgs(argv) {
+    const opts = { heap: 1048576, pystack: 8192, copies: [], script: null, args: [] };
+    let i = 0;
+    for (; i < argv.length; i++) {
+        const a = argv[i];
+        if (a === "--heap" || a === "--pystack" || a === "--copy") {
+            if (i + 1 >= argv.length) fail(a + " needs a value\n" + USAGE);
+            const v = argv[++i];
+            if (a === "--heap") opts.heap = parseSize(v);
+            else if (a === "--pystack") opts.pystack = parseSize(v);
+            else {
+                const eq = v.indexOf("=");
+                if (eq <= 0 || !v.slice(eq + 1).startsWith("/")) fail("--copy wants HOST=/abs/mp/path, got '" + v + "'");
+                opts.copies.push([v.slice(0, eq), v.slice(eq + 1)]);
+            }
+        } else if (a.startsWith("--")) {
+            fail("unknown option " + a + "\n" + USAGE);
+        } else {
+            break;
+        }
+    }
+    if (i >= argv.length) fail(USAGE);
+    opts.script = argv[i];
+    opts.args = argv.slice(i + 1);
+    return opts;
+}
+
+function copyInto(FS, host, target) {
+    const st = fs.statSync(host);
+    if (st.isDirectory()) {
+        FS.mkdirTree(target);
+        for (const name of fs.readdirSync(host).sort()) {
+            if (name === "__pycache__") continue;
+            copyInto(FS, path.join(host, name), target + "/" + name);
+        }
+    } else if (st.isFile()) {
+        FS.mkdirTree(path.posix.dirname(target));
+        FS.writeFile(target, fs.readFileSync(host));
+    }
+}
+
+async function main() {
+    const opts = parseArgs(process.argv.slice(2));
+    let loadMicroPython;
+    try {
+        ({ loadMicroPython } = await import("@micropython/micropython-webassembly-pyscript"));
+    } catch (e) {
+        fail("the npm package @micropython/micropython-webassembly-pyscript is not installed "
+             + "(npm ci --prefix firmware_tests): " + e.message);
+    }
+    const code = fs.readFileSync(opts.script, "utf8");
+    const out = (s) => process.stdout.write(s + "\n");
+    const err = (s) => process.stderr.write(s + "\n");
+    const mp = await loadMicroPython({ heapsize: opts.heap, pystack: opts.pystack, stdout: out, stderr: err });
+    for (const [host, target] of opts.copies) {
+        if (!fs.existsSync(host)) fail("--copy source does not exist: " + host);
+        copyInto(mp.FS, host, target);
+    }
+    // sys.argv as JSON: MicroPython's json parses it without touching the script's globals.
+    mp.runPython("import sys, json\nsys.argv[:] = json.loads(" + JSON.stringify(JSON.stringify(
+        [opts.script, ...opts.args])) + ")\ndel sys, json");
+    let status = 0;
+    try {
+        await mp.runPythonAsync(code);
+    } catch (e) {
+        if (e && e.name === "PythonError") {
+            if (e.type === "SystemExit") {
+                // The port reports SystemExit as a traceback whose last line is "SystemExit: CODE".
+                const m = /SystemExit(?:: (.*))?\s*$/.exec(e.message);
+                const arg = m && m[1] !== undefined ? m[1].trim() : "";
+                if (arg === "" || arg === "None") status = 0;
+                else if (/^-?\d+$/.test(arg)) status = parseInt(arg, 10) & 0xff;
+                else { err(arg); status = 1; }
+            } else {
+                process.stderr.write(e.message);
+                status = 1;
+            }
+        } else {
+            err("run.mjs: MicroPython failed: " + (e && e.message ? e.message : String(e)));
+            status = 2;
+        }
+    }
+    // Lines the script left without a final newline are still in the port's line buffers.
+    const M = mp._module;
+    for (const [buf, write] of [[M._stdoutBuffer, process.stdout], [M._stderrBuffer, process.stderr]]) {
+        if (buf && buf.length) write.write(new TextDecoder().decode(new Uint8Array(buf)) + "\n");
+    }
+    process.exitCode = status;
+}
+
+await main();

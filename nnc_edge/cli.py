@@ -1,0 +1,302 @@
+"""The ``nnc-edge`` command line.
+
+Subcommands live in a registry so that other modules can add their own without editing this
+one: decorate ``run(args) -> exit status`` with ``@command(...)``, add arguments with
+``@arguments(name)``, and put the module in EXTENSIONS. ``@alternative(name, dest)`` lets a module
+take over an existing subcommand when one of its own options is given (``decode --stream``).
+
+Exit status: 0 success, 1 an input or output file cannot be read or written, 2 invalid bitstream
+(NNCError) or invalid command line.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import textwrap
+
+import decoder_core
+from decoder_core import NNCError
+from decoder_core.tables import NNR_AGG, NNR_NDU, PAYLOAD_TYPE_NAMES
+from decoder_core.units import ParserState, parse_unit
+
+from . import __version__, modelio
+from .decoding import Decoder
+
+# Modules that register further subcommands or options when imported.
+EXTENSIONS = ("nnc_edge.stream_cli",)
+
+EXIT_IO = 1
+EXIT_INVALID = 2
+
+
+class CommandError(Exception):
+    """A failure reported as one line on stderr with the given exit status, without a traceback."""
+
+    def __init__(self, message, status=EXIT_IO):
+        Exception.__init__(self, message)
+        self.status = status
+
+
+class Command:
+    """One subcommand: help texts, the functions adding its arguments, and its handlers."""
+
+    def __init__(self, name, run, help, description, examples):
+        self.name = name
+        self.run = run
+        self.help = help
+        self.description = description
+        self.examples = examples
+        self.configure = []
+        self.alternatives = []  # (dest, run): run handles the command when args.<dest> is set
+
+    def add_parser(self, subparsers):
+        epilog = None
+        if self.examples:
+            epilog = "examples:\n" + "\n".join("  " + e for e in self.examples)
+        parser = subparsers.add_parser(self.name, help=self.help,
+                                       description=textwrap.fill(self.description or self.help, 78),
+                                       epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        for configure in self.configure:
+            configure(parser)
+        parser.set_defaults(command=self)
+        return parser
+
+    def handler(self, args):
+        for dest, run in self.alternatives:
+            if getattr(args, dest, None):
+                return run
+        return self.run
+
+
+COMMANDS = {}
+
+
+def command(name, help, description=None, examples=()):
+    """Decorator: register run(args) -> exit status as subcommand ``name``."""
+    def register(run):
+        if name in COMMANDS:
+            raise ValueError("nnc-edge subcommand %r is registered twice" % name)
+        COMMANDS[name] = Command(name, run, help, description, examples)
+        return run
+    return register
+
+
+def arguments(name):
+    """Decorator: register configure(parser), which adds arguments to subcommand ``name``."""
+    def register(configure):
+        COMMANDS[name].configure.append(configure)
+        return configure
+    return register
+
+
+def alternative(name, dest):
+    """Decorator: run(args) handles subcommand ``name`` instead of its own handler when args.<dest> is set."""
+    def register(run):
+        COMMANDS[name].alternatives.append((dest, run))
+        return run
+    return register
+
+
+def backend_name():
+    """The decoding backend decoder_core uses now."""
+    get = getattr(decoder_core, "backend_name", None)
+    return get() if get is not None else "pure-python"
+
+
+def read_input(path):
+    """The bytes of an input file; CommandError (status 1) when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
+
+
+def invalid(path, exc):
+    """The CommandError for an NNCError raised while decoding the file at path."""
+    return CommandError("%s: %s" % (path, exc), EXIT_INVALID)
+
+
+def build_parser():
+    for module in EXTENSIONS:
+        importlib.import_module(module)
+    parser = argparse.ArgumentParser(
+        prog="nnc-edge",
+        description="Decode and inspect ISO/IEC 15938-17 Neural Network Coding (NNC) bitstreams.",
+        epilog="exit status: 0 success, 1 a file cannot be read or written, 2 invalid bitstream or usage.\n"
+               "Run 'nnc-edge COMMAND --help' for a command's options and examples.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version",
+                        version="nnc-edge %s (decoding backend: %s)" % (__version__, backend_name()))
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        cmd.add_parser(subparsers)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_INVALID
+    try:
+        status = args.command.handler(args)(args) or 0
+        sys.stdout.flush()
+        return status
+    except CommandError as exc:
+        sys.stderr.write("nnc-edge %s: error: %s\n" % (args.command.name, exc))
+        return exc.status
+    except NNCError as exc:
+        sys.stderr.write("nnc-edge %s: error: %s\n" % (args.command.name, exc))
+        return EXIT_INVALID
+    except BrokenPipeError:
+        # The reader of our output went away (nnc-edge inspect ... | head): not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- inspect --------------------------------------------------------------------------------------
+def iter_units(data):
+    """Parse every NNR unit without decoding payloads: yields (depth, unit, profile) in stream
+    order, the units inside an aggregate unit right after it with depth + 1."""
+    state = ParserState()
+    offset = 0
+    while offset < len(data):
+        unit = parse_unit(data, offset, len(data), state)
+        for depth, member in _nested(unit, 0):
+            yield depth, member, member.get("general_profile_idc", state.general_profile_idc)
+        offset += unit.nnr_unit_size
+
+
+def _nested(unit, depth):
+    yield depth, unit
+    for member in unit.get("units", ()):
+        for item in _nested(member, depth + 1):
+            yield item
+
+
+_COLUMNS = "%8s %8s  %-16s %7s  %-16s %2s %4s %5s %4s  %s"
+_HEADER = _COLUMNS % ("offset", "size", "type", "profile", "payload", "dq", "scan", "entry", "part", "tensor")
+
+
+def unit_line(depth, unit, profile):
+    """One line of ``nnc-edge inspect`` for a unit (nested units indented by their depth)."""
+    payload = dq = scan = entries = "-"
+    what = ""
+    if unit.nnr_unit_type == NNR_NDU:
+        ndu = unit.ndu
+        payload = PAYLOAD_TYPE_NAMES[ndu.nnr_compressed_data_unit_payload_type]
+        dq, scan = ndu.dq_flag, ndu.scan_order
+        entries = len(ndu.get("cabac_offset_list", ()))
+        shape = ndu.get("TensorDimensions")
+        what = "%s %s" % (",".join(unit.names), list(shape) if shape is not None else "[?]")
+    elif unit.nnr_unit_type == NNR_AGG:
+        entries = len(unit.agg.nnr_unit_entry_point)
+        what = "%d units" % len(unit.units)
+    return _COLUMNS % (unit.offset, unit.nnr_unit_size, "  " * depth + unit.type_name,
+                       "-" if profile is None else profile, payload, dq, scan, entries,
+                       unit.partial_data_counter, what)
+
+
+def _json_default(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return repr(value)
+
+
+@command("inspect", help="list the NNR units of a bitstream",
+         description="List the NNR units of a bitstream, one line each: byte offset, size, unit type, "
+                     "profile (general_profile_idc), payload type, dq_flag, scan_order, number of entry "
+                     "points, partial_data_counter, and tensor name(s) with shape. Units inside an "
+                     "aggregate unit are indented. Payloads are parsed, not decoded.",
+         examples=("nnc-edge inspect model.nnc", "nnc-edge inspect --json model.nnc > units.json"))
+def run_inspect(args):
+    data = read_input(args.file)
+    try:
+        if args.json:
+            # Top-level units, each the syntax tree decoder_core parsed (aggregate members under "units").
+            units = [unit.as_dict() for depth, unit, _ in iter_units(data) if depth == 0]
+            json.dump(units, sys.stdout, indent=1, default=_json_default)
+            sys.stdout.write("\n")
+            return 0
+        print(_HEADER)
+        for depth, unit, profile in iter_units(data):
+            print(unit_line(depth, unit, profile).rstrip())
+    except NNCError as exc:
+        raise invalid(args.file, exc)
+    return 0
+
+
+@arguments("inspect")
+def _inspect_arguments(parser):
+    parser.add_argument("file", help="an NNR bitstream (.nnc)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the parsed syntax of every unit as a JSON list (nested units under \"units\")")
+
+
+# --- decode ---------------------------------------------------------------------------------------
+def output_paths(inputs, output, fmt):
+    """Where each input's tensors go: output itself for one input naming a file, else one file per
+    input, named after it, in the directory output."""
+    if len(inputs) == 1 and not os.path.isdir(output) and not output.endswith(("/", os.sep)):
+        try:
+            suffix_fmt = modelio.format_of(output)
+        except modelio.ModelFormatError as exc:
+            raise CommandError(str(exc), EXIT_INVALID)
+        if fmt is not None and fmt != suffix_fmt:
+            raise CommandError("--format %s contradicts the output suffix of %s" % (fmt, output), EXIT_INVALID)
+        return [output]
+    paths = [os.path.join(output, os.path.splitext(os.path.basename(p))[0] + "." + (fmt or "safetensors"))
+             for p in inputs]
+    if len(set(paths)) != len(paths):
+        raise CommandError("inputs with the same file name would overwrite each other's output in %s" % output,
+                           EXIT_INVALID)
+    return paths
+
+
+@command("decode", help="decode bitstreams to .safetensors or .npz",
+         description="Decode NNR bitstreams to tensors and write them to .safetensors or .npz (chosen by "
+                     "the output suffix). Several inputs decode in the order given as one chain, with "
+                     "one decoder state (incremental updates: each step decodes against what the "
+                     "previous ones left); each writes its own output, named after it, into the "
+                     "directory -o.",
+         examples=("nnc-edge decode model.nnc -o model.safetensors",
+                   "nnc-edge decode model.nnc -o model.npz",
+                   "nnc-edge decode base.nnc update1.nnc update2.nnc -o decoded/ --format npz"))
+def run_decode(args):
+    if args.output is None:
+        raise CommandError("-o/--output is required", EXIT_INVALID)
+    outputs = output_paths(args.inputs, args.output, args.format)
+    if len(outputs) > 1 or outputs[0] != args.output:
+        os.makedirs(args.output, exist_ok=True)
+    decoder = Decoder()
+    for path, out in zip(args.inputs, outputs):
+        data = read_input(path)
+        try:
+            tensors = decoder.decode(data)
+        except NNCError as exc:
+            raise invalid(path, exc)
+        try:
+            modelio.save(out, tensors)
+        except OSError as exc:
+            raise CommandError("cannot write %s: %s" % (out, exc.strerror or exc))
+        if not args.quiet:
+            print("%s -> %s: %d tensor%s, %d parameters" % (path, out, len(tensors), "" if len(tensors) == 1 else "s",
+                                                             sum(t.size for t in tensors.values())))
+    return 0
+
+
+@arguments("decode")
+def _decode_arguments(parser):
+    parser.add_argument("inputs", nargs="+", metavar="IN", help="NNR bitstreams (.nnc), decoded in this order")
+    parser.add_argument("-o", "--output", metavar="OUT",
+                        help="output file (.safetensors or .npz) for one input, or a directory (created if "
+                             "needed) for several")
+    parser.add_argument("--format", choices=("safetensors", "npz"),
+                        help="file format of the outputs written into a directory (default: safetensors)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="do not print a line per output")
