@@ -8,7 +8,7 @@ integer tensor and significance history of every parameter (temporal context ada
 from .errors import NNCError
 from .payload import PayloadContext, decode_ndu_payload
 from .tables import NNR_AGG, NNR_NDU
-from .units import ParserState, nnr_unit_size, parse_unit
+from .units import MAX_TENSOR_ELEMENTS, ParserState, nnr_unit_size, parse_unit
 
 
 class _Partial:
@@ -26,10 +26,12 @@ class Decoder:
     """Decodes NNR units one at a time; state carries over between units and between calls.
 
     ``topology`` optionally maps tensor names to dimensions for NDUs that do not carry them.
+    ``max_tensor_elements`` refuses (NNCError) a tensor whose header claims more elements, before
+    anything is allocated for it; ``max_partial_bytes`` bounds a joined partial-data sequence.
     """
 
-    def __init__(self, topology=None, max_partial_bytes=1 << 31):
-        self.parser = ParserState(topology)
+    def __init__(self, topology=None, max_partial_bytes=1 << 31, max_tensor_elements=MAX_TENSOR_ELEMENTS):
+        self.parser = ParserState(topology, max_tensor_elements)
         self.bases = {}
         self.history = {}
         self.max_partial_bytes = max_partial_bytes
@@ -91,6 +93,8 @@ class Decoder:
         if unit.nnr_unit_type != NNR_NDU:
             if self._partial is not None:
                 self._interrupted(unit)
+            if unit.nnr_unit_type > NNR_AGG:
+                return  # Table 3: reserved and unspecified units are ignored, counter and all
             if unit.partial_data_counter > 0:
                 raise NNCError("partial_data_counter %d on a %s unit is not supported"
                                % (unit.partial_data_counter, unit.type_name), unit.offset, "partial_data_counter")

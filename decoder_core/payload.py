@@ -84,14 +84,9 @@ def _reconstruct_in_place(levels, step, codebook, zero_offset, where):
     if codebook is None:
         one = array("f", [0.0])
         s32 = _f32(step)
-        cache = {}
         for i in range(len(ints)):
-            k = ints[i]
-            v = cache.get(k)
-            if v is None:
-                one[0] = k  # float32(QuantParam)
-                v = cache[k] = one[0] * s32
-            floats[i] = v
+            one[0] = ints[i]  # float32(QuantParam)
+            floats[i] = one[0] * s32
         return levels
     size = len(codebook)
     scaled = [v * step for v in codebook]
@@ -193,7 +188,8 @@ def _decode_one(engine, ctx, ndu, name, dims, unary, pt, codebook, zero_offset, 
     levels = backend.decode_tensor_levels(engine, coding, out)
     if ctx.bases is not None:
         # In-place reconstruction overwrites the buffer: keep a copy as the TCA base.
-        ctx.bases[name] = levels if out is None or pt == NNR_PT_INT else from_raw("i", memoryview(levels).cast("B"))
+        keep = out is None or pt == NNR_PT_INT
+        ctx.bases[name] = levels if keep else from_raw("i", memoryview(levels).cast("B"))
         if history is None:
             history = bytearray(_prod(dims))
             ctx.history[name] = history

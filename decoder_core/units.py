@@ -53,8 +53,9 @@ class Syntax:
 class ParserState:
     """What the parsing of later units depends on: the profile and the active parameter sets."""
 
-    def __init__(self, topology=None):
+    def __init__(self, topology=None, max_tensor_elements=MAX_TENSOR_ELEMENTS):
         self.topology = topology
+        self.max_tensor_elements = max_tensor_elements
         self.general_profile_idc = None
         self.mps = None
         self.lps = None
@@ -122,7 +123,7 @@ def nnr_unit_header(reader, unit, state):
     if t == NNR_STR:
         if state.general_profile_idc is not None and state.mps is not None:
             # 7.1: a new NNR_STR resets the decoder state.
-            state.__init__(state.topology)
+            state.__init__(state.topology, state.max_tensor_elements)
         unit.general_profile_idc = reader.u(8, "general_profile_idc")
         if unit.general_profile_idc > 1:
             raise NNCError("general_profile_idc %d is not supported (0 and 1 are)"
@@ -201,6 +202,10 @@ def nnr_compressed_data_unit_header(reader, state):
                        reader.byte_offset(), "nnr_compressed_data_unit_payload_type")
     multi = ndu.nnr_multiple_topology_elements_present_flag = reader.u(
         1, "nnr_multiple_topology_elements_present_flag")
+    if pt == NNR_PT_BLOCK and not multi:
+        # 6.4.3.7: an NNR_PT_BLOCK lists its tensors in topology_elements_ids_list().
+        raise NNCError("NNR_PT_BLOCK with nnr_multiple_topology_elements_present_flag 0", reader.byte_offset(),
+                       "nnr_multiple_topology_elements_present_flag")
     ndu.nnr_decompressed_data_format_present_flag = reader.u(1, "nnr_decompressed_data_format_present_flag")
     ndu.input_parameters_present_flag = reader.u(1, "input_parameters_present_flag")
     indexed = state.mps_flag("mps_topology_indexed_reference_flag")
@@ -232,10 +237,11 @@ def nnr_compressed_data_unit_header(reader, state):
             ndu.decomposition_rank = reader.ue(3, "decomposition_rank")
             ndu.g_number_of_rows = reader.ue(3, "g_number_of_rows")
         if ndu.tensor_dimensions_flag:
-            ndu.tensor_dimensions = tensor_dimension_list(reader)
-    if ndu.get("tensor_dimensions") is None and state.topology is not None:
-        # 6.4.3.7: dimensions not in the bitstream come from the (out-of-band) topology.
-        dims = state.topology.get(ndu.get("topology_elem_id"))
+            ndu.tensor_dimensions = tensor_dimension_list(reader, state.max_tensor_elements)
+    if ndu.get("tensor_dimensions") is None and state.topology is not None and not multi:
+        # 6.4.3.7: dimensions not in the bitstream come from the (out-of-band) topology, found by
+        # the element's name (an indexed reference resolves through the NNR_TPL_REFLIST).
+        dims = state.topology.get(ndu_names(ndu, state)[0])
         if dims is not None:
             ndu.tensor_dimensions = list(dims)
     if ndu.input_parameters_present_flag:
@@ -308,8 +314,8 @@ def _derive_tensor_dimensions(reader, ndu, state):
                            % (rows, total, rank), reader.byte_offset(), "g_number_of_rows")
         ndu.TensorDimensionsG = [rows, rank]
         ndu.TensorDimensionsH = [rank, total // rows]
-        _check_elements(rows * rank, reader, "TensorDimensionsG")
-        _check_elements(rank * (total // rows), reader, "TensorDimensionsH")
+        _check_elements(rows * rank, reader, "TensorDimensionsG", state.max_tensor_elements)
+        _check_elements(rank * (total // rows), reader, "TensorDimensionsH", state.max_tensor_elements)
         if ndu.nnr_compressed_data_unit_payload_type != NNR_PT_BLOCK:
             if state.expect_decomposed_h:
                 ndu.decomposed_part = "H"
@@ -351,9 +357,9 @@ def _prod(values):
     return p
 
 
-def _check_elements(count, reader, element):
-    if count > MAX_TENSOR_ELEMENTS:
-        raise NNCError("tensor of %d elements exceeds the limit of %d" % (count, MAX_TENSOR_ELEMENTS),
+def _check_elements(count, reader, element, limit=MAX_TENSOR_ELEMENTS):
+    if count > limit:
+        raise NNCError("tensor of %d elements exceeds the limit of %d" % (count, limit),
                        reader.byte_offset(), element)
 
 
@@ -380,7 +386,7 @@ def integer_codebook(reader):
     return zero_offset, book, egk
 
 
-def tensor_dimension_list(reader):
+def tensor_dimension_list(reader, max_elements=MAX_TENSOR_ELEMENTS):
     count = reader.ue(1, "count_tensor_dimensions")
     _check_count(count, MAX_TENSOR_DIMENSIONS, reader, "count_tensor_dimensions")
     if count == 0:
@@ -388,7 +394,7 @@ def tensor_dimension_list(reader):
     dims = [reader.ue(7, "tensor_dimensions") for _ in range(count)]
     if 0 in dims:
         raise NNCError("a tensor dimension is 0", reader.byte_offset(), "tensor_dimensions")
-    _check_elements(_prod(dims), reader, "tensor_dimensions")
+    _check_elements(_prod(dims), reader, "tensor_dimensions", max_elements)
     return dims
 
 
@@ -641,25 +647,40 @@ def _maybe_inflate(data, compression_format, unit, element):
     if compression_format != 1:
         raise NNCError("compression format %d is reserved" % compression_format, unit.offset, element)
     try:
-        import zlib
-    except ImportError:
-        raise NNCError("deflate-compressed data needs zlib, which this interpreter lacks", unit.offset, element)
-    try:
-        # RFC 1950 (zlib) as 6.4.3.5 says; bounded so a small unit cannot expand without limit.
-        d = zlib.decompressobj()
-        out = d.decompress(data, 1 << 26)
-        if d.unconsumed_tail:
-            raise NNCError("deflated data expands past 64 MiB", unit.offset, element)
-        # decompress() returns what it has for a cut-off stream: a complete one ends with its
-        # Adler-32 check (eof) and nothing follows it in the unit.
-        if not getattr(d, "eof", True) or getattr(d, "unused_data", b""):
-            raise NNCError("invalid deflate data: the zlib stream is truncated or followed by other bytes",
-                           unit.offset, element)
-        return out
-    except NNCError:
-        raise
+        return _inflate(data, 1 << 26)
+    except NNCError as exc:
+        raise NNCError(exc.args[0], unit.offset, element)
     except Exception as exc:
         raise NNCError("invalid deflate data: %s" % exc, unit.offset, element)
+
+
+def _inflate(data, limit):
+    """RFC 1950 (zlib) data as 6.4.3.5 says, bounded so a small unit cannot expand without limit."""
+    try:
+        import zlib
+        decompressobj = zlib.decompressobj
+    except (ImportError, AttributeError):
+        decompressobj = None
+    if decompressobj is None:
+        # MicroPython 1.21+: the deflate module replaces zlib.
+        try:
+            import deflate
+            import io
+        except ImportError:
+            raise NNCError("deflate-compressed data needs zlib or deflate, which this interpreter lacks")
+        out = deflate.DeflateIO(io.BytesIO(data), deflate.ZLIB).read(limit + 1)
+        if len(out) > limit:
+            raise NNCError("deflated data expands past %d bytes" % limit)
+        return out
+    d = decompressobj()
+    out = d.decompress(data, limit)
+    if d.unconsumed_tail:
+        raise NNCError("deflated data expands past %d bytes" % limit)
+    # decompress() returns what it has for a cut-off stream: a complete one ends with its
+    # Adler-32 check (eof) and nothing follows it in the unit.
+    if not getattr(d, "eof", True) or getattr(d, "unused_data", b""):
+        raise NNCError("invalid deflate data: the zlib stream is truncated or followed by other bytes")
+    return out
 
 
 def nnr_pruning_topology_container(reader, state):

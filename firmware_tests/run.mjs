@@ -83,6 +83,7 @@ async function main() {
         fail("the npm package @micropython/micropython-webassembly-pyscript is not installed "
              + "(npm ci --prefix firmware_tests): " + e.message);
     }
+    if (!fs.existsSync(opts.script)) fail("script not found: " + opts.script);
     const code = fs.readFileSync(opts.script, "utf8");
     const out = (s) => process.stdout.write(s + "\n");
     const err = (s) => process.stderr.write(s + "\n");

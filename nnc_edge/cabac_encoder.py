@@ -13,12 +13,15 @@ levels k with the dependent-quantization state machine here (4.2).
 """
 
 from decoder_core.deepcabac import _RENORM, TensorCoding, _ctx, _reset
-from decoder_core.tables import CtxParameterList, CurveTab, RangeTabLps, StateTransTab
+from decoder_core.tables import (
+    NNR_CPT_BI, NNR_CPT_BN, NNR_CPT_DC, NNR_CPT_LS, CtxParameterList, CurveTab, RangeTabLps, StateTransTab,
+)
 
 from ._cabac_tables import EST_BITS_1_511
 
-__all__ = ["ArithmeticEncoder", "TensorCoding", "SegmentTensor", "Segment", "encode_tensor_levels",
-           "encode_segment", "dq_reconstruction_indices", "scan_positions", "block_rows"]
+__all__ = ["ArithmeticEncoder", "TensorCoding", "SegmentTensor", "Segment", "CodedTensor", "encode_tensor_levels",
+           "encode_segment", "entry_point_lists", "block_roles", "dq_reconstruction_indices", "scan_positions",
+           "block_rows"]
 
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
@@ -373,7 +376,7 @@ class _Tensor:
             raise ValueError("a codebook of one entry codes only QuantParam 0 (6.8)")
 
     def groups(self, factory):
-        """The context groups of 2.3 in shift_parameter_ids() order, plus their presence kinds."""
+        """The context groups of 2.3 in shift_parameter_ids() order; ``factory`` makes one context."""
         dq = self.dq
         N = self.N
         sig = [factory() for _ in range(24 if dq else 3)]
@@ -645,6 +648,19 @@ def entry_point_lists(engine, coded_tensors):
 
 
 # --- one segment ------------------------------------------------------------------------------------------
+def block_roles(compressed_parameter_types):
+    """7.3.5: the tensors of an NNR_PT_BLOCK NDU, in topology_elements_ids_list order and in payload order.
+
+    Roles: "W" (or "G", "H" with NNR_CPT_DC), "LS", "beta", "gamma", "mean", "var", "BI".
+    """
+    cpt = compressed_parameter_types
+    weight = ["G", "H"] if cpt & NNR_CPT_DC else ["W"]
+    extra = (["LS"] if cpt & NNR_CPT_LS else []) + (["beta", "gamma", "mean", "var"] if cpt & NNR_CPT_BN else [])
+    ids = weight + extra + (["BI"] if cpt & NNR_CPT_BI else [])
+    payload = [r for r in ("LS", "BI", "beta", "gamma", "mean", "var") if r in ids] + weight
+    return ids, payload
+
+
 class SegmentTensor:
     """One tensor of an NDU segment: QuantParam levels and how they are coded.
 

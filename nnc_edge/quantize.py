@@ -6,7 +6,8 @@ our decoder, to ``QuantParam * stepSize`` (or ``Codebook[QuantParam + CbZeroOffs
 * step size and qp: ``step_size`` (reused from the decoder), ``qp_range``, ``check_qp``,
   ``qp_from_step_size``, ``overflow_safe_qp``;
 * uniform quantization (dq_flag 0): ``quantize_uniform``;
-* dependent quantization (dq_flag 1), the 8-state trellis over the scan order: ``quantize_dq``;
+* dependent quantization (dq_flag 1), the 8-state trellis over the scan order, optionally with a rate
+  term: ``quantize_dq``;
 * codebook quantization: ``integer_codebook`` / ``quantize_codebook``, ``integer_codebook_bits``;
 * integer-aligned bit depth: ``bitdepth_qp``;
 * the per-tensor policy (weights, 1-D tensors, integer tensors): ``tensor_qp`` and ``quantize_tensor``,
@@ -134,18 +135,25 @@ def _step32(qp, qp_density):
 
 
 def _round_levels(w32, qp, qp_density):
-    """round half away from zero of float32(1 / stepSize) * w in float32 (NNCodec's quantizeURQ), as float64."""
+    """round half away from zero of float32(1 / stepSize) * w in float32 (NNCodec's quantizeURQ).
+
+    Returned as float32 integers; every step is exact in float32 (x - trunc(x) and trunc(x) +- 1
+    below 2^24, no fraction above)."""
     _, scale = _step32(qp, qp_density)
-    with np.errstate(over="ignore"):  # an infinite product fails the int32 check like NNCodec's
-        prod = (w32 * scale).astype(np.float64)
-    return np.copysign(np.floor(np.abs(prod) + 0.5), prod)
+    with np.errstate(over="ignore", invalid="ignore"):  # an infinite product fails the int32 check
+        prod = w32 * scale
+        rounded = np.trunc(prod)
+        away = np.abs(prod - rounded) >= 0.5
+        rounded[away] += np.sign(prod[away])
+    return rounded
+
+
+def _in_limits(rounded, limits):
+    return rounded.size == 0 or (float(rounded.max()) <= limits[1] and float(rounded.min()) >= limits[0])
 
 
 def _fits(w32, qp, qp_density, limits):
-    if w32.size == 0:
-        return True
-    r = _round_levels(w32, qp, qp_density)
-    return bool(r.max() <= limits[1] and r.min() >= limits[0])
+    return _in_limits(_round_levels(w32, qp, qp_density), limits)
 
 
 def overflow_safe_qp(w, qp, qp_density, dq=False, quantization_parameter=0, name=None):
@@ -242,8 +250,10 @@ def quantize_uniform(w, qp, qp_density, level_range=None, name=None):
     qp); qp is raised when the levels would not fit int32.
     """
     w32 = _as_float32(w, name)
-    qp = overflow_safe_qp(w32, qp, qp_density, dq=False, name=name)
     levels = _round_levels(w32, qp, qp_density)
+    if not _in_limits(levels, _URQ_LIMITS):
+        qp = overflow_safe_qp(w32, qp, qp_density, dq=False, name=name)
+        levels = _round_levels(w32, qp, qp_density)
     if level_range is not None:
         levels = np.clip(levels, level_range[0], level_range[1])
     return levels.astype(np.int32), qp
@@ -524,8 +534,11 @@ def quantize_dq(w, qp, qp_density, scan_order=0, row_skip=False, level_range=Non
         return np.zeros(shape, dtype=np.int32), qp
     # NNCodec's PreQuant: org = (1.0 / qstep) * w in double, with qstep = float32(stepSize).
     step32, _ = _step32(qp, qp_density)
-    order = scan_positions(shape, scan_order)
-    scaled = w32.reshape(-1)[order].astype(np.float64) * (1.0 / float(step32))
+    h, width = _matrix(shape)
+    raster = scan_order == 0 or len(shape) < 2 or h <= 1 or width <= 1
+    order = None if raster else scan_positions(shape, scan_order)
+    flat = w32.reshape(-1) if raster else w32.reshape(-1)[order]
+    scaled = flat.astype(np.float64) * (1.0 / float(step32))
     lim_pos = lim_neg = _NO_LIMIT
     if level_range is not None:
         lo, hi = int(level_range[0]), int(level_range[1])
@@ -543,9 +556,10 @@ def quantize_dq(w, qp, qp_density, scan_order=0, row_skip=False, level_range=Non
             rate = _RateModel.from_levels(n_scan, states, max_level, unary)
             run = _TrellisRun(lim_pos, lim_neg, backend, dq_lambda(lambda_scale), rate)
             n_scan, states = run(scaled)
-    h, width = _matrix(shape)
-    bw = 4 << scan_order if scan_order > 0 else width
-    if row_skip and scan_order > 0 and len(shape) > 1 and h > 1 and width > bw and width % 4:
+    if raster:
+        return n_scan.reshape(shape), qp
+    bw = 4 << scan_order
+    if row_skip and width > bw and width % 4:
         # Segments of a skipped row move the state StateTransTab[.][0]^w, not ^length (6.5).
         n_scan = _dq_row_skip(scaled, n_scan, order, h, width, bw, run)
     n = np.empty(w32.size, dtype=np.int32)

@@ -146,6 +146,12 @@ def _st(w, text, name):
     w.st(raw)
 
 
+def _bytes(value, name):
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError("%s must be bytes, not %s" % (name, type(value).__name__))
+    return bytes(value)
+
+
 def _list(value, name):
     if value is None:
         return []
@@ -202,8 +208,8 @@ def nnr_unit(nnr_unit_type, header=b"", payload=b"", partial_data_counter=None, 
     # 6.4.3.1: a unit that is not independently decodable carries a counter greater than 0.
     if not independently_decodable_flag and not partial_data_counter:
         raise ValueError("independently_decodable_flag 0 needs a partial_data_counter greater than 0")
-    header = bytes(header)
-    payload = bytes(payload)
+    header = _bytes(header, "header")
+    payload = _bytes(payload, "payload")
     body_len = _common_header_bytes(partial_data_counter) + len(header) + len(payload)
     size_bytes = _size_field_bytes(body_len, nnr_unit_size_flag)
     size = size_bytes + body_len
@@ -321,7 +327,8 @@ def nnr_model_parameter_set_unit_payload(w, mps, general_profile_idc=0):
         for name in ("base_model_id", "validation_set_performance", "performance_metric_type",
                      "metric_type_performance_map_valid_flag", "mps_parent_signalling_enabled_flag",
                      "nnr_pre_flag"):
-            if _get(mps, name):
+            value = _get(mps, name)
+            if value if name.endswith("flag") else value is not None:
                 raise ValueError("%s needs general_profile_idc 1" % name)
         w.u(7, 0)  # nnr_reserved_zero_7bits
     _write_quantization_parameters(w, "mps", density, parameter)
@@ -770,9 +777,10 @@ def nnr_compressed_data_unit_header(w, ndu, general_profile_idc=0, mps=None):
     cpt = _int(_get(ndu, "compressed_parameter_types", 0), "compressed_parameter_types")
     unary = _get(ndu, "cabac_unary_length_minus1")
     mapping = _get(ndu, "topology_tensor_dimension_mapping")
-    # tensor_dimensions with tensor_dimensions_flag 0 are known out of band: not written, but they
-    # still decide whether scan_order is present (as the parser's topology does).
-    tdf = _flag(ndu, "tensor_dimensions_flag", 1 if dims is not None else 0)
+    # tensor_dimensions with tensor_dimensions_flag 0 (or without input parameters) are known out of
+    # band: not written, but they still decide whether scan_order is present (as the parser's topology does).
+    tdf = _flag(ndu, "tensor_dimensions_flag",
+                1 if dims is not None and _get(ndu, "input_parameters_present_flag") != 0 else 0)
     if tdf and dims is None:
         raise ValueError("tensor_dimensions_flag 1 needs tensor_dimensions")
     input_present = _flag(ndu, "input_parameters_present_flag",
@@ -998,8 +1006,13 @@ def aggregate_unit(units, fields=None, mps=None, lps=None, partial_data_counter=
             entry_points.append(pos)
             pos += len(u)
         given = _get(agg, "nnr_unit_entry_point")
-        if given is not None and list(given) != entry_points:
+        if given and list(given) != entry_points:
             raise ValueError("nnr_unit_entry_point %r, but the units start at %r" % (list(given), entry_points))
+        given = _get(agg, "nnr_unit_type")
+        types = [unit_type(u) for u in units]
+        if given and list(given) != types:
+            raise ValueError("nnr_unit_type %r, but the units have types %r" % (list(given), types))
+    _check_given(agg, "num_of_nnr_units_minus2", count - 2)
     header = nnr_aggregate_unit_header(BitWriter(), agg, units, entry_points, unification).getvalue()
     assert len(header) == header_len
     return nnr_unit(NNR_AGG, header, payload, partial_data_counter, independently_decodable_flag,

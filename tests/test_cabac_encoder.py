@@ -383,14 +383,22 @@ def test_roundtrip_block_scan_of_3d_tensor_and_partial_blocks(scan):
 @pytest.mark.parametrize("dq", [0, 1])
 @pytest.mark.parametrize("scan", [0, 1, 3])
 def test_roundtrip_row_skipping(dq, scan):
-    dims = [96, 40]
+    dims = [96, 42]
     item = tensor(dims, seed=3 + scan, dq=dq, scan=scan, profile=1, row_skip=1, zero_rows=0.4)
-    assert item.coding.dq_flag == dq
-    roundtrip([item])
-    # The w-transition rule of 6.5 matters for DQ with block scan: a stream built with one transition
-    # per skipped position would not decode to the same values; ours follows the decoder.
-    levels = item.levels
-    assert any(not any(levels[r * 40:(r + 1) * 40]) for r in range(96))
+    segment = roundtrip([item])
+    skipped = segment.tensors[0].row_skip_flag
+    assert 10 < sum(skipped) < 96
+    assert all(bool(f) == (not any(item.levels[r * 42:(r + 1) * 42])) for r, f in enumerate(skipped))
+    # 6.5: a skipped row segment moves the DQ state w times. With block scan that differs from one
+    # transition per skipped position (8 here, 42 % 4 == 2); with raster scan the two coincide.
+    rnd = random.Random(3 + scan)
+    k = zero_some_rows(rnd, random_coded_levels(rnd, prod(dims)), dims, 0.4)
+    coding = TensorCoding(dims, dq, 10, scan, 1)
+    per_position = dq_reconstruction_indices(k, coding, 0)
+    assert (dq_reconstruction_indices(k, coding, 1) != per_position) == bool(dq and scan)
+    if dq and scan:
+        with pytest.raises(ValueError, match="DQ state"):
+            encode_segment([SegmentTensor(per_position, coding, 0, 2, 1)])
 
 
 def test_row_skipping_is_coded_only_where_6_4_puts_it():

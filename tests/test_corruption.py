@@ -2,12 +2,15 @@
 
 decoder_core.decode must either succeed or raise NNCError, never another exception. Truncations are
 exact: a prefix that ends on a unit boundary decodes to the tensors of the complete units before it,
-any other prefix raises NNCError. Flips are a deterministic sample (seeded by the vector name), half of
-them in the first bytes where the STR / MPS / TPL / NDU headers are, and every bit of the headers of a
-few small vectors; each flip runs on every decoder backend. Chain steps are decoded after their clean
-predecessors so that temporal context adaptation is exercised rather than refused.
+any other prefix raises NNCError (every prefix of small vectors, a sample of the others). Flips are a
+deterministic sample (seeded by the vector name), half of them in the first bytes where the STR / MPS /
+TPL / NDU headers are; every header bit of two small vectors and every bit of the supplement's appendix D
+streams is flipped too. Flips run on every decoder backend. Vectors over 20 kB are damaged in a stream
+of their small NDUs. Chain steps are decoded after their clean predecessors so that temporal context
+adaptation is exercised rather than refused.
 """
 
+import copy
 import random
 import zlib
 
@@ -18,12 +21,22 @@ from decoder_core import NNCError
 from decoder_core.tables import NNR_NDU
 from decoder_core.units import ParserState, parse_unit
 
-EVERY_PREFIX_MAX_BYTES = 4096   # longer vectors get a sample of prefixes
+EVERY_PREFIX_MAX_BYTES = 3000   # longer vectors get a sample of prefixes
 PREFIX_SAMPLES = 48
-FLIPS_PER_VECTOR = 10
+FLIPS_PER_VECTOR = 8
 HEADER_BYTES = 64               # where the flips that hit headers go
 SMALL_STREAM_BYTES = 20000      # larger vectors are flipped in a stream of their small NDUs only
-EXHAUSTIVE_HEADER_FLIPS = ("p1_int_3d", "p0_bias_1d", "p1_codebook_2d", "p0_entrypoints_scan1")
+EXHAUSTIVE_HEADER_FLIPS = ("p1_int_3d", "p0_bias_1d")
+
+# Supplement appendix D: D.1 (profile 1, DQ, row skipping) and D.2 (profile 0, scan_order 1 with one
+# entry point), small enough to flip every bit.
+APPENDIX_D = {
+    "D.1": bytes.fromhex("00040201" "0008068100400080" "00060e000000" "001f16093000d041c120e0c2a080"
+                         "e8122004782b2fc5a86001618521483930"),
+    "D.2": bytes.fromhex("00040200" "0008068100400080" "00060e000000" "003f160977003048a830a1408b28"
+                         "e7eec133cd03fc8a89cb1d2492d5599707fa3829f114ad5ebe2d7bc9c0e38a90ab6a41950fc1e8d2bf70"
+                         "43944eaf83e440"),
+}
 
 
 def units_of(data):
@@ -54,12 +67,12 @@ def predecessors(vector, conformance_dir):
     return [read(conformance_dir, "%s_%d" % (vector["chain"], s)) for s in range(vector["step"])]
 
 
-def decode_after(prelude, data):
-    """Decode ``data`` with a decoder that has first decoded the clean ``prelude`` streams."""
-    decoder = decoder_core.Decoder()
+def decoder_after(prelude):
+    """A function decoding a stream with a decoder that has first decoded the clean ``prelude`` streams."""
+    primed = decoder_core.Decoder()
     for clean in prelude:
-        decoder.decode(clean)
-    return decoder.decode(data)
+        primed.decode(clean)
+    return lambda data: copy.deepcopy(primed).decode(data)
 
 
 # --- truncations -------------------------------------------------------------------------------------------
@@ -79,7 +92,10 @@ def test_truncations(conformance_vector, conformance_dir):
     name = conformance_vector["name"]
     data = read(conformance_dir, name)
     units = units_of(data)
-    prelude = predecessors(conformance_vector, conformance_dir)
+    if len(data) > SMALL_STREAM_BYTES:
+        data = small_stream(data, units)
+        units = units_of(data)
+    decode = decoder_after(predecessors(conformance_vector, conformance_dir))
     names_before = {}
     decoded = []
     for offset, size, unit_type, names, _ in units:
@@ -88,11 +104,11 @@ def test_truncations(conformance_vector, conformance_dir):
             decoded.extend(names)
     for cut in prefix_lengths(name, data, units):
         if cut in names_before:
-            out = decode_after(prelude, data[:cut])
+            out = decode(data[:cut])
             assert [t[0] for t in out] == names_before[cut], cut
         else:
             with pytest.raises(NNCError):
-                decode_after(prelude, data[:cut])
+                decode(data[:cut])
 
 
 # --- bit flips ---------------------------------------------------------------------------------------------------
@@ -107,11 +123,6 @@ def small_stream(data, units):
     return b"".join(data[o:o + s] for o, s, t, _, _ in units if t != NNR_NDU or s <= 2048)
 
 
-def decode_or_nncerror(prelude, data):
-    try:
-        decode_after(prelude, data)
-    except NNCError:
-        pass
 
 
 def test_bit_flips(conformance_vector, conformance_dir, backend):
@@ -120,26 +131,41 @@ def test_bit_flips(conformance_vector, conformance_dir, backend):
     if len(data) > SMALL_STREAM_BYTES:
         data = small_stream(data, units_of(data))
         assert decoder_core.decode(data)  # the reduced stream is valid
-    prelude = predecessors(conformance_vector, conformance_dir)
+    decode = decoder_after(predecessors(conformance_vector, conformance_dir))
     rng = rng_for(name, "flip")
     nbits = 8 * len(data)
     header_bits = 8 * min(HEADER_BYTES, len(data))
     bits = [rng.randrange(header_bits) if k % 2 else rng.randrange(nbits) for k in range(FLIPS_PER_VECTOR)]
     for bit in bits:
-        decode_or_nncerror(prelude, flip(data, bit))
+        try:
+            decode(flip(data, bit))
+        except NNCError:
+            pass
+
+
+def _count_outcomes(data, bits):
+    outcomes = {"ok": 0, "error": 0}
+    for bit in bits:
+        try:
+            decoder_core.decode(flip(data, bit))
+            outcomes["ok"] += 1
+        except NNCError:
+            outcomes["error"] += 1
+    return outcomes
 
 
 @pytest.mark.parametrize("name", EXHAUSTIVE_HEADER_FLIPS)
 def test_every_header_bit_flip(name, conformance_dir, backend):
     data = read(conformance_dir, name)
     header_end = units_of(data)[3][4]  # every bit before the first NDU's payload
-    outcomes = {"ok": 0, "error": 0}
-    for bit in range(8 * header_end):
-        try:
-            decoder_core.decode(flip(data, bit))
-            outcomes["ok"] += 1
-        except NNCError:
-            outcomes["error"] += 1
+    outcomes = _count_outcomes(data, range(8 * header_end))
     # Most header bits matter: flipping them must be noticed, not decoded as if nothing happened.
     assert outcomes["error"] > outcomes["ok"]
 
+
+@pytest.mark.parametrize("name", sorted(APPENDIX_D))
+def test_every_bit_flip_of_appendix_d(name, backend):
+    data = APPENDIX_D[name]
+    assert decoder_core.decode(data)
+    outcomes = _count_outcomes(data, range(8 * len(data)))
+    assert outcomes["error"] > 0 and outcomes["ok"] > 0

@@ -5,6 +5,7 @@ data into its filesystem and runs a script from firmware_tests/mp/. Skipped when
 package is missing, except with CI=true (.ci/run installs both), where that is a failure.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -136,18 +137,79 @@ for pos, length in cases:
 """
 
 
-def test_corrupt_input_raises_the_same_nncerror_as_on_cpython(micropython, vectors, tmp_path):
-    script = _script(tmp_path, _CORRUPT)
-    nnc = os.path.join(vectors, "p1_uniform_2d.nnc")
+def _on_both(micropython, script, nnc):
+    """Run ``script`` FILE under CPython (pure-Python backend) and MicroPython; both stdouts as lines."""
     env = dict(os.environ, PYTHONPATH=mphost.REPO, NNC_EDGE_BACKEND="python")
     cpython = subprocess.run([sys.executable, script, nnc], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
     assert cpython.returncode == 0, cpython.stderr
     mp = micropython(script, ["/v/x.nnc"], copies=[(nnc, "/v/x.nnc")])
     assert mp.returncode == 0, _output(mp)
-    lines = mp.stdout.splitlines()
-    assert len(lines) == 14 and "OTHER" not in mp.stdout and "no error" not in mp.stdout, mp.stdout
-    assert lines == cpython.stdout.splitlines()
+    return cpython.stdout.splitlines(), mp.stdout.splitlines()
+
+
+def test_corrupt_input_raises_the_same_nncerror_as_on_cpython(micropython, vectors, tmp_path):
+    cpython, mp = _on_both(micropython, _script(tmp_path, _CORRUPT), os.path.join(vectors, "p1_uniform_2d.nnc"))
+    assert len(mp) == 14 and not [line for line in mp if "OTHER" in line or "no error" in line], mp
+    assert mp == cpython
+
+
+_SAME = """\
+import binascii
+import sys
+import decoder_core
+from decoder_core.stream import StreamDecoder
+
+data = open(sys.argv[1], "rb").read()
+
+
+def show(mode, tensors):
+    for name, shape, values in tensors:
+        print(mode, name, tuple(shape), len(values), binascii.crc32(values) & 0xFFFFFFFF)
+
+
+show("whole", decoder_core.decode(data))
+for size in (1, 7, 600):
+    s = StreamDecoder()
+    got = []
+    for i in range(0, len(data), size):
+        got.extend(s.feed(data[i:i + size]))
+    s.close()
+    show("stream%d" % size, got)
+"""
+
+
+def test_partial_data_units_join_on_micropython(micropython, vectors, tmp_path):
+    # p1_model_dict with the NDU of its third tensor re-coded as partial-data units (6.4.3.1).
+    from decoder_core.units import ParserState, parse_unit
+    from decoder_core.tables import NNR_NDU
+    from nnc_edge import unitwriter
+
+    with open(os.path.join(vectors, "p1_model_dict.nnc"), "rb") as f:
+        data = f.read()
+    state = ParserState()
+    offset = 0
+    ndus = 0
+    while True:
+        unit = parse_unit(data, offset, len(data), state)
+        if unit.nnr_unit_type == NNR_NDU:
+            ndus += 1
+            if ndus == 3:
+                break
+        offset += unit.nnr_unit_size
+    end = offset + unit.nnr_unit_size
+    header = data[offset + (4 if data[offset] & 0x80 else 2) + 1:unit.payload_start]
+    parts = unitwriter.split_units(NNR_NDU, header, data[unit.payload_start:unit.payload_end], 600)
+    assert len(parts) >= 3
+    path = tmp_path / "partial.nnc"
+    path.write_bytes(data[:offset] + b"".join(parts) + data[end:])
+
+    cpython, mp = _on_both(micropython, _script(tmp_path, _SAME), str(path))
+    assert len(mp) == 4 * 5, mp
+    assert mp == cpython
+    with open(os.path.join(vectors, "p1_model_dict.json")) as f:
+        crcs = [e["crc32"] for e in json.load(f)["tensors"]]
+    assert [int(line.split()[-1]) for line in mp[:5]] == crcs
 
 
 # --- conformance -----------------------------------------------------------------------------------
@@ -172,15 +234,16 @@ def _memory_run(micropython, vectors, heap, decoder_core_dir):
                        copies=[(vectors, "/vectors"), (decoder_core_dir, "/lib/decoder_core")])
 
 
-def test_silero_streams_through_asyncio_in_a_1mib_heap(micropython, vectors):
+def test_silero_streams_through_asyncio_in_a_1mib_heap(micropython, vectors, record_property):
     # decoder_core as source, compiled on the interpreter: a little more RAM than .mpy files.
     proc = _memory_run(micropython, vectors, 1 << 20, mphost.DECODER_CORE)
-    print(proc.stdout)
+    print(proc.stdout)  # the low-water mark; shown with pytest -rP or -s
     assert proc.returncode == 0, _output(proc)
     m = re.search(r"memory: %s: 15 tensors, 309633 parameters bit-exact .* gc\.mem_free\(\) low-water (\d+) bytes"
                   % SILERO, proc.stdout)
     assert m, _output(proc)
     assert 0 < int(m.group(1)) < 1 << 20
+    record_property("micropython_1mib_mem_free_low_water", int(m.group(1)))
 
 
 def test_heap_check_fails_when_the_heap_is_too_small(micropython, vectors):

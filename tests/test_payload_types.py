@@ -16,7 +16,9 @@ import nnc_edge
 from decoder_core import backend
 from decoder_core.tables import NNR_CPT_BI, NNR_CPT_BN, NNR_CPT_DC, NNR_CPT_LS, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT
 from decoder_core.tables import NNR_PT_RAW_FLOAT
-from nnc_edge.cabac_encoder import SegmentTensor, TensorCoding, dq_reconstruction_indices, encode_segment
+from nnc_edge.cabac_encoder import (
+    SegmentTensor, TensorCoding, block_roles, dq_reconstruction_indices, encode_segment,
+)
 from nnc_edge.unitwriter import (
     aggregate_unit, compressed_data_unit, layer_parameter_set_unit, model_parameter_set_unit, partial_data_units,
     raw_float_payload, start_unit,
@@ -192,6 +194,10 @@ def test_pt_block_weight_scaling_batch_norm_and_bias(profile, dq, scan):
         d = dims if name == "w" else [dims[0]]
         items[name] = s.tensor(fields, d, random_levels(rnd, prod(d)), qp_value=qps[name])
     payload_order = ["w.ls", "w.bias", "bn.beta", "bn.gamma", "bn.mean", "bn.var", "w"]
+    role = dict(zip(block_roles(cpt)[0], names))
+    assert block_roles(cpt) == (["W", "LS", "beta", "gamma", "mean", "var", "BI"],
+                                ["LS", "BI", "beta", "gamma", "mean", "var", "W"])
+    assert [role[r] for r in block_roles(cpt)[1]] == payload_order
     out = decode_both(s.bytes(s.ndu(fields, [items[n] for n in payload_order])))
     assert list(out) == names
     for name in names:
@@ -232,6 +238,7 @@ def test_pt_block_decomposition(profile, codebook, scan):
         h = s.tensor(fields, h_dims, random_levels(rnd, prod(h_dims)), qp_value=-25)
         want_g = uniform_values(g.levels, -30, 2)
         want_h = uniform_values(h.levels, -25, 2)
+    assert block_roles(NNR_CPT_DC | NNR_CPT_BI) == (["G", "H", "BI"], ["BI", "G", "H"])
     unit = s.ndu(fields, [bias, g, h])
     out = decode_both(s.bytes(unit))
     assert list(out) == ["g", "h", "bias"]

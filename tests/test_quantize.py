@@ -206,8 +206,9 @@ def test_dq_beats_greedy_choice(backend):
     d_trellis = ((w.astype(np.float64) - n * step) ** 2).sum()
     d_greedy = ((w.astype(np.float64) - greedy * step) ** 2).sum()
     assert d_trellis < 0.9 * d_greedy
-    # and each element stays within the step in practice for Gaussian weights
-    assert np.abs(w.astype(np.float64) - n * step).max() <= 2 * step
+    # the look-ahead may take a farther candidate of the other parity, but never beyond the four
+    assert np.abs(w.astype(np.float64) - n * step).max() < 2 * step
+    assert np.sqrt(((w.astype(np.float64) - n * step) ** 2).mean()) < 0.5 * step
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

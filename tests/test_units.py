@@ -300,7 +300,7 @@ def test_mps_profile1_fields_hand_assembled():
         uw.model_parameter_set_unit(mps, general_profile_idc=0)
 
 
-# --- NNR_LPS and its activation (6.2.3, 6.4.4.4) -------------------------------------------------------------
+# --- NNR_LPS and its activation (6.2.3, 6.4.4.4) ------------------------------------------------------------
 def test_lps_hand_assembled():
     expected = unit_bytes(NNR_LPS, B("1" "0000000") + B(ALIGN("0" "0" "0" "0" "001" "0" + "001" + I(13, 7))))
     assert expected == bytes.fromhex("00080a8002200780")
@@ -358,7 +358,7 @@ def test_lps_activation_rules():
         np.testing.assert_array_equal(out[name], D1_VALUES * 2)
 
 
-# --- NNR_TPL --------------------------------------------------------------------------------------------------
+# --- NNR_TPL ------------------------------------------------------------------------------------------------
 def test_topology_data_raw_and_deflate():
     text = b'{"layers": ["conv1", "fc"]}' * 10
     raw = uw.topology_unit(topology_data=text)
@@ -426,7 +426,8 @@ def test_bit_mask_longer_than_the_unit_is_rejected_before_allocating():
 def test_reflist_and_indexed_references():
     names = ["conv.w", "conv.b", "fc.w"]
     tpl = uw.topology_unit(topology_storage_format=NNR_TPL_REFLIST, topology_elements_ids_list=names)
-    assert tpl == unit_bytes(NNR_TPL, B(U(8, NNR_TPL_REFLIST) + U(8, 0) + ALIGN(UE(7, 1)) + "".join(ST(n) for n in names)))
+    bits = U(8, NNR_TPL_REFLIST) + U(8, 0) + ALIGN(UE(7, 1)) + "".join(ST(n) for n in names)
+    assert tpl == unit_bytes(NNR_TPL, B(bits))
     mps = dict(mps_topology_indexed_reference_flag=1)
     fc = arange(2, 3)
     conv = arange(4, 3)
@@ -451,7 +452,7 @@ def test_reflist_and_indexed_references():
     np.testing.assert_array_equal(out["conv.b"], conv[3:])
 
 
-# --- NNR_QNT ---------------------------------------------------------------------------------------------------
+# --- NNR_QNT ------------------------------------------------------------------------------------------------
 def test_quantization_unit_raw_and_deflate():
     q = bytes(range(50)) * 3
     raw = uw.quantization_unit(quantization_storage_format=1, quantization_data=q)
@@ -465,7 +466,7 @@ def test_quantization_unit_raw_and_deflate():
         parse_all(head(0) + unit_bytes(NNR_QNT, b"\x00\x01\x78\x9c\x00"))
 
 
-# --- NNR_NDU header -----------------------------------------------------------------------------------------------
+# --- NNR_NDU header -----------------------------------------------------------------------------------------
 def test_ndu_header_entry_points_hand_assembled():
     """bit_offset_delta1 ue(11), then bit_offset_delta2 ie(7) as differences of BitOffsetList (supplement 1.11)."""
     for dq_flag in (0, 1):
@@ -520,7 +521,8 @@ def test_ndu_header_profile1_node_and_parent_blocks():
     # Node id and parent payload hashes.
     sha256 = bytes(range(32))
     sha512 = bytes(range(64, 128))
-    for parent_type, name, digest in ((1, "parent_node_payload_sha256", sha256), (2, "parent_node_payload_sha512", sha512)):
+    for parent_type, name, digest in ((1, "parent_node_payload_sha256", sha256),
+                                      (2, "parent_node_payload_sha512", sha512)):
         ndu = dict(base, device_id=5, parameter_id=40, put_node_depth=1, parent_node_id_type=parent_type)
         ndu[name] = digest
         bits = U(5, NNR_PT_INT) + "000" + ST("p") + "1" + UE(1, 5) + UE(5, 40) + UE(4, 1) + "1" + U(2, parent_type)
@@ -552,7 +554,8 @@ def test_ndu_header_profile1_first_tensor_dimension_shift():
 def test_ndu_header_block_with_decomposition_and_dc_codebook():
     ids = ["w.G", "w.H", "w.ls", "w.b"]
     ndu = dict(nnr_compressed_data_unit_payload_type=NNR_PT_BLOCK, topology_elements_ids_list=ids,
-               Codebook=[-1, 0, 1], codebook_egk=0, dq_flag=0, compressed_parameter_types=NNR_CPT_DC | NNR_CPT_LS | NNR_CPT_BI,
+               Codebook=[-1, 0, 1], codebook_egk=0, dq_flag=0,
+               compressed_parameter_types=NNR_CPT_DC | NNR_CPT_LS | NNR_CPT_BI,
                decomposition_rank=10, g_number_of_rows=20, tensor_dimensions=[20, 12], cabac_unary_length_minus1=10,
                CodebookDC=[-4, 2], CbZeroOffsetDC=1, codebook_egkDC=2, scan_order=1,
                cabac_offset_list=[9, 8, 7], BitOffsetList=[100, 120, 90])
@@ -615,7 +618,7 @@ def test_tensor_dimension_mapping_split_and_axis_swap():
 
 def test_dimensions_out_of_band():
     ndu = dict(nnr_compressed_data_unit_payload_type=NNR_PT_RAW_FLOAT, topology_elem_id="w", tensor_dimensions=[2, 3],
-               tensor_dimensions_flag=0, input_parameters_present_flag=0)
+               input_parameters_present_flag=0)
     header = uw.compressed_data_unit_header(ndu)
     # No input parameters; scan_order is still present because the topology gives two dimensions.
     assert header == B(ALIGN(U(5, NNR_PT_RAW_FLOAT) + "000" + ST("w") + U(4, 0)))
@@ -635,6 +638,7 @@ def test_ndu_header_errors():
     name = ST("t")
     cases = [
         (ALIGN(U(5, 4) + "000" + name), "payload_type"),  # payload type 4 is reserved
+        (ALIGN(U(5, NNR_PT_BLOCK) + "000" + name), "nnr_multiple_topology_elements_present_flag"),
         (ALIGN(U(5, 0) + "001" + name + "0" + "1" "0" "0000" + UE(1, 0)), "count_tensor_dimensions"),
         (ALIGN(U(5, 0) + "001" + name + "0" + "1" "0" "0000" + UE(1, 17)), "count_tensor_dimensions"),
         (ALIGN(U(5, 0) + "001" + name + "0" + "1" "0" "0000" + UE(1, 2) + UE(7, 3) + UE(7, 0)), "dimension"),
@@ -653,7 +657,7 @@ def test_ndu_header_errors():
         parse_all(head(1, **mps) + unit_bytes(NNR_NDU, B(bits)))
 
 
-# --- hostile headers --------------------------------------------------------------------------------------------
+# --- hostile headers ----------------------------------------------------------------------------------------
 class _memory_limit:
     """Fails the test if the block allocates more than ``limit`` bytes at its peak."""
 
@@ -703,7 +707,7 @@ def test_nnc_error_names_offset_and_element():
     assert "topology_elem_id" in str(exc.value) and "at byte %d" % exc.value.offset in str(exc.value)
 
 
-# --- NNR_AGG ------------------------------------------------------------------------------------------------------
+# --- NNR_AGG ------------------------------------------------------------------------------------------------
 def _children():
     return [uw.layer_parameter_set_unit(lps_self_contained_flag=1), raw_ndu("a", arange(2, 2)),
             raw_ndu("b", arange(3))]
@@ -736,6 +740,7 @@ def test_aggregate_with_entry_points_hand_assembled():
     assert agg.agg.nnr_unit_type == [NNR_LPS, NNR_NDU, NNR_NDU]
     assert agg.agg.nnr_unit_entry_point == eps and eps[0] == 25
     assert agg.agg.quant_bitdepth == [0, 8, 31] and agg.agg.ctu_scan_order == []
+    assert uw.aggregate_unit(children, agg.agg) == built  # written back from the parsed header
     assert [u.type_name for u in agg.units] == ["NNR_LPS", "NNR_NDU", "NNR_NDU"]
     assert [u.offset for u in agg.units] == [agg.offset + e for e in eps]
     out = decode(data)
@@ -804,7 +809,7 @@ def test_nested_aggregates_limit():
         decode(head(0) + too_deep)
 
 
-# --- reserved and unspecified unit types -----------------------------------------------------------------------------
+# --- reserved and unspecified unit types --------------------------------------------------------------------
 def test_reserved_and_unspecified_units_are_skipped():
     skipped = [uw.nnr_unit(t, b"", bytes([t]) * t) for t in (7, 19, 31, 32, 50, 63)]
     skipped.append(uw.nnr_unit(33, b"", b"\xff" * 40000))  # long form of nnr_unit_size
@@ -822,7 +827,7 @@ def test_reserved_and_unspecified_units_are_skipped():
     assert list(out) == ["a"]
 
 
-# --- partial_data_counter (6.4.3.1) ------------------------------------------------------------------------------------
+# --- partial_data_counter (6.4.3.1) -------------------------------------------------------------------------
 def _partial(name, values, chunk, **kw):
     ndu = dict(nnr_compressed_data_unit_payload_type=NNR_PT_RAW_FLOAT, topology_elem_id=name,
                tensor_dimensions=list(values.shape))
@@ -858,7 +863,8 @@ def test_partial_units_inside_an_aggregate():
 
 
 @pytest.mark.parametrize("case", ["interrupted_by_ndu", "interrupted_by_tpl", "interrupted_by_reserved",
-                                  "different_header", "wrong_order", "counter_skips", "stream_ends", "wrong_size"])
+                                  "interrupted_by_agg", "different_header", "wrong_order", "counter_skips",
+                                  "stream_ends", "wrong_size"])
 def test_partial_sequence_errors(case):
     values = arange(3, 4)
     parts = _partial("p", values, 12)
@@ -868,6 +874,8 @@ def test_partial_sequence_errors(case):
         units = parts[:2] + [raw_ndu("x", [1.0])] + parts[2:]
     elif case == "interrupted_by_tpl":
         units = parts[:3] + [uw.topology_unit(topology_data=b"x")] + parts[3:]
+    elif case == "interrupted_by_agg":
+        units = parts[:2] + [uw.aggregate_unit([raw_ndu("x", [1.0]), raw_ndu("y", [2.0])])] + parts[2:]
     elif case == "interrupted_by_reserved":
         units = parts[:1] + [uw.nnr_unit(20, b"", b"")] + parts[1:]
     elif case == "different_header":
@@ -887,7 +895,7 @@ def test_partial_sequence_errors(case):
     assert exc.value.element in ("partial_data_counter", "nnr_compressed_data_unit_header", "raw_float32_parameter")
 
 
-# --- NNR_PT_RAW_FLOAT ------------------------------------------------------------------------------------------------------
+# --- NNR_PT_RAW_FLOAT ---------------------------------------------------------------------------------------
 def test_raw_float_payload_is_exact_float32():
     special = np.frombuffer(struct.pack("<8I", 0x00000001, 0x80000000, 0x7F7FFFFF, 0xFF800000, 0x7FC00001,
                                         0x3EAAAAAB, 0x00800000, 0xC2F6E979), dtype="<f4").reshape(2, 4)
@@ -903,7 +911,7 @@ def test_raw_float_payload_is_exact_float32():
         decoder_core.decode(head(0) + short)
 
 
-# --- the writer's input checks --------------------------------------------------------------------------------------------
+# --- the writer's input checks ------------------------------------------------------------------------------
 @pytest.mark.parametrize("build", [
     lambda: uw.nnr_unit(64),
     lambda: uw.nnr_unit(NNR_NDU, partial_data_counter=256),
@@ -915,8 +923,8 @@ def test_raw_float_payload_is_exact_float32():
     lambda: uw.model_parameter_set_unit(mps_qp_density=1),
     lambda: uw.model_parameter_set_unit(mps_quantization_method_flags=NNR_QSU),
     lambda: uw.model_parameter_set_unit(mps_pruning_flag=1),
-    lambda: uw.model_parameter_set_unit(mps_sparsification_flag=0,
-                                        sparsification_performance_map=PERFORMANCE_MPS["sparsification_performance_map"]),
+    lambda: uw.model_parameter_set_unit(
+        mps_sparsification_flag=0, sparsification_performance_map=PERFORMANCE_MPS["sparsification_performance_map"]),
     lambda: uw.model_parameter_set_unit(dict(pruning_performance_map=dict(ppm_count_pruning_ratios=3, entries=[]))),
     lambda: uw.model_parameter_set_unit(general_profile_idc=1, validation_set_performance=0.5),
     lambda: uw.topology_unit(topology_storage_format=NNR_TPL_REFLIST, topology_elements_ids_list=["only"]),
@@ -957,6 +965,11 @@ def test_raw_float_payload_is_exact_float32():
     lambda: uw.aggregate_unit([uw.start_unit(0), uw.start_unit(0)], quant_bitdepth=[0]),
     lambda: uw.aggregate_unit([uw.start_unit(0), uw.start_unit(0)], ctu_scan_order=[0, 1]),
     lambda: uw.aggregate_unit([uw.start_unit(0), uw.start_unit(0)], nnr_unit_entry_point=[0, 1]),
+    lambda: uw.aggregate_unit([uw.start_unit(0), uw.start_unit(0)], nnr_unit_type=[0, 1]),
+    lambda: uw.aggregate_unit([uw.start_unit(0), uw.start_unit(0)], num_of_nnr_units_minus2=1),
+    lambda: uw.nnr_unit(NNR_QNT, 5),
+    lambda: uw.compressed_data_unit(topology_elem_id="x", tensor_dimensions=[2, 3], input_parameters_present_flag=0,
+                                    tensor_dimensions_flag=1),
 ])
 def test_writer_rejects_invalid_fields(build):
     with pytest.raises(ValueError):
