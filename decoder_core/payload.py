@@ -226,22 +226,23 @@ def _decode_block(ndu, names, engine, ctx, dims, unary):
     for role in ("LS", "BI", "beta", "gamma", "mean", "var"):
         if role in name_of:
             decoded[role] = _decode_one(engine, ctx, ndu, name_of[role], one_d, unary, NNR_PT_FLOAT, None, 0,
-                                        None, engine.start)
+                                        None, engine.start, ctx.output)
     codebook = ndu.Codebook if ndu.codebook_present_flag else None
     zero = ndu.get("CbZeroOffset", 0)
     if cpt & NNR_CPT_DC:
         g_dims = ndu.TensorDimensionsG
         decoded["G"] = _decode_one(engine, ctx, ndu, name_of["G"], g_dims, unary, NNR_PT_BLOCK, codebook, zero,
-                                   _entry_points(ndu, 0), engine.start)
+                                   _entry_points(ndu, 0), engine.start, ctx.output)
         bs = 4 << ndu.scan_order
         h_first = ((g_dims[0] + bs - 1) >> (2 + ndu.scan_order)) - 1
         cb_dc = ndu.get("CodebookDC") if ndu.codebook_present_flag else None
         decoded["H"] = _decode_one(engine, ctx, ndu, name_of["H"], ndu.TensorDimensionsH, unary, NNR_PT_BLOCK,
-                                   cb_dc, ndu.get("CbZeroOffsetDC", 0), _entry_points(ndu, h_first), engine.start)
+                                   cb_dc, ndu.get("CbZeroOffsetDC", 0), _entry_points(ndu, h_first), engine.start,
+                                   ctx.output)
         shapes = {"G": g_dims, "H": ndu.TensorDimensionsH}
     else:
         decoded["W"] = _decode_one(engine, ctx, ndu, name_of["W"], dims, unary, NNR_PT_BLOCK, codebook, zero,
-                                   _entry_points(ndu, 0), engine.start)
+                                   _entry_points(ndu, 0), engine.start, ctx.output)
         shapes = {"W": dims}
     out = []
     for role in roles:

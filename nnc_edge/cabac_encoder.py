@@ -19,9 +19,14 @@ from decoder_core.tables import (
 
 from ._cabac_tables import EST_BITS_1_511
 
+try:
+    from . import _cabac_encoder as _compiled
+except ImportError:  # the Cython twin of encode_tensor_levels() is optional (setup.py builds it when it can)
+    _compiled = None
+
 __all__ = ["ArithmeticEncoder", "TensorCoding", "SegmentTensor", "Segment", "CodedTensor", "encode_tensor_levels",
            "encode_segment", "entry_point_lists", "block_roles", "dq_reconstruction_indices", "scan_positions",
-           "block_rows"]
+           "block_rows", "encoder_backend"]
 
 _INT32_MIN = -(1 << 31)
 _INT32_MAX = (1 << 31) - 1
@@ -148,6 +153,11 @@ class ArithmeticEncoder:
         chunk = int.from_bytes(data[byte:byte + 3].ljust(3, b"\x00"), "big")
         window = (chunk >> (15 - (t & 7))) & 511
         return (window - low9) & 511
+
+
+def encoder_backend():
+    """'cython' when the compiled encode_tensor_levels() is available, else 'python'."""
+    return "cython" if _compiled is not None else "python"
 
 
 # --- scan helpers ---------------------------------------------------------------------------------
@@ -564,6 +574,12 @@ def encode_tensor_levels(engine, coding, levels, row_skip_enabled_flag=0, hist_d
     shift_parameter_ids() order, replaces the parameter optimizer (param_opt_flag 0 means all 0).
     Returns a CodedTensor for entry_point_lists().
     """
+    if _compiled is not None and shift_set_ids is None:
+        # The compiled twin writes the same bins; it returns None for what it leaves to this path.
+        coded = _compiled.encode_tensor_levels(engine, coding, levels, row_skip_enabled_flag,
+                                               hist_dep_sig_prob_enabled_flag, param_opt_flag)
+        if coded is not None:
+            return coded
     t = _Tensor(coding, levels, row_skip_enabled_flag, hist_dep_sig_prob_enabled_flag)
     if t.count == 0 or t.S == 1:
         # 6.8: a one-entry codebook codes no bins at all. The header still lists its entry points;

@@ -137,9 +137,13 @@ class PayloadScheduler:
             yield self._pending.popleft().result()
 
     def discard(self):
-        """Wait for every pending job and drop its output and error (after an earlier error)."""
+        """Cancel the jobs not started yet, wait for the running ones, drop all outputs and errors."""
+        for result in self._pending:
+            result.cancel()
         while self._pending:
-            self._pending.popleft().exception()
+            result = self._pending.popleft()
+            if not result.cancelled():
+                result.exception()
 
 
 def _run(job, result):

@@ -22,6 +22,7 @@ from decoder_core.decoder import unit_spans
 from decoder_core.deepcabac import ArithmeticDecoder, TensorCoding
 from nnc_edge.decoding import NumpyBuffers
 from nnc_edge.parallel import ChunkRunner, PayloadScheduler, decode_units
+from conftest import require_compiled_backend
 from test_conformance import CASES, assert_bit_exact, core_as_numpy, expected_tensors, read_vector
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +30,7 @@ ENTRY_POINT_VECTORS = ["p%d_entrypoints_scan%d" % (p, s) for p in (0, 1) for s i
 
 
 def compiled():
-    if "cython" not in core_backend.available():
-        pytest.skip("the compiled backend is not built")
+    require_compiled_backend()
     from decoder_core import _deepcabac
     return _deepcabac
 
@@ -113,6 +113,12 @@ def test_two_threads_decode_like_one(split_small_tensors, steps):
         assert_bit_exact(two, one, name)
 
 
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True])
+def test_threads_must_be_a_positive_int(threads):
+    with pytest.raises(ValueError):
+        nnc_edge.Decoder(threads=threads)
+
+
 def test_many_ndus_with_entry_points_on_two_threads(split_small_tensors):
     # Several NDUs split into block-row chunks on one pool: the jobs nest chunk runs without deadlock.
     compiled()
@@ -179,7 +185,7 @@ def test_chunk_runner_runs_every_chunk_once_and_raises_the_first_error():
         assert info.value.args == (3,)
 
 
-def test_block_rows_decode_in_any_order():
+def test_block_rows_decode_in_any_order(split_small_tensors):
     # The compiled backend's chunks start at their entry points: running them backwards gives the
     # same levels and leaves the engine where serial decoding leaves it.
     mod = compiled()
@@ -207,12 +213,7 @@ def test_block_rows_decode_in_any_order():
                                                                  ndu.BitOffsetList, 0),
                                   parent_node_id_present_flag=ndu.get("parent_node_id_present_flag", 0))
             coding.runner = runner
-            old = mod.PARALLEL_MIN_COUNT
-            mod.PARALLEL_MIN_COUNT = 0
-            try:
-                levels = mod.decode_tensor_levels(engine, coding)
-            finally:
-                mod.PARALLEL_MIN_COUNT = old
+            levels = mod.decode_tensor_levels(engine, coding)
             engine.terminate_cabac()
             results.append((bytes(levels), engine.p, engine.range, engine.value, engine.bits_needed))
         assert runner.n > 1, name

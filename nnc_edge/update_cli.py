@@ -1,0 +1,176 @@
+"""``nnc-edge update`` and ``nnc-edge apply``: incremental model updates (registered via cli.EXTENSIONS).
+
+``update`` codes the difference between two model files into an update bitstream on the host;
+``apply`` checks and applies updates to a model file on the device, atomically. See nnc_edge.updates.
+"""
+
+import argparse
+import os
+
+from decoder_core import NNCError
+
+from . import modelio
+from .cli import CommandError, EXIT_INVALID, arguments, command
+from .streaming import DEFAULT_CHUNK_SIZE
+from .updates import ChainState, apply_update, encode_update, model_digest, read_update_info
+
+
+def _load_model(path, what):
+    try:
+        return modelio.load(path)
+    except modelio.ModelFormatError as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
+    except OSError as exc:
+        raise CommandError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError("must be in [0, 1), not %s" % text)
+    return value
+
+
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, not %s" % text)
+    return value
+
+
+# --- update ---------------------------------------------------------------------------------------
+@command("update", help="code the difference between two models as an update bitstream",
+         description="Code NEW - BASE (float32) as an NNR update bitstream for a device that runs BASE. "
+                     "Unchanged tensors are left out; --sparsity and --row-sparsity zero the smallest "
+                     "differences (row sparsity whole rows, which row skipping then removes). The stream "
+                     "carries an update record (parent and result digests, sequence number) that "
+                     "'nnc-edge apply' checks. With --residual STATE updates form a chain: the state file "
+                     "(created on first use) keeps the sequence number, the encoder and decoder state for "
+                     "temporal context adaptation, and the quantization error, which is added to the next "
+                     "update (error feedback). BASE must then be the model the previous update produced "
+                     "(write it with --result).",
+         examples=("nnc-edge update --base model.safetensors --new tuned.safetensors -o update.nnc",
+                   "nnc-edge update --base m0.safetensors --new t1.safetensors -o u1.nnc --residual chain.state "
+                   "--result m1.safetensors",
+                   "nnc-edge update --base m1.safetensors --new t2.safetensors -o u2.nnc --residual chain.state "
+                   "--result m2.safetensors --sparsity 0.5"))
+def run_update(args):
+    base = _load_model(args.base, "base model")
+    new = _load_model(args.new, "new model")
+    residual = None
+    if args.residual is not None:
+        if os.path.exists(args.residual):
+            try:
+                residual = ChainState.load(args.residual)
+            except NNCError as exc:
+                raise CommandError(str(exc), EXIT_INVALID)
+            except OSError as exc:
+                raise CommandError("cannot read %s: %s" % (args.residual, exc.strerror or exc))
+        else:
+            residual = ChainState(model_digest(base))
+    try:
+        data, model = encode_update(base, new, qp=args.qp, dq=args.dq, sparsity=args.sparsity,
+                                    row_sparsity=args.row_sparsity, tca=args.tca, residual=residual,
+                                    error_feedback=args.error_feedback, sequence=args.sequence,
+                                    nncodec_compatible=args.nncodec_compatible, return_model=True)
+    except ValueError as exc:  # NNCError included: inputs that cannot be coded
+        raise CommandError(str(exc), EXIT_INVALID)
+    info = read_update_info(data)
+    try:
+        with open(args.output + ".tmp%d" % os.getpid(), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(args.output + ".tmp%d" % os.getpid(), args.output)
+        if args.result is not None:
+            modelio.save(args.result, model)
+        if residual is not None:
+            residual.save(args.residual)
+    except OSError as exc:
+        raise CommandError("cannot write: %s" % exc)
+    finally:
+        if os.path.exists(args.output + ".tmp%d" % os.getpid()):
+            os.remove(args.output + ".tmp%d" % os.getpid())
+    if not args.quiet:
+        changed = sum(1 for name in base if model[name] is not base[name])
+        print("%s: update %d, %d bytes, %d of %d tensors changed; applies to %s, produces %s"
+              % (args.output, info.sequence, len(data), changed, len(base), info.parent.hex()[:16],
+                 info.result.hex()[:16]))
+    return 0
+
+
+@arguments("update")
+def _update_arguments(parser):
+    parser.add_argument("--base", required=True, metavar="BASE",
+                        help="the model the device runs (.safetensors or .npz)")
+    parser.add_argument("--new", required=True, metavar="NEW", help="the model the device should run")
+    parser.add_argument("-o", "--output", required=True, metavar="UPDATE", help="the update bitstream to write")
+    parser.add_argument("--qp", type=int, default=-32,
+                        help="quantization parameter of the differences (default %(default)s; 1-D tensors "
+                             "use the finer -75 as NNCodec does)")
+    parser.add_argument("--no-dq", dest="dq", action="store_false", help="uniform instead of dependent quantization")
+    parser.add_argument("--sparsity", type=_fraction, default=None, metavar="F",
+                        help="zero this fraction of each tensor's differences, smallest magnitudes first")
+    parser.add_argument("--row-sparsity", type=_fraction, default=None, metavar="F",
+                        help="zero this fraction of each tensor's rows, smallest L2 norm of the difference first")
+    parser.add_argument("--tca", action=argparse.BooleanOptionalAction, default=True,
+                        help="temporal context adaptation against the previous update of the chain (default on)")
+    parser.add_argument("--residual", metavar="STATE",
+                        help="chain state file (created when missing): sequence numbers, encoder and decoder "
+                             "state, and the residual for error feedback")
+    parser.add_argument("--no-error-feedback", dest="error_feedback", action="store_false",
+                        help="with --residual: do not add the kept quantization error to this update")
+    parser.add_argument("--sequence", type=_positive, default=None, metavar="N",
+                        help="sequence number of a stand-alone update (default 1; with --residual it follows the "
+                             "chain)")
+    parser.add_argument("--result", metavar="MODEL",
+                        help="also write the model the device will have after this update (BASE + the decoded "
+                             "update, bit-exact)")
+    parser.add_argument("--nncodec-compatible", action="store_true",
+                        help="carry the update record in the MPS base_model_id only, so NNCodec can decode "
+                             "the stream too")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+
+
+# --- apply ----------------------------------------------------------------------------------------
+@command("apply", help="apply update bitstreams to a model file, atomically",
+         description="Apply updates made by 'nnc-edge update' to BASE, in the order given, and write the "
+                     "result to OUT (which may be BASE itself). Each update's record is checked before it "
+                     "is decoded: an update for another model, a missing or repeated update of a chain is "
+                     "refused; after decoding, the result must match the record's digest. Nothing is "
+                     "written unless every update applies: OUT is replaced atomically (temporary file, "
+                     "fsync, rename) or left exactly as it was. The decoder state a chain needs for its "
+                     "next update is kept beside OUT as OUT.<digest>.nncstate.",
+         examples=("nnc-edge apply --base model.safetensors update.nnc -o model.safetensors",
+                   "nnc-edge apply --base m0.safetensors u1.nnc u2.nnc u3.nnc -o m3.safetensors"))
+def run_apply(args):
+    if args.chunk_size < 1:
+        raise CommandError("--chunk-size must be positive", EXIT_INVALID)
+    for path in args.updates:
+        if not os.path.isfile(path):
+            raise CommandError("cannot read %s: no such file" % path)
+    try:
+        model, state = apply_update(args.base, args.updates, args.output, allow_anonymous=args.allow_anonymous,
+                                    chunk_size=args.chunk_size, return_state=True)
+    except modelio.ModelFormatError as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
+    except OSError as exc:
+        raise CommandError("%s%s" % (exc.strerror or exc, (": " + exc.filename) if exc.filename else ""))
+    if not args.quiet:
+        print("%s: %d update%s applied, now at update %d of its chain (model %s)"
+              % (args.output, len(args.updates), "" if len(args.updates) == 1 else "s", state.sequence,
+                 state.model.hex()[:16]))
+    return 0
+
+
+@arguments("apply")
+def _apply_arguments(parser):
+    parser.add_argument("--base", required=True, metavar="BASE", help="the model file the updates apply to")
+    parser.add_argument("updates", nargs="+", metavar="UPDATE", help="update bitstreams, applied in this order")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="the model file to write (.safetensors or .npz; may be BASE)")
+    parser.add_argument("--allow-anonymous", action="store_true",
+                        help="also apply updates without an update record (e.g. NNCodec's), unchecked")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
+                        help="bytes read per step while decoding (default %(default)d)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")

@@ -1,0 +1,635 @@
+"""Incremental model updates: code what changed on the host, apply it safely on the device.
+
+An *update* is an ordinary profile-1 NNR bitstream (``mps_parent_signalling_enabled_flag`` 1, one NDU
+per changed tensor, all-zero tensors omitted, supplement 5.7 / 6.2 / 6.3) whose tensors are
+**differences**: the device adds each decoded tensor to the tensor of the same name in the model it
+runs. Tensors that did not change are not in the stream at all.
+
+Update identity
+---------------
+Every update carries an *update record* that says which model it applies to, where it stands in its
+chain and which model it produces, so that a device refuses an update for a model it does not have
+and notices a missing or repeated update:
+
+* ``parent``: the model digest (below) of the model the update applies to;
+* ``result``: the model digest of the model after applying it (checked after decoding: a corrupted
+  update, or one decoded with the wrong decoder state, is refused even when it decodes);
+* ``sequence``: 1 for the first update of a chain, +1 per update;
+* ``root``: the model digest of the chain's first base (32 zero bytes when unknown);
+* ``flags`` bit 0, ``continues_state``: the update's NDUs use the decoder state its predecessor left
+  (temporal context adaptation bases, HDSP history; supplement 6.6 / 6.7), so the device must have
+  applied the previous update of the chain *with its state kept*.
+
+The record travels inside the NNR bitstream, so any transport that moves the bitstream moves it too:
+
+* an NNR unit of the unspecified type ``UPDATE_INFO_UNIT_TYPE`` (40; Table 3 leaves 32..63 to
+  applications and conforming decoders skip them), right after NNR_STR, with
+  ``independently_decodable_flag`` 1, no partial-data counter, and as payload the 106 bytes
+  ``"NNCU" u8(version = 1) u8(flags) u32(sequence) root[32] parent[32] result[32]`` (big-endian);
+* with ``nncodec_compatible=True`` (NNCodec's decoder refuses unspecified unit types) the same record as
+  text in the profile-1 MPS ``base_model_id`` (supplement 6.2), which names the base model:
+  ``nnc-edge-update/1;seq=N;flags=F;root=HEX;parent=HEX;result=HEX``.
+
+``read_update_info(update)`` returns the record (an ``UpdateInfo``) from either place; it parses only
+the units before the first NDU.
+
+The model digest is SHA-256 over the parameters in a canonical order, independent of the file
+format and of the order tensors are stored in: the bytes ``"nnc-edge model sha256 v1\\0"``, u32
+number of tensors, then for every tensor in the order of its name's UTF-8 bytes: u32 length and
+the UTF-8 name, u8 length and the numpy dtype string in little-endian form (``"<f4"``, ``"|u1"``),
+u8 number of dimensions, u64 each dimension, u64 byte count and the raw little-endian bytes in
+row-major order (integers little-endian). ``model_digest(tensors)`` computes it.
+
+Applying (the device)
+---------------------
+``apply_update(base, updates, output)`` reads the model, computes its digest and, *before decoding
+anything*, checks the record: the parent must be this model (else ``WrongBaseError``; a record whose
+result is this model is ``RepeatedUpdateError``; a sequence number past the next one is
+``MissingUpdateError``); an update that continues the decoder state needs that state
+(``MissingStateError``). It then streams the update through ``nnc_edge.StreamDecoder`` and adds each
+decoded difference ``d`` to its float32 tensor ``w``: ``w[i] + d[i]`` (IEEE 754 binary32 addition,
+round to nearest even, numpy's float32 add) where ``d[i] != 0``, and ``w[i]`` bit for bit where
+``d[i] == 0``. The result's digest must equal the record's ``result`` (else ``CorruptUpdateError``).
+Only float32 tensors change; an update may not add, remove or reshape tensors.
+
+The output is written only after every update given has been checked and applied: the new decoder
+state first (``MODEL.<digest prefix>.nncstate``, see below), then the model file, each into a
+temporary file in the target's directory, fsynced and renamed into place. On any error nothing is
+written: the old model file stays exactly as it was.
+
+Chain state
+-----------
+Temporal context adaptation codes a tensor against the integer tensor its previous update of the
+chain decoded (6.6), and HDSP against the history of all of them (6.7). That *decoder state* has to
+survive between updates that arrive days apart, on both sides:
+
+* the device keeps it in a file beside the model, ``MODEL.<first 16 hex digits of the model's
+  digest>.nncstate``: an .npz with the chain's position (``sequence``, ``root``, the digest of the
+  model it belongs to) and, per parameter, the last integer tensor (int32) and the history (uint8).
+  Because its name contains the model's digest, a crash between writing it and replacing the model
+  leaves the old model with its own state file; stale state files are removed after the next update;
+* the host keeps a ``ChainState`` (``--residual STATE`` on the command line): the same position and
+  decoder state, plus the encoder's state (its previous integer tensor and ``put_node_depth`` per
+  parameter) and the residual for error feedback.
+
+Encoding (the host)
+-------------------
+``encode_update(base, new)`` codes ``new - base`` (float32) for the tensors that changed. ``base`` is
+the model the device has. Options: ``sparsity`` (the fraction of each tensor's difference, smallest
+magnitudes first, set to zero), ``row_sparsity`` (the fraction of each tensor's rows, by smallest
+L2 norm of the difference, set to zero, so that row skipping removes them whole), ``tca``,
+``qp``/``dq``. With ``residual`` (a ``ChainState`` or the path of its file, created from ``base`` when
+missing) updates form a chain: the sequence number and the decoder/encoder state carry over, and with
+error feedback (the default) each update codes ``new - base + residual`` and keeps what quantization
+and sparsification left out, ``residual' = (new - base + residual) - decoded``, for the next one: the
+device model plus the residual is always the last target, so the chain does not drift.
+
+The host's view of the updated model is ``base`` plus the update decoded by our own decoder with the
+chain's decoder state, added by the rule above, so host and device agree bit for bit; its digest is
+the record's ``result``. ``encode_update(..., return_model=True)`` returns it with the bytes.
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+
+import numpy as np
+
+from decoder_core import NNCError
+from decoder_core.compat import from_raw
+from decoder_core.tables import NNR_AGG, NNR_MPS, NNR_NDU
+from decoder_core.units import ParserState, nnr_unit_size, parse_unit
+
+from . import modelio
+from .sinks import NpzSink, open_sink
+from .streaming import DEFAULT_CHUNK_SIZE, StreamDecoder
+from .unitwriter import nnr_unit
+
+__all__ = [
+    "UPDATE_INFO_UNIT_TYPE", "UpdateInfo", "ChainState", "model_digest", "read_update_info", "apply_update",
+    "encode_update", "state_path", "UpdateError", "WrongBaseError", "MissingUpdateError", "RepeatedUpdateError",
+    "MissingStateError", "CorruptUpdateError",
+]
+
+UPDATE_INFO_UNIT_TYPE = 40   # Table 3: 32..63 are unspecified, skipped by conforming decoders
+RECORD_MAGIC = b"NNCU"
+RECORD_VERSION = 1
+_RECORD = struct.Struct(">4sBBI32s32s32s")
+FLAG_CONTINUES_STATE = 0x01
+NO_DIGEST = bytes(32)
+_TEXT_PREFIX = "nnc-edge-update/"
+_TEXT = re.compile(r"^nnc-edge-update/(\d+);seq=(\d+);flags=(\d+);root=([0-9a-f]{64});parent=([0-9a-f]{64});"
+                   r"result=([0-9a-f]{64})$")
+
+_DIGEST_DOMAIN = b"nnc-edge model sha256 v1\x00"
+# Units before the first NDU are read whole to find the record: bounded so a hostile size cannot
+# make the reader buffer without limit.
+MAX_LEADING_BYTES = 16 << 20
+STATE_SUFFIX = ".nncstate"
+_STATE_VERSION = 1
+
+
+# --- errors ---------------------------------------------------------------------------------------
+class UpdateError(NNCError):
+    """An update refused by ``apply_update`` (the model is left untouched)."""
+
+
+class WrongBaseError(UpdateError):
+    """The update applies to another model than the one given."""
+
+
+class MissingUpdateError(WrongBaseError):
+    """The update comes after one the model has not received (a gap in the chain)."""
+
+
+class RepeatedUpdateError(WrongBaseError):
+    """The update (or an earlier one of its chain) has already been applied to the model."""
+
+
+class MissingStateError(UpdateError):
+    """The update continues the decoder state of its predecessor, which is not available."""
+
+
+class CorruptUpdateError(UpdateError):
+    """The update decoded, but not to the model its record promises (or it carries no record)."""
+
+
+# --- the model digest -----------------------------------------------------------------------------
+def _little(array):
+    a = np.asarray(array)
+    if a.dtype.hasobject:
+        raise TypeError("cannot digest a tensor of Python objects")
+    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+
+
+def model_digest(tensors):
+    """The SHA-256 model digest (32 bytes) of a dict name -> array (see the module docstring)."""
+    h = hashlib.sha256(_DIGEST_DOMAIN)
+    names = sorted(tensors, key=lambda n: n.encode("utf-8"))
+    h.update(struct.pack("<I", len(names)))
+    for name in names:
+        a = _little(tensors[name])
+        raw_name = name.encode("utf-8")
+        dtype = a.dtype.str.encode("ascii")
+        h.update(struct.pack("<I", len(raw_name)) + raw_name + struct.pack("<B", len(dtype)) + dtype)
+        h.update(struct.pack("<B%dQ" % a.ndim, a.ndim, *a.shape))
+        h.update(struct.pack("<Q", a.nbytes))
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.digest()
+
+
+# --- the update record ----------------------------------------------------------------------------
+class UpdateInfo:
+    """The identity of an update (see the module docstring): ``sequence``, ``parent``, ``result``,
+    ``root`` (32-byte digests) and ``continues_state``."""
+
+    def __init__(self, sequence, parent, result, root=NO_DIGEST, continues_state=False, version=RECORD_VERSION):
+        if not 0 <= sequence < (1 << 32):
+            raise ValueError("sequence %d does not fit u32" % sequence)
+        for label, digest in (("parent", parent), ("result", result), ("root", root)):
+            if not isinstance(digest, (bytes, bytearray)) or len(digest) != 32:
+                raise ValueError("%s must be a 32-byte digest" % label)
+        self.sequence = sequence
+        self.parent = bytes(parent)
+        self.result = bytes(result)
+        self.root = bytes(root)
+        self.continues_state = bool(continues_state)
+        self.version = version
+        self.source = None  # "unit" or "base_model_id" when read from a bitstream
+
+    @property
+    def flags(self):
+        return FLAG_CONTINUES_STATE if self.continues_state else 0
+
+    def to_bytes(self):
+        """The payload of the update record unit."""
+        return _RECORD.pack(RECORD_MAGIC, self.version, self.flags, self.sequence, self.root, self.parent,
+                            self.result)
+
+    def unit(self):
+        """The complete NNR unit (type UPDATE_INFO_UNIT_TYPE) carrying the record."""
+        return nnr_unit(UPDATE_INFO_UNIT_TYPE, b"", self.to_bytes())
+
+    def to_text(self):
+        """The record as the text written into base_model_id."""
+        return "%s%d;seq=%d;flags=%d;root=%s;parent=%s;result=%s" % (
+            _TEXT_PREFIX, self.version, self.sequence, self.flags, self.root.hex(), self.parent.hex(),
+            self.result.hex())
+
+    @classmethod
+    def from_bytes(cls, payload, offset=None):
+        payload = bytes(payload)
+        if len(payload) < 5 or payload[:4] != RECORD_MAGIC:
+            raise UpdateError("unit of type %d is not an nnc-edge update record" % UPDATE_INFO_UNIT_TYPE, offset,
+                              "update record")
+        if payload[4] != RECORD_VERSION:
+            raise UpdateError("update record version %d is not supported (1 is)" % payload[4], offset,
+                              "update record")
+        if len(payload) != _RECORD.size:
+            raise UpdateError("update record has %d bytes, %d expected" % (len(payload), _RECORD.size), offset,
+                              "update record")
+        _, version, flags, sequence, root, parent, result = _RECORD.unpack(payload)
+        if flags & ~FLAG_CONTINUES_STATE:
+            raise UpdateError("update record flags 0x%02x has unknown bits" % flags, offset, "update record")
+        return cls(sequence, parent, result, root, bool(flags & FLAG_CONTINUES_STATE), version)
+
+    @classmethod
+    def from_text(cls, text, offset=None):
+        m = _TEXT.match(text)
+        if m is None:
+            raise UpdateError("base_model_id %r is not an nnc-edge update record" % text[:100], offset,
+                              "base_model_id")
+        version, sequence, flags = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        if version != RECORD_VERSION:
+            raise UpdateError("update record version %d is not supported (1 is)" % version, offset, "base_model_id")
+        if flags & ~FLAG_CONTINUES_STATE or sequence >= 1 << 32:
+            raise UpdateError("invalid update record %r" % text[:100], offset, "base_model_id")
+        return cls(sequence, bytes.fromhex(m.group(5)), bytes.fromhex(m.group(6)), bytes.fromhex(m.group(4)),
+                   bool(flags & FLAG_CONTINUES_STATE), version)
+
+    def __eq__(self, other):
+        return isinstance(other, UpdateInfo) and self.to_bytes() == other.to_bytes()
+
+    def __repr__(self):
+        return "UpdateInfo(sequence=%d, parent=%s, result=%s, root=%s, continues_state=%s)" % (
+            self.sequence, self.parent.hex()[:16], self.result.hex()[:16], self.root.hex()[:16], self.continues_state)
+
+
+def _open_update(update):
+    """(binary file object, label, close?) for a path, bytes or an open binary file."""
+    if isinstance(update, (str, os.PathLike)):
+        try:
+            return open(update, "rb"), os.fspath(update), True
+        except OSError as exc:
+            raise NNCError("cannot read %s: %s" % (update, exc.strerror or exc))
+    if isinstance(update, (bytes, bytearray, memoryview)):
+        return io.BytesIO(update), "<update>", True
+    if hasattr(update, "read"):
+        return update, getattr(update, "name", "<update>"), False
+    raise TypeError("an update is a path, bytes or a binary file, not %s" % type(update).__name__)
+
+
+def _read_leading_units(f):
+    """Read the units before the first NDU (or AGG) of a bitstream file: returns (bytes read, info).
+
+    ``info`` is the UpdateInfo of the record unit, else of an nnc-edge record in the MPS
+    base_model_id, else None. Every byte read is returned so that decoding can start with it.
+    """
+    buf = bytearray()
+    state = ParserState()
+    info = None
+    while True:
+        start = len(buf)
+        head = f.read(2)
+        buf += head
+        if len(head) < 2:
+            return bytes(buf), info  # end of the stream (the decoder reports a cut-off unit)
+        if head[0] & 0x80:
+            more = f.read(2)
+            buf += more
+            if len(more) < 2:
+                return bytes(buf), info
+        size = nnr_unit_size(buf, start)[0]
+        if len(buf) + 1 > start + size:
+            return bytes(buf), info  # the decoder reports a unit too small for its header
+        buf += f.read(1)
+        if len(buf) == start + (4 if head[0] & 0x80 else 2):
+            return bytes(buf), info
+        if (buf[-1] >> 2) in (NNR_NDU, NNR_AGG):
+            return bytes(buf), info
+        if start + size > MAX_LEADING_BYTES:
+            raise NNCError("the units before the first NDU exceed %d bytes" % MAX_LEADING_BYTES, start,
+                           "nnr_unit_size")
+        rest = f.read(start + size - len(buf))
+        buf += rest
+        if len(buf) < start + size:
+            return bytes(buf), info
+        unit = parse_unit(buf, start, start + size, state)
+        if unit.nnr_unit_type == UPDATE_INFO_UNIT_TYPE:
+            if info is not None and info.source == "unit":
+                raise UpdateError("more than one update record", start, "update record")
+            if unit.partial_data_counter:
+                raise UpdateError("the update record is split into partial units", start, "update record")
+            info = UpdateInfo.from_bytes(buf[unit.header_end:start + size], start)
+            info.source = "unit"
+        elif unit.nnr_unit_type == NNR_MPS and info is None:
+            text = unit.mps.get("base_model_id")
+            if text is not None and text.startswith(_TEXT_PREFIX):
+                info = UpdateInfo.from_text(text, start)
+                info.source = "base_model_id"
+
+
+def read_update_info(update):
+    """The UpdateInfo of an update (path, bytes or binary file), or None when it carries none.
+
+    Reads only the units before the first NDU; raises NNCError for a malformed record or unit.
+    """
+    f, _, close = _open_update(update)
+    try:
+        return _read_leading_units(f)[1]
+    finally:
+        if close:
+            f.close()
+
+
+# --- decoder and chain state ----------------------------------------------------------------------
+class ChainState:
+    """Where a chain of updates stands, on the host or on the device.
+
+    ``sequence`` (of the last update applied or produced; 0 for the base), ``root`` and ``model`` (the
+    32-byte digests of the chain's first base and of the model this state belongs to), and the
+    decoder state of the chain (``bases``: name -> int32 array, ``history``: name -> uint8 array).
+    On the host also the encoder's state (``encoder_levels``, ``encoder_depths``) and the error
+    feedback ``residual`` (name -> float32 array). Saved as an .npz (``save`` / ``load``).
+    """
+
+    def __init__(self, model, sequence=0, root=None):
+        self.model = bytes(model)
+        self.sequence = sequence
+        self.root = bytes(root) if root is not None else bytes(model) if sequence == 0 else NO_DIGEST
+        self.bases = {}
+        self.history = {}
+        self.encoder_levels = {}
+        self.encoder_depths = {}
+        self.residual = {}
+        self.options = {}
+
+    # -- the decoder state, to and from decoder_core.Decoder --
+    def restore_decoder(self, core):
+        """Give a decoder_core.Decoder this state's TCA bases and HDSP history (copies)."""
+        core.bases.clear()
+        core.history.clear()
+        for name, levels in self.bases.items():
+            core.bases[name] = from_raw("i", np.ascontiguousarray(levels, dtype="<i4").tobytes())
+        for name, hist in self.history.items():
+            core.history[name] = bytearray(np.ascontiguousarray(hist, dtype=np.uint8).tobytes())
+
+    def capture_decoder(self, core):
+        """Take the TCA bases and HDSP history a decoder_core.Decoder holds now (copies)."""
+        self.bases = {name: np.frombuffer(bytes(memoryview(v).cast("B")), dtype="<i4").astype(np.int32)
+                      for name, v in core.bases.items()}
+        self.history = {name: np.frombuffer(bytes(v), dtype=np.uint8).copy() for name, v in core.history.items()}
+
+    # -- files --
+    def save(self, path):
+        """Write the state to ``path`` (an .npz, whatever its name) atomically."""
+        meta = {"version": _STATE_VERSION, "sequence": self.sequence, "root": self.root.hex(),
+                "model": self.model.hex(), "encoder_depths": self.encoder_depths, "options": self.options}
+        with NpzSink(path, compress=True) as sink:
+            sink.write("meta", np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8))
+            for prefix, group in (("bases", self.bases), ("history", self.history),
+                                  ("encoder", self.encoder_levels), ("residual", self.residual)):
+                for name, array in group.items():
+                    sink.write(prefix + "/" + name, array)
+
+    @classmethod
+    def load(cls, path):
+        """Read a state written by ``save``; NNCError when it is not one."""
+        try:
+            npz = np.load(path, allow_pickle=False)
+        except OSError:
+            raise
+        except Exception as exc:
+            raise NNCError("%s is not an nnc-edge chain state: %s" % (path, exc))
+        try:
+            with npz:
+                if not hasattr(npz, "files") or "meta" not in npz.files:
+                    raise NNCError("%s is not an nnc-edge chain state (no meta)" % path)
+                meta = json.loads(bytes(npz["meta"]).decode("utf-8"))
+                if meta.get("version") != _STATE_VERSION:
+                    raise NNCError("%s: chain state version %r is not supported" % (path, meta.get("version")))
+                state = cls(bytes.fromhex(meta["model"]), int(meta["sequence"]), bytes.fromhex(meta["root"]))
+                state.encoder_depths = {k: int(v) for k, v in meta.get("encoder_depths", {}).items()}
+                state.options = dict(meta.get("options", {}))
+                groups = {"bases": state.bases, "history": state.history, "encoder": state.encoder_levels,
+                          "residual": state.residual}
+                for key in npz.files:
+                    if key == "meta":
+                        continue
+                    prefix, _, name = key.partition("/")
+                    if prefix not in groups or not name:
+                        raise NNCError("%s: unexpected member %r in a chain state" % (path, key))
+                    groups[prefix][name] = npz[key]
+        except NNCError:
+            raise
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise NNCError("%s is not a valid nnc-edge chain state: %s" % (path, exc))
+        return state
+
+
+def state_path(model_path, digest):
+    """The device's decoder-state file for the model file ``model_path`` whose digest is ``digest``."""
+    return "%s.%s%s" % (os.fspath(model_path), digest.hex()[:16], STATE_SUFFIX)
+
+
+def _state_files(model_path):
+    """Existing decoder-state files of the model file ``model_path`` (any digest)."""
+    path = os.path.abspath(os.fspath(model_path))
+    directory, base = os.path.split(path)
+    pattern = re.compile(re.escape(base) + r"\.[0-9a-f]{16}" + re.escape(STATE_SUFFIX) + "$")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in names if pattern.match(n)]
+
+
+def load_device_state(model_path, digest):
+    """The ChainState kept beside the model file for the model with ``digest``, or None."""
+    path = state_path(model_path, digest)
+    if not os.path.exists(path):
+        return None
+    state = ChainState.load(path)
+    return state if state.model == digest else None
+
+
+# --- applying -------------------------------------------------------------------------------------
+def add_difference(weights, difference):
+    """The update rule: float32 ``weights + difference`` where the difference is nonzero, the weight
+    itself (bit for bit) where it is zero. Returns a new array."""
+    out = np.array(weights, dtype=np.float32, copy=True)
+    np.add(out, difference, out=out, where=difference != 0)
+    return out
+
+
+def _check_record(info, digest, state, label, allow_anonymous):
+    """Refuse an update that does not apply to the model with ``digest`` (state: its ChainState or None)."""
+    if info is None:
+        if allow_anonymous:
+            return
+        raise CorruptUpdateError("%s carries no nnc-edge update record, so the model it applies to is unknown "
+                                 "(allow_anonymous / --allow-anonymous applies it anyway)" % label)
+    known = state is not None and state.model == digest
+    at = (" (the model is at update %d of its chain)" % state.sequence) if known else ""
+    if info.parent != digest:
+        if info.result == digest:
+            raise RepeatedUpdateError("%s: update %d has already been applied: the model is the one it produces%s"
+                                      % (label, info.sequence, at))
+        if known and state.root == info.root and state.root != NO_DIGEST:
+            if info.sequence > state.sequence + 1:
+                raise MissingUpdateError("%s: update %d needs the model after update %d, but the model is at "
+                                         "update %d: update%s %s missing"
+                                         % (label, info.sequence, info.sequence - 1, state.sequence,
+                                            "s" if info.sequence - state.sequence > 2 else "",
+                                            _span(state.sequence + 1, info.sequence - 1)))
+            if info.sequence <= state.sequence:
+                raise RepeatedUpdateError("%s: update %d is older than the model, which is at update %d of the "
+                                          "same chain" % (label, info.sequence, state.sequence))
+        raise WrongBaseError("%s: update %d applies to the model with digest %s, not to this one (%s)%s"
+                             % (label, info.sequence, info.parent.hex()[:16], digest.hex()[:16], at))
+    if known and state.root == info.root and info.sequence != state.sequence + 1:
+        raise (RepeatedUpdateError if info.sequence <= state.sequence else MissingUpdateError)(
+            "%s: update %d applies to this model, but the model is at update %d of the same chain"
+            % (label, info.sequence, state.sequence))
+    if info.continues_state and not (known and state.sequence == info.sequence - 1):
+        raise MissingStateError("%s: update %d continues the decoder state of update %d (temporal context "
+                                "adaptation), which this device does not have: apply the chain with its state "
+                                "file (%s) kept beside the model" % (label, info.sequence, info.sequence - 1,
+                                                                     "MODEL.<digest>" + STATE_SUFFIX))
+
+
+def _span(first, last):
+    return "%d" % first if first == last else "%d..%d" % (first, last)
+
+
+class _Applier:
+    """Applies updates one after the other to an in-memory model, with one decoder for the chain."""
+
+    def __init__(self, model, state, chunk_size, threads, allow_anonymous):
+        self.model = dict(model)
+        self.digest = model_digest(self.model)
+        self.state = state if state is not None and state.model == self.digest else None
+        self.chunk_size = chunk_size
+        self.allow_anonymous = allow_anonymous
+        self.decoder = StreamDecoder(threads=threads)
+        if self.state is not None:
+            self.state.restore_decoder(self.decoder._core.decoder)
+
+    def apply(self, update):
+        f, label, close = _open_update(update)
+        try:
+            prefix, info = _read_leading_units(f)
+            _check_record(info, self.digest, self.state, label, self.allow_anonymous)
+            seen = set()
+            try:
+                for name, diff in self._decode(prefix, f):
+                    self._add(name, diff, seen, label)
+            except NNCError as exc:
+                if isinstance(exc, UpdateError):
+                    raise
+                exc.args = ("%s: %s" % (label, exc.args[0]),)
+                raise
+        finally:
+            if close:
+                f.close()
+        digest = model_digest(self.model)
+        if info is not None and digest != info.result:
+            raise CorruptUpdateError("%s: update %d decoded to a model with digest %s, but its record promises %s: "
+                                     "the update is corrupted (or was decoded with another decoder state)"
+                                     % (label, info.sequence, digest.hex()[:16], info.result.hex()[:16]))
+        state = ChainState(digest, info.sequence if info is not None else 0,
+                           info.root if info is not None else NO_DIGEST)
+        if info is None and self.state is not None:
+            state.sequence, state.root = self.state.sequence, self.state.root
+        self.digest = digest
+        self.state = state
+        return info
+
+    def _decode(self, prefix, f):
+        dec = self.decoder
+        try:
+            for item in dec.feed(prefix):
+                yield item
+            while True:
+                chunk = f.read(self.chunk_size)
+                if not chunk:
+                    break
+                for item in dec.feed(chunk):
+                    yield item
+            dec.close()
+        finally:
+            dec.release_threads()
+
+    def _add(self, name, diff, seen, label):
+        if name in seen:
+            raise CorruptUpdateError("%s: tensor %r occurs twice in the update" % (label, name))
+        seen.add(name)
+        weights = self.model.get(name)
+        if weights is None:
+            raise CorruptUpdateError("%s: the update changes tensor %r, which the model does not have" % (label, name))
+        if weights.shape != diff.shape:
+            raise CorruptUpdateError("%s: the update's %r has shape %s, the model's %s"
+                                     % (label, name, list(diff.shape), list(weights.shape)))
+        if weights.dtype != np.float32 or diff.dtype != np.float32:
+            raise CorruptUpdateError("%s: tensor %r: only float32 tensors can be updated (model %s, update %s)"
+                                     % (label, name, weights.dtype, diff.dtype))
+        self.model[name] = add_difference(weights, diff)
+
+    def finish_state(self):
+        """The ChainState after the last update, with the decoder state it left."""
+        self.state.capture_decoder(self.decoder._core.decoder)
+        return self.state
+
+
+def apply_update(base, updates, output=None, *, state=None, allow_anonymous=False, chunk_size=DEFAULT_CHUNK_SIZE,
+                 threads=None, return_state=False):
+    """Apply one update, or a chain of them in order, to a model (the device side).
+
+    ``base``: a model file (.safetensors / .npz; its decoder-state file beside it is used when present)
+    or a dict name -> array (then ``state`` may give a ChainState to continue from). ``updates``: one
+    update or a list (each a path, bytes or a binary file). ``output``: a model file to write the
+    result to atomically, with its decoder-state file (may be ``base`` itself); None writes nothing.
+
+    Each update's record is checked against the model before it is decoded, and its result after;
+    any refusal raises an UpdateError subclass (see the module docstring), a bad bitstream NNCError.
+    Nothing is written unless every update succeeds. Returns the new model (a dict), or (model,
+    ChainState) with ``return_state``. ``allow_anonymous`` applies updates without a record (e.g.
+    written by NNCodec) unchecked.
+    """
+    if isinstance(updates, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(updates, "read"):
+        updates = [updates]
+    metadata = None
+    if isinstance(base, (str, os.PathLike)):
+        model = modelio.load(base)
+        if modelio.format_of(base) == "safetensors":
+            metadata = modelio.load_metadata(base) or None
+        if state is None:
+            state = load_device_state(base, model_digest(model))
+    elif isinstance(base, dict):
+        model = base
+    else:
+        raise TypeError("base is a model file path or a dict of arrays, not %s" % type(base).__name__)
+    applier = _Applier(model, state, chunk_size, threads, allow_anonymous)
+    for update in updates:
+        applier.apply(update)
+    new_state = applier.finish_state()
+    if output is not None:
+        write_model(output, applier.model, new_state, metadata)
+    if return_state:
+        return applier.model, new_state
+    return applier.model
+
+
+def write_model(path, tensors, state=None, metadata=None):
+    """Write a model file atomically and, with ``state``, its decoder-state file first (see the module
+    docstring); then remove the model's stale decoder-state files."""
+    path = os.fspath(path)
+    if metadata is not None and modelio.format_of(path) != "safetensors":
+        metadata = None
+    keep = None
+    if state is not None:
+        keep = state_path(path, state.model)
+        state.save(keep)
+    options = {"metadata": metadata} if metadata else {}
+    with open_sink(path, **options) as sink:
+        for name, array in tensors.items():
+            sink.write(name, array)
+    for stale in _state_files(path):
+        if keep is None or os.path.abspath(stale) != os.path.abspath(keep):
+            try:
+                os.remove(stale)
+            except OSError:
+                pass

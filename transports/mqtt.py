@@ -1,0 +1,777 @@
+"""MQTT delivery of NNR bitstreams on aiomqtt: a host publishes full models and updates, devices
+receive them and keep their model current.
+
+Topics, for a model named M under the prefix P (default ``nnc``):
+
+* ``P/M/status``: retained, QoS 1, JSON (``transports.envelope.status_payload``): the current
+  version (seq, digest), the retained chain (the last full model ``full_seq`` and the updates
+  after it, with their message counts) and the publication under way, if any.
+* ``P/M/seq/S/I``: retained, QoS 1: message I of the publication that makes version S, an
+  envelope (``transports.envelope``) followed by whole NNR units. NDUs too large for one message
+  are re-coded as partial-data units (6.4.3.1), so no message exceeds ``max_message_bytes``.
+
+The broker is the store: the last full model and every update since stay retained, so a device
+that was offline catches up by itself. Publishing a new full model clears the older chain.
+
+Publisher (``Publisher.publish``): reads the retained status, numbers the bitstream ``seq + 1``
+(an update names the current version as its parent), announces it as ``pending`` in the status,
+publishes its messages, then the status with the new version. Interrupted by a lost connection,
+it reconnects with exponential backoff and publishes the whole publication again (retained
+messages are simply overwritten, receivers drop duplicates).
+
+Receiver (``Receiver`` + ``run_receiver``): subscribes to the status and to exactly one data
+topic, ``P/M/seq/T/+`` for the version T it needs next: the one after its own, or the last full
+model when its version is not on the announced chain (never had a model, was offline across a
+new full model, or an update's parent is not its model). Retained messages arrive at once on
+subscribing, live ones as they are published (so a full model streams into the decoder while it
+is being published). Messages are put back in order and applied once; a gap is waited for up to
+``gap_timeout`` seconds, then the publication is abandoned and the data topic subscribed again.
+Only a complete publication whose SHA-256 digest matches changes the model, atomically; anything
+else leaves the previous model as it was and is logged (logger ``nnc_edge.mqtt``).
+"""
+
+import asyncio
+import logging
+import os
+import random
+import time
+import uuid
+from urllib.parse import unquote, urlsplit
+
+from decoder_core import NNCError
+from decoder_core.tables import NNR_NDU
+from decoder_core.units import ParserState, nnr_unit_size, parse_unit
+
+from . import envelope
+from .envelope import FULL, NO_DIGEST, UPDATE, Assembly, Status, digest_hex
+
+log = logging.getLogger("nnc_edge.mqtt")
+
+DEFAULT_PREFIX = "nnc"
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 10
+MIN_MESSAGE_BYTES = 256
+DEFAULT_GAP_TIMEOUT = 30.0
+DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+
+
+# --- connection settings ------------------------------------------------------------------------
+class BrokerSettings:
+    """Where and how to connect: ``mqtt://[user[:password]@]host[:port]`` or ``mqtts://...``
+    (TLS, port 8883 by default), with the options mosquitto_sub and aiomqtt use: ``username``,
+    ``password``, ``cafile`` (CA certificates; implies TLS), ``cert``/``key`` (client certificate),
+    ``insecure`` (no check of the server's host name), ``client_id``, ``keepalive``, ``timeout``
+    (seconds for each MQTT operation)."""
+
+    def __init__(self, url, username=None, password=None, cafile=None, cert=None, key=None, insecure=False,
+                 client_id=None, keepalive=30, timeout=20.0):
+        parts = urlsplit(url if "://" in url else "mqtt://" + url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError("broker URL %r: the scheme must be mqtt:// or mqtts://" % url)
+        if not parts.hostname:
+            raise ValueError("broker URL %r has no host" % url)
+        if parts.path not in ("", "/"):
+            raise ValueError("broker URL %r: no path expected after host:port" % url)
+        if (cert is None) != (key is None):
+            raise ValueError("--cert and --key go together")
+        self.tls = parts.scheme in ("mqtts", "ssl") or cafile is not None or cert is not None
+        self.host = parts.hostname
+        try:
+            self.port = parts.port or (DEFAULT_TLS_PORT if self.tls else DEFAULT_PORT)
+        except ValueError:
+            raise ValueError("broker URL %r has an invalid port" % url)
+        self.username = username if username is not None else (unquote(parts.username) if parts.username else None)
+        self.password = password if password is not None else (unquote(parts.password) if parts.password else None)
+        if self.password is not None and self.username is None:
+            raise ValueError("a password needs a username")
+        self.cafile = cafile
+        self.cert = cert
+        self.key = key
+        self.insecure = insecure
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.timeout = timeout
+
+    def __repr__(self):
+        return "%s://%s:%d" % ("mqtts" if self.tls else "mqtt", self.host, self.port)
+
+    def client(self, role="client", inflight=20):
+        """A new aiomqtt.Client (``async with`` connects it) for up to ``inflight`` calls at once."""
+        import aiomqtt  # here: the numpy-only install and MicroPython never import aiomqtt
+        tls = None
+        if self.tls:
+            tls = aiomqtt.TLSParameters(ca_certs=self.cafile, certfile=self.cert, keyfile=self.key)
+        identifier = self.client_id or "nnc-edge-%s-%s" % (role, uuid.uuid4().hex[:12])
+        client = aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
+                                identifier=identifier, clean_session=True, keepalive=self.keepalive,
+                                timeout=self.timeout, tls_params=tls, tls_insecure=self.insecure if self.tls else None,
+                                max_inflight_messages=inflight)
+        client.pending_calls_threshold = inflight + 4  # aiomqtt warns above this many calls in flight
+        return client
+
+
+def topics(prefix, model):
+    envelope.check_model_name(model)
+    if not prefix or "+" in prefix or "#" in prefix:
+        raise ValueError("invalid topic prefix %r" % prefix)
+    return Topics(prefix, model)
+
+
+class Topics:
+    def __init__(self, prefix, model):
+        self.base = "%s/%s" % (prefix, model)
+        self.status = self.base + "/status"
+
+    def data(self, seq, index):
+        return "%s/seq/%d/%d" % (self.base, seq, index)
+
+    def publication(self, seq):
+        return "%s/seq/%d/+" % (self.base, seq)
+
+    def parse_data(self, topic):
+        """(seq, index) of a data topic, or None."""
+        head = self.base + "/seq/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head):].split("/")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            return None
+        return int(parts[0]), int(parts[1])
+
+
+def backoff_delays(initial=1.0, maximum=60.0):
+    """Exponential backoff with jitter: about initial, 2 initial, 4 initial, ... up to maximum."""
+    delay = initial
+    while True:
+        yield delay * random.uniform(0.8, 1.2)
+        delay = min(delay * 2, maximum)
+
+
+# --- cutting a bitstream into messages -----------------------------------------------------------
+def split_bitstream(data, max_body_bytes):
+    """The NNR units of ``data`` grouped into message bodies of at most ``max_body_bytes``.
+
+    Units are kept whole. An NDU (or a partial-data sequence with a part) larger than a body is
+    re-coded as partial-data units (6.4.3.1) whose payloads fit. The decoded tensors are the same.
+    Raises NNCError for a malformed bitstream and ValueError for a unit that cannot be made to fit
+    (a large non-NDU unit, or an NDU needing more than 255 partial units).
+    """
+    from nnc_edge import unitwriter  # CPython only (host side)
+
+    data = bytes(data)
+    state = ParserState()
+    units = []   # complete units (bytes) in stream order
+    seq = None   # an open partial-data sequence: [header, [payload, ...], [unit bytes, ...]]
+    offset = 0
+    end = len(data)
+    while offset < end:
+        size = nnr_unit_size(data, offset, end)[0]
+        if offset + size > end:
+            raise NNCError("nnr_unit_size %d runs past the end of the data (%d bytes left)" % (size, end - offset),
+                           offset, "nnr_unit_size")
+        unit = parse_unit(data, offset, offset + size, state)
+        raw = data[offset:offset + size]
+        if unit.nnr_unit_type == NNR_NDU and unit.partial_data_counter > 0:
+            counter_end = offset + (4 if data[offset] & 0x80 else 2) + 2
+            if seq is None:
+                seq = [data[counter_end:unit.payload_start], [], []]
+            seq[1].append(data[unit.payload_start:unit.payload_end])
+            seq[2].append(raw)
+            if unit.partial_data_counter == 1:
+                units.extend(_fit_ndu(seq[0], b"".join(seq[1]), seq[2], max_body_bytes, unitwriter))
+                seq = None
+        elif unit.nnr_unit_type == NNR_NDU and size > max_body_bytes:
+            header = data[offset + (4 if data[offset] & 0x80 else 2) + 1:unit.payload_start]
+            units.extend(_fit_ndu(header, data[unit.payload_start:unit.payload_end], [raw], max_body_bytes, unitwriter))
+        else:
+            if size > max_body_bytes:
+                raise ValueError("%s unit of %d bytes at byte %d does not fit a %d-byte message body; only NDUs "
+                                 "can be split" % (unit.type_name, size, offset, max_body_bytes))
+            units.append(raw)
+        offset += size
+    if seq is not None:
+        raise NNCError("the bitstream ends inside a partial-data sequence", end, "partial_data_counter")
+    bodies = []
+    body = []
+    body_len = 0
+    for raw in units:
+        if body and body_len + len(raw) > max_body_bytes:
+            bodies.append(b"".join(body))
+            body = []
+            body_len = 0
+        body.append(raw)
+        body_len += len(raw)
+    if body:
+        bodies.append(b"".join(body))
+    return bodies
+
+
+def _fit_ndu(header, payload, original, max_body_bytes, unitwriter):
+    if all(len(u) <= max_body_bytes for u in original):
+        return original
+    size_field = 2 if max_body_bytes <= unitwriter.MAX_SHORT_UNIT_SIZE else 4
+    chunk = max_body_bytes - size_field - 2 - len(header)  # 2: unit header byte and partial_data_counter
+    if chunk < 1:
+        raise ValueError("a %d-byte message body cannot hold an NDU header of %d bytes" % (max_body_bytes, len(header)))
+    try:
+        return unitwriter.split_units(NNR_NDU, header, payload, chunk)
+    except ValueError as exc:
+        raise ValueError("%s: use larger messages (--max-message-bytes)" % exc)
+
+
+# --- publisher ------------------------------------------------------------------------------------
+class PublishError(Exception):
+    """A publication that cannot be made (no model to update, a conflicting publisher, ...)."""
+
+
+class Publisher:
+    """Publishes bitstreams of one model; see the module docstring for the protocol."""
+
+    def __init__(self, settings, model, prefix=DEFAULT_PREFIX, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
+                 retries=5, window=16, status_timeout=5.0, backoff=(1.0, 30.0)):
+        self.settings = settings
+        self.model = model
+        self.topics = topics(prefix, model)
+        if max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ValueError("max_message_bytes must be at least %d" % MIN_MESSAGE_BYTES)
+        self.max_message_bytes = max_message_bytes
+        self.retries = retries
+        self.window = window
+        self.status_timeout = status_timeout
+        self.backoff = backoff
+        self.bytes_sent = 0  # payload bytes of every PUBLISH, retries included
+
+    def bodies(self, bitstream):
+        return split_bitstream(bitstream, self.max_message_bytes - envelope.header_bytes(self.model))
+
+    async def publish(self, bitstream, kind=FULL, seq=None):
+        """Publish one bitstream as the model's next version; returns the new Status.
+
+        ``kind`` is FULL or UPDATE (an update applies to the current version). ``seq`` defaults to
+        the current version + 1; a given one must be larger (and exactly that for an update).
+        """
+        if kind not in (FULL, UPDATE):
+            raise ValueError("kind must be %r or %r" % (FULL, UPDATE))
+        bodies = self.bodies(bitstream)
+        plan = None
+        delays = backoff_delays(*self.backoff)
+        for attempt in range(self.retries + 1):
+            try:
+                async with self.settings.client("pub", self.window) as client:
+                    status = await read_status(client, self.topics, self.model, self.status_timeout)
+                    if plan is None:
+                        plan = self._plan(status, bodies, kind, seq)
+                    elif status.seq == plan.seq and status.digest == plan.digest:
+                        log.info("%s was published before the connection was lost", plan.describe())
+                        await self._clear(client, plan.stale)
+                        return plan.status
+                    elif status.seq != plan.parent_status.seq or status.digest != plan.parent_status.digest:
+                        raise PublishError("the status changed while reconnecting (now version %d): another "
+                                           "publisher is active" % status.seq)
+                    await self._send(client, plan)
+                    return plan.status
+            except Exception as exc:  # aiomqtt.MqttError, without importing aiomqtt at module level
+                if not _is_mqtt_error(exc) or attempt == self.retries:
+                    raise
+                delay = next(delays)
+                log.warning("publishing %s: %s; retrying in %.1f s", "model %s" % self.model, exc, delay)
+                await asyncio.sleep(delay)
+
+    def _plan(self, status, bodies, kind, seq):
+        if seq is None:
+            seq = status.seq + 1
+        if seq <= status.seq:
+            raise PublishError("seq %d is not newer than the published version %d" % (seq, status.seq))
+        if kind == UPDATE:
+            if not status.seq:
+                raise PublishError("model %s has no published version to update: publish a full model first"
+                                   % self.model)
+            if seq != status.seq + 1:
+                raise PublishError("an update to version %d must be version %d, not %d"
+                                   % (status.seq, status.seq + 1, seq))
+            digest, payloads = envelope.messages(self.model, UPDATE, seq, bodies, status.seq, status.digest)
+            new = Status(self.model, seq, digest, status.full_seq, status.counts + [len(payloads)])
+        else:
+            digest, payloads = envelope.messages(self.model, FULL, seq, bodies)
+            new = Status(self.model, seq, digest, seq, [len(payloads)])
+        plan = _Plan(kind, seq, digest, payloads, status, new)
+        # Retained messages nobody will need again: the old chain once a full model replaces it,
+        # and what is left of an interrupted publication beyond this one's messages.
+        stale = []
+        if kind == FULL:
+            stale.extend(self.topics.data(s, i) for s, c in status.chain() for i in range(c))
+        if status.pending is not None and status.pending[0] > status.seq:
+            first = len(payloads) if status.pending[0] == seq else 0
+            stale.extend(self.topics.data(status.pending[0], i) for i in range(first, status.pending[2]))
+        plan.stale = stale
+        return plan
+
+    async def _send(self, client, plan):
+        pending = Status(self.model, plan.parent_status.seq, plan.parent_status.digest, plan.parent_status.full_seq,
+                         plan.parent_status.counts, (plan.seq, plan.digest, len(plan.payloads)))
+        await self._put(client, self.topics.status, pending.payload())
+        await self._put_all(client, [(self.topics.data(plan.seq, i), p) for i, p in enumerate(plan.payloads)])
+        await self._put(client, self.topics.status, plan.status.payload())
+        log.info("published %s: %d bytes in %d messages", plan.describe(), plan.total, len(plan.payloads))
+        await self._clear(client, plan.stale)
+
+    async def _clear(self, client, stale):
+        # A zero-length retained message deletes the retained one (MQTT 3.3.1.3).
+        await self._put_all(client, [(topic, b"") for topic in stale])
+
+    async def _put(self, client, topic, payload):
+        self.bytes_sent += len(payload)
+        await client.publish(topic, payload, qos=1, retain=True)
+
+    async def _put_all(self, client, items):
+        # Up to `window` messages in flight; paho sends them in call order.
+        inflight = []
+        try:
+            for topic, payload in items:
+                if len(inflight) >= self.window:
+                    await inflight.pop(0)
+                inflight.append(asyncio.ensure_future(self._put(client, topic, payload)))
+            while inflight:
+                await inflight.pop(0)
+        finally:
+            for task in inflight:
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+
+
+class _Plan:
+    def __init__(self, kind, seq, digest, payloads, parent_status, status):
+        self.kind = kind
+        self.seq = seq
+        self.digest = digest
+        self.payloads = payloads
+        self.parent_status = parent_status
+        self.status = status
+        self.total = sum(len(p) for p in payloads)
+        self.stale = []
+
+    def describe(self):
+        if self.kind == UPDATE:
+            return "update %d on %d" % (self.seq, self.parent_status.seq)
+        return "full model %d" % self.seq
+
+
+def _is_mqtt_error(exc):
+    import aiomqtt
+    return isinstance(exc, aiomqtt.MqttError)
+
+
+async def read_status(client, topics, model, timeout=5.0):
+    """The retained status of the model (version 0 when there is none).
+
+    A retained message is delivered right after the subscription; to know there is none without
+    waiting out ``timeout``, a message to a private topic published after subscribing marks the
+    point by which it would have arrived.
+    """
+    marker = "%s/sync/%s" % (topics.base, uuid.uuid4().hex)
+    await client.subscribe(topics.status, qos=1)
+    await client.subscribe(marker, qos=1)
+    await client.publish(marker, b"", qos=1)
+    status = Status(model)
+    deadline = time.monotonic() + timeout
+    messages = client.messages.__aiter__()
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                message = await asyncio.wait_for(messages.__anext__(), left)
+            except asyncio.TimeoutError:
+                break
+            topic = message.topic.value
+            if topic == marker:
+                break
+            if topic == topics.status and message.payload:
+                status = envelope.parse_status(message.payload, model)
+    finally:
+        await client.unsubscribe([topics.status, marker])
+    return status
+
+
+# --- device side: the model in a directory --------------------------------------------------------
+class ModelStore:
+    """The device's current model: ``DIR/model.safetensors``, its version in the file's metadata
+    (``nnc_edge.seq``, ``nnc_edge.digest``, ``nnc_edge.kind``), always replaced atomically.
+
+    ``apply_update(base_tensors, update_bytes) -> new_tensors`` applies an update bitstream; the
+    default is ``nnc_edge.apply_update`` (incremental updates).
+    """
+
+    FILENAME = "model.safetensors"
+
+    def __init__(self, directory, model, apply_update=None, threads=None):
+        from nnc_edge import modelio
+        self.directory = os.fspath(directory)
+        self.model = model
+        self.path = os.path.join(self.directory, self.FILENAME)
+        self.apply_update = apply_update
+        self.threads = threads
+        os.makedirs(self.directory, exist_ok=True)
+        self.version = None
+        if os.path.exists(self.path):
+            meta = modelio.load_metadata(self.path)
+            try:
+                if meta.get("nnc_edge.model") == model:
+                    self.version = (int(meta["nnc_edge.seq"]), envelope.digest_from_hex(meta["nnc_edge.digest"]))
+            except (KeyError, ValueError) as exc:
+                log.warning("%s: no usable version in its metadata (%s); fetching the full model", self.path, exc)
+
+    def describe(self):
+        if self.version is None:
+            return "no model"
+        return "version %d (%s)" % (self.version[0], digest_hex(self.version[1])[:12])
+
+    def metadata(self, env):
+        return {"nnc_edge.model": self.model, "nnc_edge.seq": str(env.seq), "nnc_edge.digest": digest_hex(env.digest),
+                "nnc_edge.kind": env.kind}
+
+    def begin(self, env):
+        return FullModelWriter(self, env) if env.kind == FULL else UpdateWriter(self, env)
+
+
+class FullModelWriter:
+    """A full model streaming into the store: each body is decoded as it comes (tensors go to a
+    temporary file); ``commit()`` renames it onto the model once everything checked out."""
+
+    def __init__(self, store, env):
+        from nnc_edge.sinks import SafetensorsSink
+        from nnc_edge.streaming import StreamDecoder
+        self.store = store
+        self.env = env
+        self.decoder = StreamDecoder(threads=store.threads)
+        self.sink = SafetensorsSink(store.path, metadata=store.metadata(env))
+        self.tensors = 0
+
+    def feed(self, body):
+        for name, array in self.decoder.feed(body):
+            self.sink.write(name, array)
+            self.tensors += 1
+
+    def commit(self):
+        try:
+            self.decoder.close()
+            self.sink.close()
+        finally:
+            self.abort()
+        self.store.version = (self.env.seq, self.env.digest)
+
+    def abort(self):
+        self.decoder.release_threads()
+        self.sink.abort()
+
+
+class UpdateWriter:
+    """An update collected in memory (updates are small; the envelope's total is checked first),
+    then applied to the current model and written atomically."""
+
+    def __init__(self, store, env):
+        self.store = store
+        self.env = env
+        self.data = bytearray()
+        self.tensors = 0
+
+    def feed(self, body):
+        self.data += body
+
+    def commit(self):
+        from nnc_edge import modelio
+        from nnc_edge.sinks import SafetensorsSink
+        apply = self.store.apply_update
+        if apply is None:
+            import nnc_edge
+            apply = getattr(nnc_edge, "apply_update", None)
+            if apply is None:
+                raise NNCError("this nnc-edge cannot apply incremental updates", 0, "update")
+        base = modelio.load(self.store.path)
+        new = apply(base, bytes(self.data))
+        with SafetensorsSink(self.store.path, metadata=self.store.metadata(self.env)) as sink:
+            for name, array in new.items():
+                sink.write(name, array)
+        self.tensors = len(new)
+        self.store.version = (self.env.seq, self.env.digest)
+
+    def abort(self):
+        self.data = bytearray()
+
+
+class Receiver:
+    """The device's side of the protocol, independent of the MQTT connection (``run_receiver``
+    drives it): feed it the messages of the status topic and of ``subscription()``.
+
+    ``applied`` lists (seq, kind, bytes, seconds from first message to model written) per
+    publication applied; ``events`` the reasons for everything refused or abandoned.
+    """
+
+    def __init__(self, store, prefix=DEFAULT_PREFIX, gap_timeout=DEFAULT_GAP_TIMEOUT,
+                 max_buffered=envelope.DEFAULT_MAX_BUFFERED, max_update_bytes=256 << 20, clock=time.monotonic,
+                 on_applied=None):
+        self.store = store
+        self.model = store.model
+        self.topics = topics(prefix, store.model)
+        self.gap_timeout = gap_timeout
+        self.max_buffered = max_buffered
+        self.max_update_bytes = max_update_bytes
+        self.clock = clock
+        self.on_applied = on_applied
+        self.status = None
+        self.target = None
+        self.diverged = False     # the device's version is not on the publisher's chain
+        self.resubscribe = False  # subscribe to the target again to have its retained messages re-sent
+        self.refused = set()      # digests of publications whose content was refused
+        self.assembly = None
+        self.writer = None
+        self.started = None
+        self.applied = []
+        self.events = []
+        self.target = self._next_target()
+
+    # --- what to subscribe to ------------------------------------------------------------------
+    def subscription(self):
+        """The data topic filter to be subscribed to now (None: only the status)."""
+        return None if self.target is None else self.topics.publication(self.target)
+
+    def _next_target(self):
+        cur = self.store.version
+        st = self.status
+        if st is None:
+            return cur[0] + 1 if cur else None
+        if not st.seq:
+            return cur[0] + 1 if cur else 1
+        if self.diverged or cur is None:
+            return st.full_seq
+        k, d = cur
+        if st.full_seq <= k <= st.seq:
+            # On the chain (an update's parent check proves the digest when it arrives).
+            if k < st.seq or d == st.digest:
+                return k + 1
+        elif st.pending is not None and (k, d) == st.pending[:2]:
+            return k + 1  # applied as it was published; the status follows
+        self._event("warning", "model %s: the device's %s is not on the published chain (current version %d, "
+                    "full model %d): fetching the full model" % (self.model, self.store.describe(), st.seq,
+                                                                  st.full_seq))
+        self.diverged = True
+        return st.full_seq
+
+    def _retarget(self, reason=None):
+        target = self._next_target()
+        if target != self.target:
+            if self.assembly is not None:
+                self._abandon(reason or "now fetching version %d" % target, refuse=False)
+            self.target = target
+
+    # --- input ---------------------------------------------------------------------------------
+    async def handle(self, topic, payload):
+        if topic == self.topics.status:
+            self.on_status(payload)
+            return
+        where = self.topics.parse_data(topic)
+        if where is not None:
+            await self.on_data(where[0], where[1], payload)
+
+    def on_status(self, payload):
+        if not payload:
+            self.status = Status(self.model)
+        else:
+            try:
+                self.status = envelope.parse_status(payload, self.model)
+            except NNCError as exc:
+                self._event("warning", "ignored status of model %s: %s" % (self.model, exc))
+                return
+        a = self.assembly
+        if a is not None:
+            announced = self._announced(a.first.seq)
+            if announced is not None and announced != a.first.digest:
+                self._abandon("the status announces another publication of version %d" % a.first.seq, refuse=False)
+        self._retarget()
+
+    def _announced(self, seq):
+        st = self.status
+        if st is None:
+            return None
+        if st.seq == seq:
+            return st.digest
+        if st.pending is not None and st.pending[0] == seq:
+            return st.pending[1]
+        return None
+
+    async def on_data(self, seq, index, payload):
+        if not payload:
+            return  # a retained message being deleted
+        try:
+            env = envelope.parse(payload)
+        except NNCError as exc:
+            self._event("warning", "ignored message %s: %s" % (self.topics.data(seq, index), exc))
+            return
+        if env.model != self.model or env.seq != seq or env.index != index:
+            self._event("warning", "ignored message %s: its envelope says model %r, version %d, message %d"
+                        % (self.topics.data(seq, index), env.model, env.seq, env.index))
+            return
+        if seq != self.target or env.digest in self.refused:
+            return
+        announced = self._announced(seq)
+        if announced is not None and announced != env.digest:
+            return  # left over from an earlier, interrupted publication of this version
+        a = self.assembly
+        if a is not None and not env.same_publication(a.first):
+            self._abandon("superseded by another publication of version %d" % seq, refuse=False)
+            a = None
+        if a is None:
+            if not self._acceptable(env):
+                return
+            a = self.assembly = Assembly(env, self.max_buffered)
+            a.last_progress = self.started = self.clock()
+            try:
+                self.writer = self.store.begin(env)
+            except (OSError, ValueError) as exc:
+                self._abandon("cannot start writing %s: %s" % (self.store.path, exc), refuse=False)
+                return
+        try:
+            bodies = a.add(env)
+            if bodies:
+                a.last_progress = self.clock()
+            for body in bodies:
+                await asyncio.to_thread(self.writer.feed, body)
+            if a.complete:
+                a.check()
+                await asyncio.to_thread(self.writer.commit)
+        except NNCError as exc:
+            self._abandon(str(exc), refuse=True)
+            return
+        except (OSError, ValueError) as exc:  # a full disk, an unreadable model file, ...
+            self._abandon("%s: %s" % (type(exc).__name__, exc), refuse=False)
+            return
+        if a.complete:
+            self._done(a)
+
+    def _acceptable(self, env):
+        if env.kind == UPDATE:
+            cur = self.store.version
+            if cur != (env.parent_seq, env.parent_digest):
+                self.refused.add(env.digest)
+                self._event("warning", "refused %s: it applies to version %d (%s), the device has %s; fetching the "
+                            "full model" % (env.describe(), env.parent_seq, digest_hex(env.parent_digest)[:12],
+                                            self.store.describe()))
+                self.diverged = True
+                self._retarget()
+                return False
+            if env.total > self.max_update_bytes:
+                self.refused.add(env.digest)
+                self._event("warning", "refused %s: %d bytes, more than the limit of %d"
+                            % (env.describe(), env.total, self.max_update_bytes))
+                return False
+        return True
+
+    def _done(self, a):
+        env = a.first
+        seconds = self.clock() - self.started
+        tensors = self.writer.tensors
+        self.assembly = self.writer = None
+        if env.kind == FULL:
+            self.diverged = False
+        self.applied.append((env.seq, env.kind, env.total, seconds))
+        log.info("model %s: applied %s: %d bytes in %d messages%s, %d tensors, %.2f s -> %s", self.model,
+                 env.describe(), env.total, env.count, " (%d duplicates dropped)" % a.duplicates if a.duplicates else "",
+                 tensors, seconds, self.store.path)
+        self.target = self._next_target()
+        if self.on_applied is not None:
+            self.on_applied(env)
+
+    def tick(self):
+        """Abandon a publication whose next message has not come for ``gap_timeout`` seconds."""
+        a = self.assembly
+        if a is not None and self.clock() - a.last_progress > self.gap_timeout:
+            self._abandon("messages %s of %d missing for %.0f s" % (_ranges(a.missing()), a.first.count,
+                                                                    self.gap_timeout), refuse=False)
+
+    def _abandon(self, reason, refuse):
+        a = self.assembly
+        if a is None:
+            return
+        if self.writer is not None:
+            self.writer.abort()
+        self.assembly = self.writer = None
+        if refuse:
+            self.refused.add(a.first.digest)
+        else:
+            self.resubscribe = True
+        self._event("warning", "model %s: abandoned %s: %s; the model stays at %s"
+                    % (self.model, a.first.describe(), reason, self.store.describe()))
+
+    def _event(self, level, message):
+        self.events.append(message)
+        getattr(log, level)(message)
+
+
+def _ranges(indices):
+    out = []
+    for i in indices:
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in out) or "none"
+
+
+async def run_receiver(settings, receiver, stop=None, backoff=(1.0, 60.0), tick=1.0):
+    """Keep the receiver connected until ``stop`` (an asyncio.Event) is set: subscribe to the status
+    and to the receiver's data topic, hand it every message, and reconnect after a lost connection
+    with exponential backoff."""
+    import aiomqtt
+    stop = stop or asyncio.Event()
+    delays = backoff_delays(*backoff)
+    while not stop.is_set():
+        try:
+            async with settings.client("dev") as client:
+                log.info("model %s: connected to %r, the device has %s", receiver.model, settings,
+                         receiver.store.describe())
+                delays = backoff_delays(*backoff)
+                await _serve(client, receiver, stop, tick)
+        except aiomqtt.MqttError as exc:
+            if stop.is_set():
+                break
+            delay = next(delays)
+            log.warning("model %s: connection to %r: %s; reconnecting in %.1f s", receiver.model, settings, exc, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def _serve(client, receiver, stop, tick):
+    await client.subscribe(receiver.topics.status, qos=1)
+    subscribed = None
+    messages = client.messages.__aiter__()
+    waiter = None
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            want = receiver.subscription()
+            if want != subscribed or receiver.resubscribe:
+                if subscribed is not None:
+                    await client.unsubscribe(subscribed)
+                receiver.resubscribe = False
+                subscribed = None
+                if want is not None:
+                    await client.subscribe(want, qos=1)
+                    subscribed = want
+            # One pending read at a time, kept across ticks: cancelling it could lose a message.
+            if waiter is None:
+                waiter = asyncio.ensure_future(messages.__anext__())
+            done, _ = await asyncio.wait((waiter, stopper), timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                message = waiter.result()
+                waiter = None
+                await receiver.handle(message.topic.value, message.payload)
+            receiver.tick()
+    finally:
+        for task in (waiter, stopper):
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*(t for t in (waiter, stopper) if t is not None), return_exceptions=True)
