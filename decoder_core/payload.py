@@ -65,10 +65,15 @@ def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, i
                         cache[k] = v
                 values[i] = v
         return values
+    return _codebook_values(levels, zeros("f", n), codebook, step, zero_offset, where)
+
+
+def _codebook_values(levels, values, codebook, step, zero_offset, where):
+    """values[i] = Codebook[levels[i] + CbZeroOffset] * stepSize (float64 product, one rounding);
+    ``values`` may be a float32 view of the same memory as ``levels``."""
     size = len(codebook)
     scaled = [v * step for v in codebook]
-    values = zeros("f", n)
-    for i in range(n):
+    for i in range(len(levels)):
         k = levels[i] + zero_offset
         if k < 0 or k >= size:
             raise NNCError("level %d indexes outside a codebook of %d entries" % (levels[i], size), where,
@@ -88,14 +93,7 @@ def _reconstruct_in_place(levels, step, codebook, zero_offset, where):
             one[0] = ints[i]  # float32(QuantParam)
             floats[i] = one[0] * s32
         return levels
-    size = len(codebook)
-    scaled = [v * step for v in codebook]
-    for i in range(len(ints)):
-        k = ints[i] + zero_offset
-        if k < 0 or k >= size:
-            raise NNCError("level %d indexes outside a codebook of %d entries" % (ints[i], size), where,
-                           "QuantParam")
-        floats[i] = scaled[k]
+    _codebook_values(ints, floats, codebook, step, zero_offset, where)
     return levels
 
 
