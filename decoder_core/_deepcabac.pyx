@@ -17,6 +17,7 @@ from libc.string cimport memcpy, memset
 
 from .compat import zeros
 from .errors import NNCError
+from .limits import DEFAULT_MAX_BINS_PER_TENSOR, exceeded
 from .tables import CtxParameterList, CurveTab, RangeTabLps, StateTransTab
 
 
@@ -48,6 +49,8 @@ cdef enum:
     E_NO_ENTRY = 3
     E_ENTRY_POINTER = 4
     E_NO_MEMORY = 5
+    E_BINS = 6            # Limits.max_bins_per_tensor
+    E_ENTRY_REWIND = 7    # an entry point before bits already decoded
 
 
 cdef uint8_t RLPS[256]
@@ -180,10 +183,18 @@ ctypedef struct Plan:
     uint8_t* ep_state
     int64_t* ep_pointer     # segment-relative bit pointer, or -1 when outside the segment
     uint8_t skip_trans[8]
+    int64_t max_bins        # Limits.max_bins_per_tensor
+
+
+cdef inline int64_t _bit_pointer(const Eng* e) noexcept nogil:
+    return 8 * (e.p - e.start) + e.bn + 1
 
 
 cdef inline int _set_entry_point(Eng* e, const Plan* P, int64_t j) noexcept nogil:
-    """1.11: IvlCurrRange = 256, IvlOffset = cabac_offset_list[j], set_bit_pointer(pointer)."""
+    """1.11: IvlCurrRange = 256, IvlOffset = cabac_offset_list[j], set_bit_pointer(pointer).
+
+    As deepcabac.ArithmeticDecoder.set_entry_point, an entry point before the bits already decoded
+    is refused (decoding moves forward only)."""
     cdef int64_t pointer = P.ep_pointer[j]
     cdef int64_t byte, bit, a
     cdef Py_ssize_t seg_len = e.end - e.start
@@ -194,6 +205,16 @@ cdef inline int _set_entry_point(Eng* e, const Plan* P, int64_t j) noexcept nogi
         return 0
     byte = pointer >> 3
     bit = pointer & 7
+    if bit != 0 and byte >= seg_len:
+        e.err = E_ENTRY_POINTER
+        e.err_val = j
+        e.err_p = e.start
+        return 0
+    if _bit_pointer(e) > pointer:
+        e.err = E_ENTRY_REWIND
+        e.err_val = j
+        e.err_p = e.start
+        return 0
     e.rng = 256
     if bit == 0:
         e.p = e.start + byte
@@ -201,11 +222,6 @@ cdef inline int _set_entry_point(Eng* e, const Plan* P, int64_t j) noexcept nogi
         e.value = P.ep_offset[j] << 7
     else:
         a = 8 - bit
-        if byte >= seg_len:
-            e.err = E_ENTRY_POINTER
-            e.err_val = j
-            e.err_p = e.start
-            return 0
         e.p = e.start + byte + 1
         e.bn = -1 - a
         e.value = (P.ep_offset[j] << 7) + ((e.data[e.start + byte] & ((1 << a) - 1)) << (7 - a))
@@ -231,6 +247,7 @@ cdef void _decode_rows(const Plan* P, int64_t r0, int64_t r1, Eng* eng, Ctx* ctx
     cdef Ctx* gtx_tca = ctx + P.o_gtx_tca
     cdef Ctx* gtx2 = ctx + P.o_gtx2
     cdef size_t ctx_bytes = P.n_ctx * sizeof(Ctx)
+    cdef int64_t max_bins = P.max_bins
     cdef int state = 0
     cdef int64_t nb = 0
     cdef int64_t r, by, y_end, bx, x_end, y, x, row, pos, j
@@ -268,6 +285,11 @@ cdef void _decode_rows(const Plan* P, int64_t r0, int64_t r1, Eng* eng, Ctx* ctx
                     memset(out + row + bx, 0, (x_end - bx) * sizeof(int32_t))
                     continue
                 for x in range(bx, x_end):
+                    if e.bins > max_bins:
+                        if e.err == E_OK:
+                            e.err = E_BINS
+                            e.err_p = e.p
+                        break
                     pos = row + x
                     bv = base[pos] if tca else 0
                     # sig_flag (2.4)
@@ -399,17 +421,34 @@ cdef class _Tensor:
             self.chunk_eng[i] = e
 
     cdef finish(self, engine):
-        """Raise the first error in scan order, else hand the final engine state back to Python."""
+        """Raise the first error in scan order, else hand the final engine state back to Python.
+
+        Chunks after the first start at their entry point without knowing where the chunk before
+        them ended: that it did not read past the entry point is checked here, in scan order, as
+        sequential decoding checks it at every block row."""
         global _total_bins
         cdef Py_ssize_t i
         cdef Eng* e
+        cdef int64_t j, bins = 0
         for i in range(self.n_chunks):
             _total_bins += self.chunk_eng[i].bins
+            bins += self.chunk_eng[i].bins
         for i in range(self.n_chunks):
             e = &self.chunk_eng[i]
             if e.err:
                 _raise(e, self)
+            if i + 1 < self.n_chunks:
+                j = self.chunk_rows[i + 1] - 1
+                if 0 <= j < self.P.n_eps and self.P.ep_pointer[j] >= 0 and _bit_pointer(e) > self.P.ep_pointer[j]:
+                    e.err = E_ENTRY_REWIND
+                    e.err_val = j
+                    e.err_p = e.start
+                    _raise(e, self)
         e = &self.chunk_eng[self.n_chunks - 1]
+        if bins > self.P.max_bins:
+            e.err = E_BINS
+            e.err_p = e.p
+            _raise(e, self)
         engine.p = e.p
         engine.range = e.rng
         engine.value = e.value
@@ -427,6 +466,12 @@ cdef _raise(Eng* e, _Tensor t):
     if e.err == E_ENTRY_POINTER:
         raise NNCError("entry point bit offset %d outside the segment" % t.pointers[e.err_val], e.err_p,
                        "BitOffsetList")
+    if e.err == E_ENTRY_REWIND:
+        raise NNCError("entry point %d at bit offset %d lies before bits already decoded"
+                       % (t.ep_first + e.err_val, t.pointers[e.err_val]), e.err_p, "BitOffsetList")
+    if e.err == E_BINS:
+        raise exceeded("max_bins_per_tensor", "the number of bins decoded for the tensor", t.P.max_bins, e.err_p,
+                       "quant_tensor()")
     raise MemoryError()
 
 
@@ -493,6 +538,7 @@ cdef _Tensor _prepare(engine, coding, int64_t count, int64_t h, int64_t w, level
     P.N = N
     P.S = S
     P.Z = Z
+    P.max_bins = getattr(coding, "max_bins", DEFAULT_MAX_BINS_PER_TENSOR)
     tca = 1 if (profile == 1 and coding.tca_base is not None) else 0
     P.tca = tca
     P.base = NULL

@@ -7,9 +7,10 @@ reader never reads outside ``[unit_start, unit_end)`` of the underlying buffer.
 import struct
 
 from .errors import NNCError
+from .limits import DEFAULT_MAX_STRING_BYTES, LimitError
 
-# An st(v) longer than this is treated as hostile: names and topology strings are short.
-MAX_STRING_BYTES = 65536
+# An st(v) longer than this is treated as hostile (Limits.max_string_bytes; parse_unit sets it per reader).
+MAX_STRING_BYTES = DEFAULT_MAX_STRING_BYTES
 
 
 class BitReader:
@@ -20,6 +21,7 @@ class BitReader:
         if self.end > len(data) or start > self.end:
             raise NNCError("unit extends past the end of the data", start, "nnr_unit")
         self.pos = start * 8  # absolute bit position in data
+        self.max_string_bytes = MAX_STRING_BYTES
 
     # --- positions -----------------------------------------------------------------------------
     def get_bit_pointer(self):
@@ -121,14 +123,16 @@ class BitReader:
             raise NNCError("st(v) must start byte-aligned", self.pos >> 3, element)
         start = self.pos >> 3
         data = self.data
-        limit = min(self.end, start + MAX_STRING_BYTES + 1)
+        longest = self.max_string_bytes
+        limit = min(self.end, start + longest + 1)
         j = start
         while j < limit and data[j] != 0:
             j += 1
+        if j >= start + longest + 1:
+            raise LimitError("string longer than the limit of %d bytes (max_string_bytes)" % longest, start, element,
+                             "max_string_bytes")
         if j >= self.end:
             raise NNCError("string has no terminating zero byte", start, element)
-        if j >= start + MAX_STRING_BYTES + 1:
-            raise NNCError("string longer than %d bytes" % MAX_STRING_BYTES, start, element)
         raw = bytes(data[start:j])
         self.pos = (j + 1) * 8
         try:

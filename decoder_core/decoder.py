@@ -6,9 +6,10 @@ integer tensor and significance history of every parameter (temporal context ada
 """
 
 from .errors import NNCError
-from .payload import PayloadContext, decode_ndu_payload
+from .limits import exceeded, resolve
+from .payload import PayloadContext, decode_ndu_payload, decoded_elements
 from .tables import NNR_AGG, NNR_NDU
-from .units import MAX_TENSOR_ELEMENTS, ParserState, nnr_unit_size, parse_unit
+from .units import ParserState, nnr_unit_size, parse_unit
 
 
 class _Partial:
@@ -26,23 +27,38 @@ class Decoder:
     """Decodes NNR units one at a time; state carries over between units and between calls.
 
     ``topology`` optionally maps tensor names to dimensions for NDUs that do not carry them.
-    ``max_tensor_elements`` refuses (NNCError) a tensor whose header claims more elements, before
-    anything is allocated for it; ``max_partial_bytes`` bounds a joined partial-data sequence.
+    ``limits`` (decoder_core.Limits) bounds what a bitstream may make the decoder allocate or do;
+    anything beyond raises LimitError (an NNCError) before the work. ``max_tensor_elements`` and
+    ``max_partial_bytes`` (the joined payload of a partial-data sequence; default
+    ``limits.max_unit_size``) override single limits.
     """
 
-    def __init__(self, topology=None, max_partial_bytes=1 << 31, max_tensor_elements=MAX_TENSOR_ELEMENTS):
-        self.parser = ParserState(topology, max_tensor_elements)
+    def __init__(self, topology=None, max_partial_bytes=None, max_tensor_elements=None, limits=None):
+        limits = resolve(limits)
+        if max_tensor_elements is not None:
+            limits = limits.replace(max_tensor_elements=max_tensor_elements)
+        self.parser = ParserState(topology, limits)
         self.bases = {}
         self.history = {}
         self.max_partial_bytes = max_partial_bytes
+        self.decoded_bytes = 0  # tensor bytes decoded since the stream began (Limits.max_decoded_bytes)
         self._partial = None
         # Handed to every payload (PayloadContext): CPython output buffers and a block-row runner.
         self.output = None
         self.runner = None
 
+    @property
+    def limits(self):
+        return self.parser.limits
+
+    def set_limits(self, limits):
+        """Use other Limits from the next unit on."""
+        self.parser.limits = resolve(limits)
+
     # --- whole buffers -------------------------------------------------------------------------
     def decode(self, data):
         """Decode every unit in ``data``; returns a list of (name, shape, values) in stream order."""
+        self.decoded_bytes = 0
         out = []
         for offset, end in unit_spans(data):
             for name, dims, values, _ in self.decode_unit(data, offset, end):
@@ -56,7 +72,9 @@ class Decoder:
         return self._partial is not None
 
     def finish(self):
-        """Check that no partial-data sequence is left open (the stream ended inside it)."""
+        """End of a stream: check that no partial-data sequence is left open (the stream ended inside
+        it). The count of decoded bytes for Limits.max_decoded_bytes starts again."""
+        self.decoded_bytes = 0
         if self._partial is not None:
             p = self._partial
             self._partial = None
@@ -66,7 +84,7 @@ class Decoder:
     # --- one unit ------------------------------------------------------------------------------
     def decode_unit(self, data, offset, end):
         """Decode the complete NNR unit data[offset:end]; returns (name, dims, values, levels) tuples."""
-        unit = parse_unit(data, offset, end, self.parser)
+        unit = self._parse(data, offset, end)
         out = []
         self._walk(data, unit, lambda job: out.extend(job.run()))
         return out
@@ -78,10 +96,16 @@ class Decoder:
         order gives what decode_unit() returns; jobs may also run concurrently, each after the earlier
         jobs it shares an update-chain name with (PayloadJob.chain_names).
         """
-        unit = parse_unit(data, offset, end, self.parser)
+        unit = self._parse(data, offset, end)
         jobs = []
         self._walk(data, unit, jobs.append)
         return jobs
+
+    def _parse(self, data, offset, end):
+        limit = self.parser.limits.max_unit_size
+        if end - offset > limit:
+            raise exceeded("max_unit_size", "NNR unit of %d bytes" % (end - offset), limit, offset, "nnr_unit_size")
+        return parse_unit(data, offset, end, self.parser)
 
     def _walk(self, data, unit, sink):
         if unit.nnr_unit_type == NNR_AGG:
@@ -128,9 +152,10 @@ class Decoder:
                 raise NNCError("partial unit for %s carries a different NDU header than the first part"
                                % ", ".join(unit.names), unit.offset, "nnr_compressed_data_unit_header")
         p.size += unit.payload_end - unit.payload_start
-        if p.size > self.max_partial_bytes:
+        limit = self.max_partial_bytes if self.max_partial_bytes is not None else self.parser.limits.max_unit_size
+        if p.size > limit:
             self._partial = None
-            raise NNCError("partial-data sequence exceeds %d bytes" % self.max_partial_bytes, unit.offset,
+            raise exceeded("max_unit_size", "partial-data sequence of %d payload bytes" % p.size, limit, unit.offset,
                            "partial_data_counter")
         p.chunks.append(bytes(data[unit.payload_start:unit.payload_end]))
         p.expected = unit.partial_data_counter - 1
@@ -141,7 +166,14 @@ class Decoder:
         sink(self._payload(p.unit, joined, 0, len(joined)))
 
     def _payload(self, unit, data, start, end):
+        # Counted when the job is made, before anything is allocated for its tensors.
+        limits = self.parser.limits
+        self.decoded_bytes += 4 * decoded_elements(unit.ndu)
+        if self.decoded_bytes > limits.max_decoded_bytes:
+            raise exceeded("max_decoded_bytes", "%d bytes of tensors in this stream" % self.decoded_bytes,
+                           limits.max_decoded_bytes, unit.offset, "nnr_compressed_data_unit_payload")
         ctx = PayloadContext(unit.general_profile_idc, unit.QpDensity, unit.QuantizationParameter)
+        ctx.max_bins = limits.max_bins_per_tensor
         if unit.parent_signalling:
             # Update chains: keep each parameter's integer tensor for TCA and its history for HDSP.
             ctx.bases = self.bases
@@ -201,9 +233,10 @@ def _size_bytes(data, offset):
     return 4 if data[offset] & 0x80 else 2
 
 
-def decode(data, topology=None):
+def decode(data, topology=None, limits=None):
     """Decode a whole NNR bitstream: a list of (name, shape, values) in stream order.
 
-    ``values`` is an array('f') (float32) or array('i') (int32) in row-major order.
+    ``values`` is an array('f') (float32) or array('i') (int32) in row-major order. ``limits``: see
+    decoder_core.Limits.
     """
-    return Decoder(topology).decode(data)
+    return Decoder(topology, limits=limits).decode(data)

@@ -7,6 +7,7 @@ same signature.
 
 from .compat import zeros
 from .errors import NNCError
+from .limits import DEFAULT_MAX_BINS_PER_TENSOR, exceeded
 from .tables import CtxParameterList, CurveTab, RangeTabLps, StateTransTab
 
 # Number of left shifts that bring an LPS range (2..228) back to at least 256.
@@ -167,22 +168,30 @@ class ArithmeticDecoder:
         e.bits_needed = self.bits_needed
         return e
 
-    def set_entry_point(self, ivl_offset, pointer):
-        """1.11: IvlCurrRange = 256, IvlOffset = cabac_offset_list[j], set_bit_pointer(pointer)."""
+    def set_entry_point(self, ivl_offset, pointer, index=0):
+        """1.11: IvlCurrRange = 256, IvlOffset = cabac_offset_list[j], set_bit_pointer(pointer).
+
+        Decoding moves forward only: an entry point before the bits the previous block row has already
+        read (NNCodec's streams have them equal) would make rows decode the same bits again, so a
+        small payload could stand for unbounded work; it is refused.
+        """
         seg_len = self.end - self.start
         if pointer < 9 or pointer > 8 * seg_len:
             raise NNCError("entry point bit offset %d outside the segment" % pointer, self.start, "BitOffsetList")
-        self.range = 256
         byte = pointer >> 3
         bit = pointer & 7
+        if bit and byte >= seg_len:
+            raise NNCError("entry point bit offset %d outside the segment" % pointer, self.start, "BitOffsetList")
+        if self.get_bit_pointer() > pointer:
+            raise NNCError("entry point %d at bit offset %d lies before bits already decoded" % (index, pointer),
+                           self.start, "BitOffsetList")
+        self.range = 256
         if bit == 0:
             self.p = self.start + byte
             self.bits_needed = -1
             self.value = ivl_offset << 7
         else:
             a = 8 - bit
-            if byte >= seg_len:
-                raise NNCError("entry point bit offset %d outside the segment" % pointer, self.start, "BitOffsetList")
             self.p = self.start + byte + 1
             self.bits_needed = -1 - a
             self.value = (ivl_offset << 7) + ((self.data[self.start + byte] & ((1 << a) - 1)) << (7 - a))
@@ -260,6 +269,8 @@ class TensorCoding:
         # Optional (compiled backend): an object with ``workers`` and ``run(n, fn)`` that runs the
         # chunks of block rows (entry points, supplement 1.11) concurrently.
         self.runner = None
+        # Limits.max_bins_per_tensor: the most bins (context-coded and bypass) the tensor may take.
+        self.max_bins = DEFAULT_MAX_BINS_PER_TENSOR
 
 
 def decode_tensor_levels(engine, coding, out=None):
@@ -309,14 +320,21 @@ def _decode_levels(engine, coding):
     shift_flag = _ctx(0)
     row_skip_ctx = _ctx(0)
 
+    # Bins decoded so far, counted as the compiled backend counts them (every decision and bypass bin).
+    nbins = 0
+    max_bins = coding.max_bins
+
     # 2.1 step 3 / 6.4: profile-1 bins at the start of the tensor.
     hdsp = 0
     row_skip = None
     if profile == 1 and w > 1 and h > 1:
         if coding.parent_node_id_present_flag:
             hdsp = engine.decode_bypass()
+            nbins += 1
+        nbins += 1
         if engine.decode_bypass():
             row_skip = bytearray(h)
+            nbins += h
             for r in range(h):
                 row_skip[r] = engine.decode_decision(row_skip_ctx)
     if hist is None:
@@ -346,8 +364,11 @@ def _decode_levels(engine, coding):
                 elif kind == "gtx2":
                     present = (N - 1) + ((2 << a) - 1) < max_abs
             set_id = 0
-            if present and engine.decode_decision(shift_flag):
-                set_id = 1 + engine.uae(3)
+            if present:
+                nbins += 1
+                if engine.decode_decision(shift_flag):
+                    set_id = 1 + engine.uae(3)
+                    nbins += 3
             ids.append(set_id)
         # The sign group is a new list holding the same context objects as sign and sign_tca.
         _reset(group, ids)
@@ -385,7 +406,7 @@ def _decode_levels(engine, coding):
             if j >= len(ep_bits):
                 raise NNCError("entry point %d missing from the NDU header" % j, engine.p, "cabac_offset_list")
             sum_offset += ep_bits[j]
-            engine.set_entry_point(ep_offsets[j], bit_pointer + sum_offset)
+            engine.set_entry_point(ep_offsets[j], bit_pointer + sum_offset, j)
             if dq:
                 state = ep_states[j]
             for g, ids in reset_groups:
@@ -403,11 +424,14 @@ def _decode_levels(engine, coding):
                     continue
                 row = y * w
                 for x in range(bx, x_end):
+                    if nbins > max_bins:
+                        raise _too_many_bins(max_bins, engine)
                     pos = row + x
                     if tca:
                         bv = base[pos]
                     else:
                         bv = 0
+                    nbins += 1
                     # sig_flag (2.4)
                     if hdsp_lookup and hist[pos]:
                         c = sig_hdsp[state]
@@ -425,8 +449,10 @@ def _decode_levels(engine, coding):
                         s = 1 if Z != 0 else 0
                     elif bv:
                         s = dd(sign_tca[0 if bv < 0 else 1])
+                        nbins += 1
                     else:
                         s = dd(sign[0 if nb == 0 else (1 if nb < 0 else 2)])
+                        nbins += 1
                     q = 1
                     if cb:
                         limit = Z if s else S - 1 - Z
@@ -445,6 +471,7 @@ def _decode_levels(engine, coding):
                             j += 1
                             if not g or j >= N or (cb and q >= limit):
                                 break
+                        nbins += j
                         if g and (not cb or q < limit):
                             # abs_level_greater_x2 (exp-Golomb prefix) and abs_remainder
                             rem_bits = 0
@@ -457,6 +484,7 @@ def _decode_levels(engine, coding):
                                 j += 1
                                 if not g or j > 30 or (cb and q + (1 << rem_bits) > limit):
                                     break
+                            nbins += j + rem_bits
                             if rem_bits:
                                 r = 0
                                 for _ in range(rem_bits):
@@ -474,5 +502,12 @@ def _decode_levels(engine, coding):
                         raise NNCError("decoded level %d does not fit in 32 bits" % k, engine.p, "int_param()")
                     levels[pos] = k
                     nb = k
+    if nbins > max_bins:
+        raise _too_many_bins(max_bins, engine)
     return levels
+
+
+def _too_many_bins(max_bins, engine):
+    return exceeded("max_bins_per_tensor", "the number of bins decoded for the tensor", max_bins, engine.p,
+                    "quant_tensor()")
 

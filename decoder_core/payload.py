@@ -10,6 +10,7 @@ from .compat import from_raw, zeros
 from . import backend
 from .deepcabac import ArithmeticDecoder, TensorCoding, check_codable
 from .errors import NNCError
+from .limits import DEFAULT_MAX_BINS_PER_TENSOR
 from .tables import (
     NNR_CPT_BI, NNR_CPT_BN, NNR_CPT_DC, NNR_CPT_LS, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT,
     NNR_PT_RAW_FLOAT,
@@ -111,6 +112,38 @@ class PayloadContext:
         # typecode)`` what is returned for it; ``runner`` decodes block rows concurrently.
         self.output = None
         self.runner = None
+        self.max_bins = DEFAULT_MAX_BINS_PER_TENSOR  # Limits.max_bins_per_tensor
+
+
+def _block_roles(cpt):
+    """7.3.5: the tensors of an NNR_PT_BLOCK in decoding order of their names."""
+    roles = ["G", "H"] if cpt & NNR_CPT_DC else ["W"]
+    if cpt & NNR_CPT_LS:
+        roles.append("LS")
+    if cpt & NNR_CPT_BN:
+        roles += ["beta", "gamma", "mean", "var"]
+    if cpt & NNR_CPT_BI:
+        roles.append("BI")
+    return roles
+
+
+def decoded_elements(ndu):
+    """How many tensor elements decoding this NDU's payload produces (0 when its dimensions are unknown)."""
+    dims = ndu.get("TensorDimensions")
+    if dims is None:
+        return 0
+    if ndu.nnr_compressed_data_unit_payload_type != NNR_PT_BLOCK:
+        return _prod(dims)
+    cpt = ndu.compressed_parameter_types
+    count = 0
+    for role in _block_roles(cpt):
+        if role == "W":
+            count += _prod(dims)
+        elif role in ("G", "H"):
+            count += _prod(ndu.get("TensorDimensions" + role))
+        else:
+            count += dims[0]
+    return count
 
 
 def decode_ndu_payload(ndu, names, data, start, end, ctx):
@@ -181,6 +214,7 @@ def _decode_one(engine, ctx, ndu, name, dims, unary, pt, codebook, zero_offset, 
         len(codebook) if codebook is not None else 0, zero_offset, entry_points, base, history,
         ndu.get("parent_node_id_present_flag", 0))
     coding.runner = ctx.runner
+    coding.max_bins = ctx.max_bins
     check_codable(engine, coding)
     out = output.levels(name, _prod(dims)) if output is not None else None
     levels = backend.decode_tensor_levels(engine, coding, out)
@@ -204,17 +238,7 @@ def _decode_one(engine, ctx, ndu, name, dims, unary, pt, codebook, zero_offset, 
 def _decode_block(ndu, names, engine, ctx, dims, unary):
     """7.3.5: LS, bias, batch-norm beta/gamma/mean/var, then the weight (or G then H)."""
     cpt = ndu.compressed_parameter_types
-    roles = []
-    if cpt & NNR_CPT_DC:
-        roles += ["G", "H"]
-    else:
-        roles.append("W")
-    if cpt & NNR_CPT_LS:
-        roles.append("LS")
-    if cpt & NNR_CPT_BN:
-        roles += ["beta", "gamma", "mean", "var"]
-    if cpt & NNR_CPT_BI:
-        roles.append("BI")
+    roles = _block_roles(cpt)
     if len(names) != len(roles):
         raise NNCError("NNR_PT_BLOCK with compressed_parameter_types %d needs %d topology elements, the header lists %d"
                        % (cpt, len(roles), len(names)), engine.start, "topology_elements_ids_list")

@@ -19,10 +19,8 @@ Pure Python for CPython and MicroPython (no numpy)::
 
 from .decoder import Decoder
 from .errors import NNCError
+from .limits import DEFAULT_MAX_UNIT_SIZE, exceeded
 from .units import nnr_unit_size
-
-# A unit bigger than this is refused before its buffer is allocated (hostile nnr_unit_size).
-DEFAULT_MAX_UNIT_SIZE = 256 << 20
 
 
 class StreamDecoder:
@@ -36,11 +34,19 @@ class StreamDecoder:
 
     Progress counters: ``bytes`` fed, complete top-level ``units``, ``tensors`` emitted (all
     cumulative over the object's life).
+
+    ``limits`` (decoder_core.Limits) as for Decoder; a unit larger than ``limits.max_unit_size``
+    (or ``max_unit_size``, which overrides it) is refused before any memory is allocated for it.
     """
 
-    def __init__(self, topology=None, max_unit_size=DEFAULT_MAX_UNIT_SIZE, decoder=None):
-        self.decoder = decoder if decoder is not None else Decoder(topology)
-        self.max_unit_size = max_unit_size
+    def __init__(self, topology=None, max_unit_size=None, decoder=None, limits=None):
+        if decoder is None:
+            decoder = Decoder(topology, limits=limits)
+        elif limits is not None:
+            decoder.set_limits(limits)
+        if max_unit_size is not None:
+            decoder.set_limits(decoder.limits.replace(max_unit_size=max_unit_size))
+        self.decoder = decoder
         self.bytes = 0
         self.units = 0
         self.tensors = 0
@@ -52,6 +58,14 @@ class StreamDecoder:
         self._start = 0            # stream offset of the current unit
 
     # --- state ----------------------------------------------------------------------------------
+    @property
+    def limits(self):
+        return self.decoder.limits
+
+    @property
+    def max_unit_size(self):
+        return self.decoder.limits.max_unit_size
+
     @property
     def at_unit_boundary(self):
         """True when no byte of an incomplete unit is held."""
@@ -165,9 +179,9 @@ class StreamDecoder:
         except NNCError as exc:
             _rebase(exc, self._start, offset)
             raise
-        if size > self.max_unit_size:
-            raise NNCError("nnr_unit_size %d exceeds the maximum unit size of %d bytes (max_unit_size)"
-                           % (size, self.max_unit_size), self._start, "nnr_unit_size")
+        limit = self.decoder.limits.max_unit_size
+        if size > limit:
+            raise exceeded("max_unit_size", "nnr_unit_size %d" % size, limit, self._start, "nnr_unit_size")
         return size
 
     def _allocate(self, size):

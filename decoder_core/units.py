@@ -8,17 +8,19 @@ the NDU object records where its payload lies.
 
 from .bitreader import BitReader
 from .errors import NNCError
+from .limits import (
+    DEFAULT_MAX_AGG_NESTING, DEFAULT_MAX_TENSOR_ELEMENTS, MAX_LIST_ENTRIES, MAX_TENSOR_DIMENSIONS, exceeded, resolve,
+)
 from .tables import (
     NNR_AGG, NNR_CPT_DC, NNR_LPS, NNR_MPS, NNR_NDU, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT,
     NNR_PT_RAW_FLOAT, NNR_QCB, NNR_QNT, NNR_QSU, NNR_STR, NNR_TPL, NNR_TPL_BMSK, NNR_TPL_DICT,
     NNR_TPL_PRUN, NNR_TPL_REFLIST, unit_type_name,
 )
 
-# Hostile-header limits, checked before anything is allocated.
-MAX_TENSOR_DIMENSIONS = 16
-MAX_TENSOR_ELEMENTS = 1 << 28  # 1 GiB as float32; hostile headers claim more
-MAX_LIST_ENTRIES = 1 << 16
-MAX_AGG_NESTING = 4
+# Hostile-header limits, checked before anything is allocated: the defaults of decoder_core.limits
+# (a ParserState checks its own Limits).
+MAX_TENSOR_ELEMENTS = DEFAULT_MAX_TENSOR_ELEMENTS
+MAX_AGG_NESTING = DEFAULT_MAX_AGG_NESTING
 
 
 class Syntax:
@@ -51,11 +53,14 @@ class Syntax:
 
 
 class ParserState:
-    """What the parsing of later units depends on: the profile and the active parameter sets."""
+    """What the parsing of later units depends on: the profile and the active parameter sets.
 
-    def __init__(self, topology=None, max_tensor_elements=MAX_TENSOR_ELEMENTS):
+    ``limits`` (decoder_core.Limits, default the defaults) bounds what headers may claim.
+    """
+
+    def __init__(self, topology=None, limits=None):
         self.topology = topology
-        self.max_tensor_elements = max_tensor_elements
+        self.limits = resolve(limits)
         self.general_profile_idc = None
         self.mps = None
         self.lps = None
@@ -104,6 +109,7 @@ def parse_unit(data, offset, end, state, depth=0):
         raise NNCError("nnr_unit_size %d runs past the end of the data (%d bytes left)"
                        % (size, end - offset), offset, "nnr_unit_size")
     reader = BitReader(data, offset, offset + size)
+    reader.max_string_bytes = state.limits.max_string_bytes
     reader.pos += size_bytes * 8
     unit = Syntax(offset=offset, nnr_unit_size=size)
     nnr_unit_header(reader, unit, state)
@@ -123,7 +129,7 @@ def nnr_unit_header(reader, unit, state):
     if t == NNR_STR:
         if state.general_profile_idc is not None and state.mps is not None:
             # 7.1: a new NNR_STR resets the decoder state.
-            state.__init__(state.topology, state.max_tensor_elements)
+            state.__init__(state.topology, state.limits)
         unit.general_profile_idc = reader.u(8, "general_profile_idc")
         if unit.general_profile_idc > 1:
             raise NNCError("general_profile_idc %d is not supported (0 and 1 are)"
@@ -237,13 +243,14 @@ def nnr_compressed_data_unit_header(reader, state):
             ndu.decomposition_rank = reader.ue(3, "decomposition_rank")
             ndu.g_number_of_rows = reader.ue(3, "g_number_of_rows")
         if ndu.tensor_dimensions_flag:
-            ndu.tensor_dimensions = tensor_dimension_list(reader, state.max_tensor_elements)
+            ndu.tensor_dimensions = tensor_dimension_list(reader, state.limits.max_tensor_elements)
     if ndu.get("tensor_dimensions") is None and state.topology is not None and not multi:
         # 6.4.3.7: dimensions not in the bitstream come from the (out-of-band) topology, found by
         # the element's name (an indexed reference resolves through the NNR_TPL_REFLIST).
         dims = state.topology.get(ndu_names(ndu, state)[0])
         if dims is not None:
             ndu.tensor_dimensions = list(dims)
+            _check_elements(_prod(ndu.tensor_dimensions), reader, "tensor_dimensions", state.limits.max_tensor_elements)
     if ndu.input_parameters_present_flag:
         if pt != NNR_PT_BLOCK and multi:
             ndu.topology_tensor_dimension_mapping = topology_tensor_dimension_mapping(
@@ -314,8 +321,8 @@ def _derive_tensor_dimensions(reader, ndu, state):
                            % (rows, total, rank), reader.byte_offset(), "g_number_of_rows")
         ndu.TensorDimensionsG = [rows, rank]
         ndu.TensorDimensionsH = [rank, total // rows]
-        _check_elements(rows * rank, reader, "TensorDimensionsG", state.max_tensor_elements)
-        _check_elements(rank * (total // rows), reader, "TensorDimensionsH", state.max_tensor_elements)
+        _check_elements(rows * rank, reader, "TensorDimensionsG", state.limits.max_tensor_elements)
+        _check_elements(rank * (total // rows), reader, "TensorDimensionsH", state.limits.max_tensor_elements)
         if ndu.nnr_compressed_data_unit_payload_type != NNR_PT_BLOCK:
             if state.expect_decomposed_h:
                 ndu.decomposed_part = "H"
@@ -359,8 +366,7 @@ def _prod(values):
 
 def _check_elements(count, reader, element, limit=MAX_TENSOR_ELEMENTS):
     if count > limit:
-        raise NNCError("tensor of %d elements exceeds the limit of %d" % (count, limit),
-                       reader.byte_offset(), element)
+        raise exceeded("max_tensor_elements", "tensor of %d elements" % count, limit, reader.byte_offset(), element)
 
 
 def integer_codebook(reader):
@@ -733,8 +739,10 @@ def bit_mask(reader):
 
 def nnr_aggregate_unit_payload(reader, unit, state, depth):
     agg = unit.agg
-    if depth >= MAX_AGG_NESTING:
-        raise NNCError("aggregate units nested deeper than %d" % MAX_AGG_NESTING, unit.offset, "nnr_aggregate_unit")
+    nesting = state.limits.max_agg_nesting
+    if depth >= nesting:
+        raise exceeded("max_agg_nesting", "aggregate units nested %d deep" % (depth + 1), nesting, unit.offset,
+                       "nnr_aggregate_unit")
     if not reader.byte_aligned():
         raise NNCError("aggregate unit header does not end on a byte boundary", reader.byte_offset(),
                        "nnr_aggregate_unit_header")

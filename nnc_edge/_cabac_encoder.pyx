@@ -37,10 +37,14 @@ ctypedef struct Enc:
     int no_memory
 
 
+ctypedef struct Est9:
+    int32_t s0[9]       # the nine shadow estimators of one context, setId 0..8 (supplement 5.3)
+    int32_t s1[9]
+    int64_t cost[9]     # accumulated EstBits
+
+
 ctypedef struct Shadow:
-    int32_t* s0         # nine estimators per context (supplement 5.3)
-    int32_t* s1
-    int64_t* cost
+    Est9* est           # one per context
 
 
 cdef enum:
@@ -107,6 +111,8 @@ cdef _init():
     for i in range(9):
         for j in range(4):
             CTXP[4 * i + j] = CtxParameterList[i][j]
+        if SHIFT0[i] != CtxParameterList[i][0] + 4 or SHIFT1[i] != CtxParameterList[i][1]:
+            raise RuntimeError("nnc_edge._cabac_encoder: compiled-in shifts differ from CtxParameterList")
     for i in range(-512, 512):
         # ce._EST0[i] for negative i, without relying on wraparound (off in this module)
         EST0[512 + i] = ce._EST0[i & 1023]
@@ -205,33 +211,60 @@ cdef inline void init_ctx(Ctx* c, int set_id) noexcept nogil:
 
 
 # --- the parameter optimizer's shadow estimators (supplement 5.3) -------------------------------------
+# The shifts of CtxParameterList[setId] (shift0 + 4, shift1) are compiled in as constants so that the
+# nine updates of a bin unroll; _init() checks them against the table.
+cdef int32_t SHIFT0[9]
+cdef int32_t SHIFT1[9]
+SHIFT0[:] = [5, 5, 5, 4, 6, 6, 6, 7, 7]
+SHIFT1[:] = [4, 4, 4, 5, 6, 6, 6, 5, 5]
+
+
+cdef inline void est_one(Est9* x, int s, const int32_t sh0, const int32_t sh1) noexcept nogil:
+    cdef int32_t s0 = x.s0[s]
+    cdef int32_t s1 = x.s1[s]
+    x.cost[s] += EST1[512 + ((16 * s0 + s1) >> 3)]
+    x.s0[s] = s0 + (CURVE[16 + (s0 >> 3)] >> sh0)
+    x.s1[s] = s1 + (CURVE[16 + (s1 >> 7)] >> sh1)
+
+
+cdef inline void est_zero(Est9* x, int s, const int32_t sh0, const int32_t sh1) noexcept nogil:
+    cdef int32_t s0 = x.s0[s]
+    cdef int32_t s1 = x.s1[s]
+    x.cost[s] += EST0[512 + ((16 * s0 + s1) >> 3)]
+    x.s0[s] = s0 - (CURVE[16 + ((-s0) >> 3)] >> sh0)
+    x.s1[s] = s1 - (CURVE[16 + ((-s1) >> 7)] >> sh1)
+
+
 cdef inline void shadow_bin(Shadow* sh, int ci, int b) noexcept nogil:
-    cdef int s
-    cdef int32_t s0, s1, sh0, sh1
-    cdef int base = 9 * ci
-    cdef const int32_t* est = EST0
+    cdef Est9* x = &sh.est[ci]
     if b:
-        est = EST1
-    for s in range(9):
-        s0 = sh.s0[base + s]
-        s1 = sh.s1[base + s]
-        sh.cost[base + s] += est[512 + ((16 * s0 + s1) >> 3)]
-        sh0 = CTXP[4 * s] + 4
-        sh1 = CTXP[4 * s + 1]
-        if b:
-            sh.s0[base + s] = s0 + (CURVE[16 + (s0 >> 3)] >> sh0)
-            sh.s1[base + s] = s1 + (CURVE[16 + (s1 >> 7)] >> sh1)
-        else:
-            sh.s0[base + s] = s0 - (CURVE[16 + ((-s0) >> 3)] >> sh0)
-            sh.s1[base + s] = s1 - (CURVE[16 + ((-s1) >> 7)] >> sh1)
+        est_one(x, 0, 5, 4)
+        est_one(x, 1, 5, 4)
+        est_one(x, 2, 5, 4)
+        est_one(x, 3, 4, 5)
+        est_one(x, 4, 6, 6)
+        est_one(x, 5, 6, 6)
+        est_one(x, 6, 6, 6)
+        est_one(x, 7, 7, 5)
+        est_one(x, 8, 7, 5)
+    else:
+        est_zero(x, 0, 5, 4)
+        est_zero(x, 1, 5, 4)
+        est_zero(x, 2, 5, 4)
+        est_zero(x, 3, 4, 5)
+        est_zero(x, 4, 6, 6)
+        est_zero(x, 5, 6, 6)
+        est_zero(x, 6, 6, 6)
+        est_zero(x, 7, 7, 5)
+        est_zero(x, 8, 7, 5)
 
 
 cdef inline void shadow_reset(Shadow* sh, int total) noexcept nogil:
     cdef int ci, s
     for ci in range(total):
         for s in range(9):
-            sh.s0[9 * ci + s] = CTXP[4 * s + 2]
-            sh.s1[9 * ci + s] = CTXP[4 * s + 3]
+            sh.est[ci].s0[s] = CTXP[4 * s + 2]
+            sh.est[ci].s1[s] = CTXP[4 * s + 3]
 
 
 cdef inline void bin_(Pass* P, Enc* e, int ci, int b) noexcept nogil:
@@ -491,11 +524,12 @@ def encode_tensor_levels(engine, coding, levels, row_skip_enabled_flag=0, hist_d
     cdef int32_t[::1] base_view
     cdef uint8_t[::1] hist_view
     cdef uint8_t[::1] skip_view
-    cdef int i, set_id, s, best, parent_flag, r
-    cdef int64_t c, best_cost
-    cdef Py_ssize_t out_len
+    cdef uint8_t[::1] present_view
+    cdef int32_t[::1] ids_view
+    cdef int index
+    cdef int i, set_id, s, parent_flag, r
     cdef bytes old = bytes(engine.out)
-    memset_pass(&P)
+    clear_pass(&P)
     P.levels = &lv_view[0]
     if base is not None:
         base_view = base
@@ -563,42 +597,31 @@ def encode_tensor_levels(engine, coding, levels, row_skip_enabled_flag=0, hist_d
                     encode_decision(&e, &row_ctx, P.row_skip[r])
 
         # 5.3: the pseudo pass, nine shadow estimators per context; the cheapest initialization wins.
-        set_ids = [0] * total
+        present = np.array([_presence(kinds[g], a, cb, sign_coded, max_abs, N)
+                            for g, size in enumerate(sizes) for a in range(size)], dtype=np.uint8)
         if param_opt_flag:
             costs = np.zeros(9 * total, dtype=np.int64)
-            s0 = np.empty(9 * total, dtype=np.int32)
-            s1 = np.empty(9 * total, dtype=np.int32)
-            run_pseudo(&P, &e, costs, s0, s1, cb, sign_coded)
+            run_pseudo(&P, &e, costs)
             if P.err:
                 _raise(P)
-            costs = costs.reshape(total, 9)
-            index = 0
-            for g, size in enumerate(sizes):
-                for a in range(size):
-                    if _presence(kinds[g], a, cb, sign_coded, max_abs, N):
-                        row_costs = costs[index]
-                        best = 0
-                        best_cost = row_costs[0]
-                        for s in range(1, 9):
-                            c = row_costs[s] + 3 * 32768
-                            if c < best_cost:
-                                best = s
-                                best_cost = c
-                        set_ids[index] = best
-                    index += 1
+            # argmin over setId of the cost plus 3 bits (2^15 scale) for shift_idx_minus_1, ties to the
+            # smallest; (d): an absent shift_idx() leaves setId 0
+            costs = costs.reshape(total, 9) + np.array([0] + [3 * 32768] * 8, dtype=np.int64)
+            set_ids = np.where(present, np.argmin(costs, axis=1), 0).astype(np.int32)
+        else:
+            set_ids = np.zeros(total, dtype=np.int32)
+        present_view = present
+        ids_view = set_ids
         # 2.6: shift_parameter_ids()
         init_ctx(&shift_flag, 0)
-        index = 0
-        for g, size in enumerate(sizes):
-            for a in range(size):
-                if _presence(kinds[g], a, cb, sign_coded, max_abs, N):
-                    set_id = set_ids[index]
-                    encode_decision(&e, &shift_flag, 1 if set_id else 0)
-                    if set_id:
-                        for i in range(2, -1, -1):
-                            encode_bypass(&e, ((set_id - 1) >> i) & 1)
-                init_ctx(&ctx[index], set_ids[index])
-                index += 1
+        for index in range(total):
+            set_id = ids_view[index]
+            if present_view[index]:
+                encode_decision(&e, &shift_flag, 1 if set_id else 0)
+                if set_id:
+                    for i in range(2, -1, -1):
+                        encode_bypass(&e, ((set_id - 1) >> i) & 1)
+            init_ctx(&ctx[index], set_id)
         memcpy(image, ctx, total * sizeof(Ctx))
 
         start_t = None
@@ -632,16 +655,14 @@ def encode_tensor_levels(engine, coding, levels, row_skip_enabled_flag=0, hist_d
         free(P.mark_state)
 
 
-cdef void memset_pass(Pass* P) noexcept:
+cdef void clear_pass(Pass* P) noexcept:
     P.levels = NULL
     P.base = NULL
     P.hist = NULL
     P.row_skip = NULL
     P.ctx = NULL
     P.image = NULL
-    P.sh.s0 = NULL
-    P.sh.s1 = NULL
-    P.sh.cost = NULL
+    P.sh.est = NULL
     P.mark_t = NULL
     P.mark_low = NULL
     P.mark_state = NULL
@@ -653,21 +674,30 @@ cdef void memset_pass(Pass* P) noexcept:
     P.pseudo = 0
 
 
-cdef run_pseudo(Pass* P, Enc* e, int64_t[::1] costs, int32_t[::1] s0, int32_t[::1] s1, int cb, int sign_coded):
-    """The pseudo pass: binarizes n, ignores the codebook limits (quirks a-c of 5.3)."""
-    P.sh.cost = &costs[0]
-    P.sh.s0 = &s0[0]
-    P.sh.s1 = &s1[0]
+cdef run_pseudo(Pass* P, Enc* e, int64_t[::1] costs):
+    """The pseudo pass: binarizes n, ignores the codebook limits (quirks a-c of 5.3); costs[9 * ci + s]."""
+    cdef int total = P.lay.total
+    cdef int ci, s
+    P.sh.est = <Est9*>malloc(total * sizeof(Est9))
+    if P.sh.est == NULL:
+        raise MemoryError()
     P.pseudo = 1
     P.cb = 0
     P.sign_coded = 1
     P.marks = 0
-    with nogil:
-        shadow_reset(&P.sh, P.lay.total)
-        code_levels(P, e)
-    P.sh.cost = NULL
-    P.sh.s0 = NULL
-    P.sh.s1 = NULL
+    try:
+        with nogil:
+            shadow_reset(&P.sh, total)
+            for ci in range(total):
+                for s in range(9):
+                    P.sh.est[ci].cost[s] = 0
+            code_levels(P, e)
+            for ci in range(total):
+                for s in range(9):
+                    costs[9 * ci + s] = P.sh.est[ci].cost[s]
+    finally:
+        free(P.sh.est)
+        P.sh.est = NULL
 
 
 cdef _raise(Pass P):

@@ -25,7 +25,8 @@ from . import __version__, modelio
 from .decoding import Decoder
 
 # Modules that register further subcommands or options when imported.
-EXTENSIONS = ("nnc_edge.stream_cli",)
+EXTENSIONS = ("nnc_edge.stream_cli", "nnc_edge.encode_cli", "nnc_edge.mqtt_cli", "nnc_edge.update_cli",
+              "nnc_edge.keys_cli")
 
 EXIT_IO = 1
 EXIT_INVALID = 2

@@ -52,11 +52,14 @@ class Decoder:
 
     ``threads`` (default: the number of CPUs) decode NDUs, and the block rows of tensors coded with
     scan_order > 0, concurrently; the result is identical to threads=1.
+
+    ``limits`` (decoder_core.Limits) bounds what a bitstream may make the decoder allocate or do
+    (LimitError, an NNCError, beyond).
     """
 
-    def __init__(self, topology=None, threads=None):
+    def __init__(self, topology=None, threads=None, limits=None):
         self.threads = check_threads(threads)
-        self._core = decoder_core.Decoder(topology)
+        self._core = decoder_core.Decoder(topology, limits=limits)
         self._core.output = NumpyBuffers()
 
     def decode(self, data_or_path):
@@ -65,10 +68,10 @@ class Decoder:
         return {name: to_numpy(dims, values) for name, dims, values in decode_units(self._core, data, self.threads)}
 
 
-def decode(data_or_path, topology=None, threads=None):
+def decode(data_or_path, topology=None, threads=None, limits=None):
     """Decode a whole NNR bitstream (bytes or a path) into a dict name -> numpy array.
 
     Arrays are float32, or int32 for integer tensors (NNR_PT_INT), in stream order. ``threads``
-    defaults to the number of CPUs (see Decoder).
+    defaults to the number of CPUs, ``limits`` to decoder_core's defaults (see Decoder).
     """
-    return Decoder(topology, threads).decode(data_or_path)
+    return Decoder(topology, threads, limits).decode(data_or_path)

@@ -114,6 +114,8 @@ def _to_numpy(name, value):
     if 0 in array.shape:
         raise ValueError("tensor %r has shape %s: tensor_dimensions must be positive (6.4.3.7)"
                          % (name, list(array.shape)))
+    if array.ndim == 0:
+        array = array.reshape(1)  # tensor_dimension_list() has at least one dimension
     return array
 
 
@@ -233,10 +235,9 @@ class _Chain:
     base), the significance history (HDSP), put_node_depth and parameter_id."""
 
     def __init__(self):
-        self.bases = {}
-        self.history = {}
-        self.depth = {}
-        self.parameter_id = {}
+        self.bases = {}      # name -> int32 vector (QuantParam n of the last coded NDU)
+        self.history = {}    # name -> bool vector (cumulative nonzero positions, 6.7)
+        self.depth = {}      # name -> put_node_depth of the last coded NDU
 
 
 class _Coded:
@@ -354,7 +355,7 @@ class _Job:
         return fields, segment.data, unit, segment
 
     def single(self, name, array, qt, row_skip_flag):
-        dims = list(array.shape) or [1]
+        dims = list(array.shape)
         count = int(np.prod(dims))
         tca = self.tca_for([name], [count])
         item = self.segment_tensor(name, qt, dims, tca, row_skip_flag)
@@ -395,7 +396,7 @@ class _Job:
 
     def raw(self, name, array):
         """NNR_PT_RAW_FLOAT (6.3.4.7): the float32 values themselves."""
-        dims = list(array.shape) or [1]
+        dims = list(array.shape)
         values = np.ascontiguousarray(array, dtype="<f4").reshape(-1)
         fields = {"nnr_compressed_data_unit_payload_type": NNR_PT_RAW_FLOAT, "topology_elem_id": name,
                   "tensor_dimensions": dims}
@@ -411,12 +412,12 @@ class _Job:
         o = self.opts
         variants = []
         if o["codebook"] != 1:
-            variants.append(self.block_variant(names, roles, arrays, "uniform", o["dq"]))
+            variants.append(self.block_variant(names, roles, arrays, "uniform"))
         if o["codebook"]:
-            variants.append(self.block_variant(names, roles, arrays, "codebook", False))
+            variants.append(self.block_variant(names, roles, arrays, "codebook"))
         return min(variants, key=lambda c: len(c.unit))
 
-    def block_variant(self, names, roles, arrays, method, dq):
+    def block_variant(self, names, roles, arrays, method):
         o = self.opts
         w_index = roles.index("W")
         wname, warray = names[w_index], arrays[w_index]
@@ -618,6 +619,12 @@ class Encoder:
       max_unit_bytes; an integer: at most that many per NNR_AGG).
 
     After each call ``report`` lists a TensorReport per tensor, in input order.
+
+    The chain state (what nnc_edge.Decoder holds after decoding the streams written so far) is public,
+    for saving and restoring a chain across processes: ``chain.bases`` (name -> int32 vector, the last
+    coded QuantParam tensor, the TCA base), ``chain.history`` (name -> bool vector, HDSP),
+    ``chain.depth`` (name -> put_node_depth of the last coded NDU) and ``parameter_ids`` (name ->
+    parameter_id, assigned at first sight: the tensor's index in that call's input unless taken).
     """
 
     def __init__(self, profile=1, parent_signalling=False, tca=False, hdsp=False, device_id=0, topology=True,
@@ -641,8 +648,8 @@ class Encoder:
         _check_options(defaults, profile)
         self.defaults = defaults
         self.report = []
-        self._chain = _Chain()
-        self._parameter_ids = {}
+        self.chain = self._chain = _Chain()
+        self.parameter_ids = self._parameter_ids = {}
 
     def encode(self, tensors, progress=None, **options):
         """One complete bitstream for ``tensors`` (see the class docstring for the options)."""
@@ -727,9 +734,9 @@ class Encoder:
         for coded in results:
             if coded.unit is None or coded.payload_type == NNR_PT_RAW_FLOAT:
                 continue  # omitted, or raw values: the decoder keeps no integer tensor for them
-            lead = coded.members[0][0]
-            chain.depth[lead] = chain.depth.get(lead, 0) + 1
+            put_node_depth = chain.depth.get(coded.members[0][0], 0) + 1  # as node_fields() wrote it
             for name, levels, _ in coded.members:
+                chain.depth[name] = put_node_depth
                 flat = np.ascontiguousarray(levels, dtype=np.int32).reshape(-1)
                 chain.bases[name] = flat
                 history = chain.history.get(name)

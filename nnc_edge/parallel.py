@@ -165,6 +165,7 @@ def decode_units(core, data, threads):
     """
     if threads <= 1:
         return core.decode(data)
+    core.decoded_bytes = 0  # a new stream for Limits.max_decoded_bytes, as core.decode() starts one
     out = []
     with PayloadScheduler(threads) as scheduler:
         core.runner = scheduler.runner

@@ -30,12 +30,14 @@ class StreamDecoder:
     ``threads`` (default: the number of CPUs) decode the block rows of a tensor coded with
     scan_order > 0 concurrently (nnc_edge.parallel); units themselves are decoded one at a time,
     in arrival order, so that each tensor is out as soon as its unit is.
+
+    ``limits`` (decoder_core.Limits) bounds what a stream may make the decoder allocate or do.
     """
 
-    def __init__(self, topology=None, max_unit_size=core_stream.DEFAULT_MAX_UNIT_SIZE, threads=None):
+    def __init__(self, topology=None, max_unit_size=None, threads=None, limits=None):
         self.threads = check_threads(threads)
         self._pool = None
-        self._core = core_stream.StreamDecoder(topology, max_unit_size)
+        self._core = core_stream.StreamDecoder(topology, max_unit_size, limits=limits)
         # Each tensor is decoded straight into its numpy array (levels converted in place).
         self._core.decoder.output = NumpyBuffers()
 

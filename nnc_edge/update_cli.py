@@ -12,7 +12,7 @@ from decoder_core import NNCError
 from . import modelio
 from .cli import CommandError, EXIT_INVALID, arguments, command
 from .streaming import DEFAULT_CHUNK_SIZE
-from .updates import ChainState, apply_update, encode_update, model_digest, read_update_info
+from .updates import ChainState, apply_update, encode_update, model_digest, read_update_info, write_file, write_model
 
 
 def _load_model(path, what):
@@ -70,27 +70,22 @@ def run_update(args):
             residual = ChainState(model_digest(base))
     try:
         data, model = encode_update(base, new, qp=args.qp, dq=args.dq, sparsity=args.sparsity,
-                                    row_sparsity=args.row_sparsity, tca=args.tca, residual=residual,
+                                    row_sparsity=args.row_sparsity, tca=args.tca, hdsp=args.hdsp, residual=residual,
                                     error_feedback=args.error_feedback, sequence=args.sequence,
                                     nncodec_compatible=args.nncodec_compatible, return_model=True)
     except ValueError as exc:  # NNCError included: inputs that cannot be coded
         raise CommandError(str(exc), EXIT_INVALID)
     info = read_update_info(data)
     try:
-        with open(args.output + ".tmp%d" % os.getpid(), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(args.output + ".tmp%d" % os.getpid(), args.output)
+        write_file(args.output, data)
         if args.result is not None:
-            modelio.save(args.result, model)
+            write_model(args.result, model)
         if residual is not None:
             residual.save(args.residual)
+    except modelio.ModelFormatError as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
     except OSError as exc:
-        raise CommandError("cannot write: %s" % exc)
-    finally:
-        if os.path.exists(args.output + ".tmp%d" % os.getpid()):
-            os.remove(args.output + ".tmp%d" % os.getpid())
+        raise CommandError("cannot write %s: %s" % (exc.filename or args.output, exc.strerror or exc))
     if not args.quiet:
         changed = sum(1 for name in base if model[name] is not base[name])
         print("%s: update %d, %d bytes, %d of %d tensors changed; applies to %s, produces %s"
@@ -115,6 +110,9 @@ def _update_arguments(parser):
                         help="zero this fraction of each tensor's rows, smallest L2 norm of the difference first")
     parser.add_argument("--tca", action=argparse.BooleanOptionalAction, default=True,
                         help="temporal context adaptation against the previous update of the chain (default on)")
+    parser.add_argument("--hdsp", action=argparse.BooleanOptionalAction, default=None,
+                        help="history-dependent significance probabilities where they make an NDU smaller "
+                             "(default on, off with --nncodec-compatible)")
     parser.add_argument("--residual", metavar="STATE",
                         help="chain state file (created when missing): sequence numbers, encoder and decoder "
                              "state, and the residual for error feedback")

@@ -23,7 +23,8 @@ and notices a missing or repeated update:
 The record travels inside the NNR bitstream, so any transport that moves the bitstream moves it too:
 
 * an NNR unit of the unspecified type ``UPDATE_INFO_UNIT_TYPE`` (40; Table 3 leaves 32..63 to
-  applications and conforming decoders skip them), right after NNR_STR, with
+  applications and conforming decoders skip them), right after NNR_STR (the stream then has no
+  NNR_TPL: NNCodec's decoder, which needs it, refuses unspecified units anyway), with
   ``independently_decodable_flag`` 1, no partial-data counter, and as payload the 106 bytes
   ``"NNCU" u8(version = 1) u8(flags) u32(sequence) root[32] parent[32] result[32]`` (big-endian);
 * with ``nncodec_compatible=True`` (NNCodec's decoder refuses unspecified unit types) the same record as
@@ -104,7 +105,7 @@ from decoder_core.tables import NNR_AGG, NNR_MPS, NNR_NDU
 from decoder_core.units import ParserState, nnr_unit_size, parse_unit
 
 from . import modelio
-from .sinks import NpzSink, open_sink
+from .sinks import NpzSink, _commit, _discard, _temp_beside, open_sink
 from .streaming import DEFAULT_CHUNK_SIZE, StreamDecoder
 from .unitwriter import nnr_unit
 
@@ -162,7 +163,7 @@ def _little(array):
     a = np.asarray(array)
     if a.dtype.hasobject:
         raise TypeError("cannot digest a tensor of Python objects")
-    return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
 def model_digest(tensors):
@@ -342,7 +343,8 @@ class ChainState:
     ``sequence`` (of the last update applied or produced; 0 for the base), ``root`` and ``model`` (the
     32-byte digests of the chain's first base and of the model this state belongs to), and the
     decoder state of the chain (``bases``: name -> int32 array, ``history``: name -> uint8 array).
-    On the host also the encoder's state (``encoder_levels``, ``encoder_depths``) and the error
+    On the host also what the encoder keeps beyond that (``encoder_depths``: put_node_depth, and
+    ``parameter_ids`` per tensor; its TCA bases and history are the decoder's) and the error
     feedback ``residual`` (name -> float32 array). Saved as an .npz (``save`` / ``load``).
     """
 
@@ -352,10 +354,9 @@ class ChainState:
         self.root = bytes(root) if root is not None else bytes(model) if sequence == 0 else NO_DIGEST
         self.bases = {}
         self.history = {}
-        self.encoder_levels = {}
         self.encoder_depths = {}
+        self.parameter_ids = {}
         self.residual = {}
-        self.options = {}
 
     # -- the decoder state, to and from decoder_core.Decoder --
     def restore_decoder(self, core):
@@ -377,11 +378,11 @@ class ChainState:
     def save(self, path):
         """Write the state to ``path`` (an .npz, whatever its name) atomically."""
         meta = {"version": _STATE_VERSION, "sequence": self.sequence, "root": self.root.hex(),
-                "model": self.model.hex(), "encoder_depths": self.encoder_depths, "options": self.options}
+                "model": self.model.hex(), "encoder_depths": self.encoder_depths,
+                "parameter_ids": self.parameter_ids}
         with NpzSink(path, compress=True) as sink:
             sink.write("meta", np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8))
-            for prefix, group in (("bases", self.bases), ("history", self.history),
-                                  ("encoder", self.encoder_levels), ("residual", self.residual)):
+            for prefix, group in (("bases", self.bases), ("history", self.history), ("residual", self.residual)):
                 for name, array in group.items():
                     sink.write(prefix + "/" + name, array)
 
@@ -403,9 +404,8 @@ class ChainState:
                     raise NNCError("%s: chain state version %r is not supported" % (path, meta.get("version")))
                 state = cls(bytes.fromhex(meta["model"]), int(meta["sequence"]), bytes.fromhex(meta["root"]))
                 state.encoder_depths = {k: int(v) for k, v in meta.get("encoder_depths", {}).items()}
-                state.options = dict(meta.get("options", {}))
-                groups = {"bases": state.bases, "history": state.history, "encoder": state.encoder_levels,
-                          "residual": state.residual}
+                state.parameter_ids = {k: int(v) for k, v in meta.get("parameter_ids", {}).items()}
+                groups = {"bases": state.bases, "history": state.history, "residual": state.residual}
                 for key in npz.files:
                     if key == "meta":
                         continue
@@ -463,12 +463,16 @@ def _check_record(info, digest, state, label, allow_anonymous):
         raise CorruptUpdateError("%s carries no nnc-edge update record, so the model it applies to is unknown "
                                  "(allow_anonymous / --allow-anonymous applies it anyway)" % label)
     known = state is not None and state.model == digest
+    if not known and info.root == digest:
+        state = ChainState(digest)  # the model is the chain's first base: at update 0
+        known = True
     at = (" (the model is at update %d of its chain)" % state.sequence) if known else ""
+    same_chain = known and info.root != NO_DIGEST and state.root == info.root
     if info.parent != digest:
         if info.result == digest:
             raise RepeatedUpdateError("%s: update %d has already been applied: the model is the one it produces%s"
                                       % (label, info.sequence, at))
-        if known and state.root == info.root and state.root != NO_DIGEST:
+        if same_chain:
             if info.sequence > state.sequence + 1:
                 raise MissingUpdateError("%s: update %d needs the model after update %d, but the model is at "
                                          "update %d: update%s %s missing"
@@ -480,7 +484,7 @@ def _check_record(info, digest, state, label, allow_anonymous):
                                           "same chain" % (label, info.sequence, state.sequence))
         raise WrongBaseError("%s: update %d applies to the model with digest %s, not to this one (%s)%s"
                              % (label, info.sequence, info.parent.hex()[:16], digest.hex()[:16], at))
-    if known and state.root == info.root and info.sequence != state.sequence + 1:
+    if same_chain and info.sequence != state.sequence + 1:
         raise (RepeatedUpdateError if info.sequence <= state.sequence else MissingUpdateError)(
             "%s: update %d applies to this model, but the model is at update %d of the same chain"
             % (label, info.sequence, state.sequence))
@@ -498,13 +502,13 @@ def _span(first, last):
 class _Applier:
     """Applies updates one after the other to an in-memory model, with one decoder for the chain."""
 
-    def __init__(self, model, state, chunk_size, threads, allow_anonymous):
+    def __init__(self, model, state, chunk_size, threads, allow_anonymous, limits=None):
         self.model = dict(model)
         self.digest = model_digest(self.model)
         self.state = state if state is not None and state.model == self.digest else None
         self.chunk_size = chunk_size
         self.allow_anonymous = allow_anonymous
-        self.decoder = StreamDecoder(threads=threads)
+        self.decoder = StreamDecoder(threads=threads, limits=limits)
         if self.state is not None:
             self.state.restore_decoder(self.decoder._core.decoder)
 
@@ -575,7 +579,7 @@ class _Applier:
 
 
 def apply_update(base, updates, output=None, *, state=None, allow_anonymous=False, chunk_size=DEFAULT_CHUNK_SIZE,
-                 threads=None, return_state=False):
+                 threads=None, limits=None, return_state=False):
     """Apply one update, or a chain of them in order, to a model (the device side).
 
     ``base``: a model file (.safetensors / .npz; its decoder-state file beside it is used when present)
@@ -587,7 +591,8 @@ def apply_update(base, updates, output=None, *, state=None, allow_anonymous=Fals
     any refusal raises an UpdateError subclass (see the module docstring), a bad bitstream NNCError.
     Nothing is written unless every update succeeds. Returns the new model (a dict), or (model,
     ChainState) with ``return_state``. ``allow_anonymous`` applies updates without a record (e.g.
-    written by NNCodec) unchecked.
+    written by NNCodec) unchecked. ``limits`` (decoder_core.Limits) bounds what a hostile update may
+    make the decoder allocate.
     """
     if isinstance(updates, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(updates, "read"):
         updates = [updates]
@@ -602,7 +607,7 @@ def apply_update(base, updates, output=None, *, state=None, allow_anonymous=Fals
         model = base
     else:
         raise TypeError("base is a model file path or a dict of arrays, not %s" % type(base).__name__)
-    applier = _Applier(model, state, chunk_size, threads, allow_anonymous)
+    applier = _Applier(model, state, chunk_size, threads, allow_anonymous, limits)
     for update in updates:
         applier.apply(update)
     new_state = applier.finish_state()
@@ -633,3 +638,220 @@ def write_model(path, tensors, state=None, metadata=None):
                 os.remove(stale)
             except OSError:
                 pass
+
+
+# --- encoding (the host) --------------------------------------------------------------------------
+def _model(tensors, what):
+    if isinstance(tensors, (str, os.PathLike)):
+        return modelio.load(tensors)
+    if not hasattr(tensors, "items"):
+        raise TypeError("%s is a model file path or a dict of arrays, not %s" % (what, type(tensors).__name__))
+    return {name: np.asarray(array) for name, array in tensors.items()}
+
+
+def _check_pair(base, new):
+    """Refuse a pair of models an update cannot turn one into the other."""
+    if list(sorted(base)) != list(sorted(new)):
+        added = sorted(set(new) - set(base))
+        removed = sorted(set(base) - set(new))
+        raise ValueError("an update cannot add or remove tensors (added: %s; removed: %s)"
+                         % (", ".join(added[:5]) or "none", ", ".join(removed[:5]) or "none"))
+    for name, b in base.items():
+        n = new[name]
+        if b.shape != n.shape or b.dtype != n.dtype:
+            raise ValueError("tensor %r is %s %s in the base and %s %s in the new model: an update cannot change "
+                             "shapes or dtypes" % (name, b.dtype, list(b.shape), n.dtype, list(n.shape)))
+        if b.dtype != np.float32 and not np.array_equal(b, n):
+            raise ValueError("tensor %r (%s) differs: only float32 tensors can change in an update" % (name, b.dtype))
+
+
+def sparsify(difference, sparsity=None, row_sparsity=None):
+    """Zero the smallest parts of a difference tensor (a new array; the input is not changed).
+
+    ``row_sparsity``: this fraction of the rows of the tensor's 2-D view (first dimension by the rest;
+    tensors of 2 or more dimensions only), smallest L2 norm first, become all zero, so that row
+    skipping (supplement 6.5) removes them whole. ``sparsity``: then at least this fraction of the
+    elements are zero, the smallest magnitudes first (ties by position).
+    """
+    d = np.array(difference, dtype=np.float32, copy=True)
+    if row_sparsity and d.ndim >= 2 and d.shape[0] > 1:
+        rows = d.reshape(d.shape[0], -1)
+        count = int(row_sparsity * rows.shape[0])
+        if count:
+            norms = np.sqrt(np.square(rows, dtype=np.float64).sum(axis=1))
+            rows[np.argsort(norms, kind="stable")[:count]] = 0
+    if sparsity:
+        flat = d.reshape(-1)
+        count = int(sparsity * flat.size)
+        if count:
+            flat[np.argsort(np.abs(flat), kind="stable")[:count]] = 0
+    return d
+
+
+def _encoder_for(state, tca, hdsp, threads, topology):
+    """An update-chain Encoder carrying the chain state (TCA bases, HDSP history, depths, ids)."""
+    from .encoding import Encoder  # the host side only: devices import nnc_edge.updates without the encoder
+
+    enc = Encoder(profile=1, parent_signalling=True, tca=tca, hdsp=hdsp, threads=threads, topology=topology)
+    if state is not None:
+        # The encoder's chain (nnc_edge.encoding._Chain) mirrors the decoder state kept in the ChainState.
+        chain = enc._chain
+        for name, levels in state.bases.items():
+            chain.bases[name] = np.ascontiguousarray(levels, dtype=np.int32).reshape(-1)
+        for name, hist in state.history.items():
+            chain.history[name] = np.asarray(hist).reshape(-1) != 0
+        chain.depth.update(state.encoder_depths)
+        enc._parameter_ids.update(state.parameter_ids)
+    return enc
+
+
+def _check_mirror(enc, state, names):
+    """The encoder's chain state must be what our decoder keeps: else the next update would not decode."""
+    for name in names:
+        ours = enc._chain.bases.get(name)
+        theirs = state.bases.get(name)
+        if (ours is None) != (theirs is None) or (ours is not None and not np.array_equal(ours, theirs)):
+            raise RuntimeError("encoder and decoder disagree on the chain state of %r" % name)
+
+
+def _with_record(body, info, nncodec_compatible):
+    """The encoder's stream with the update record: a unit right after NNR_STR, or the MPS base_model_id."""
+    str_end = nnr_unit_size(body, 0)[0]
+    if not nncodec_compatible:
+        return body[:str_end] + info.unit() + body[str_end:]
+    from .unitwriter import model_parameter_set_unit
+
+    state = ParserState()
+    parse_unit(body, 0, str_end, state)
+    mps_end = str_end + nnr_unit_size(body, str_end)[0]
+    mps = parse_unit(body, str_end, mps_end, state).mps.as_dict()
+    mps.pop("base_model_id_present_flag", None)
+    mps["base_model_id"] = info.to_text()
+    return body[:str_end] + model_parameter_set_unit(mps, general_profile_idc=1) + body[mps_end:]
+
+
+def encode_update(base, new, *, qp=-32, dq=True, sparsity=None, row_sparsity=None, tca=True, hdsp=None,
+                  residual=None, error_feedback=True, sequence=None, nncodec_compatible=False, return_model=False,
+                  threads=None, **options):
+    """Code ``new - base`` as an update bitstream for a device that runs ``base`` (see the module docstring).
+
+    ``base``, ``new``: model file paths or dicts name -> array with the same tensors, shapes and dtypes;
+    only float32 tensors may differ. ``qp``, ``dq`` and any further ``options`` of
+    nnc_edge.Encoder.encode (e.g. ``nonweight_qp``, ``scan_order``) choose the quantization;
+    ``sparsity`` / ``row_sparsity`` zero the smallest differences (see ``sparsify``); ``tca`` / ``hdsp``
+    use the previous update's integer tensors / the chain's significance history (with a chain state;
+    HDSP per NDU only where it makes the NDU smaller, and by default not with ``nncodec_compatible``,
+    since NNCodec decodes HDSP only when its application passes an HDSP tool). ``residual``: the chain
+    state, a ChainState or the path of its file (created from ``base`` when missing, saved after);
+    ``base`` must then be the model the previous update produced. ``error_feedback`` (with a chain
+    state) adds the residual to this update and keeps the new one. ``sequence``: the sequence number
+    of a stand-alone update (default 1); with a chain state it must be the next one if given.
+    ``nncodec_compatible`` carries the record in the MPS base_model_id instead of its own unit.
+
+    Returns the bitstream; with ``return_model`` (bitstream, the model after the update as the
+    device will compute it, bit for bit; unchanged tensors are the base's own arrays).
+    """
+    base = _model(base, "base")
+    new = _model(new, "new")
+    _check_pair(base, new)
+    for label, value in (("sparsity", sparsity), ("row_sparsity", row_sparsity)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ValueError("%s must be in [0, 1), not %r" % (label, value))
+    parent = model_digest(base)
+    state_file = None
+    state = residual
+    if isinstance(residual, (str, os.PathLike)):
+        state_file = residual
+        state = ChainState.load(residual) if os.path.exists(residual) else ChainState(parent)
+    elif residual is not None and not isinstance(residual, ChainState):
+        raise TypeError("residual is a ChainState or the path of its file, not %s" % type(residual).__name__)
+    if state is not None:
+        if state.model != parent:
+            raise ValueError("the base (digest %s) is not the model the chain's last update produced (%s, update %d)"
+                             % (parent.hex()[:16], state.model.hex()[:16], state.sequence))
+        if sequence is not None and sequence != state.sequence + 1:
+            raise ValueError("the chain is at update %d: the next one is %d, not %d"
+                             % (state.sequence, state.sequence + 1, sequence))
+        sequence, root = state.sequence + 1, state.root
+    else:
+        sequence = 1 if sequence is None else sequence
+        root = parent if sequence == 1 else NO_DIGEST
+    if not 1 <= sequence < (1 << 32):
+        raise ValueError("sequence must be in 1..2^32-1, not %r" % (sequence,))
+
+    # The differences to code (the residual added), unchanged tensors left out.
+    feedback = state is not None and error_feedback
+    targets = {}
+    diffs = {}
+    for name, b in base.items():
+        if b.dtype != np.float32:
+            continue
+        d = np.subtract(new[name], b, dtype=np.float32)
+        if feedback and name in state.residual:
+            d += state.residual[name].reshape(d.shape)
+        if not np.isfinite(d).all():
+            raise ValueError("tensor %r: the difference is not finite" % name)
+        if not d.any():
+            continue
+        targets[name] = d
+        if sparsity or row_sparsity:
+            d = sparsify(d, sparsity, row_sparsity)
+            if not d.any():
+                continue
+        diffs[name] = d
+
+    if hdsp is None:
+        hdsp = not nncodec_compatible
+    # NNCodec needs the (empty) NNR_TPL unit; a stream with the record unit is not for NNCodec anyway.
+    enc = _encoder_for(state, tca, hdsp, threads, topology=nncodec_compatible)
+    if state is None or not state.parameter_ids:
+        # A tensor keeps its place in the model as parameter_id along the chain (as NNCodec numbers them).
+        for i, name in enumerate(base):
+            enc._parameter_ids.setdefault(name, i)
+    body = enc.encode(diffs, qp=qp, dq=dq, **options)
+
+    # The host's view: base + our own decoding of the update, with the chain's decoder state.
+    from .decoding import Decoder
+
+    decoder = Decoder(threads=threads)
+    if state is not None:
+        state.restore_decoder(decoder._core)
+    decoded = decoder.decode(body)
+    model = dict(base)
+    for name, d in decoded.items():
+        model[name] = add_difference(base[name], d)
+    result = model_digest(model)
+    continues = any(r.tca or r.hdsp for r in enc.report)
+    info = UpdateInfo(sequence, parent, result, root, continues)
+    data = _with_record(body, info, nncodec_compatible)
+
+    if state is not None:
+        state.capture_decoder(decoder._core)
+        _check_mirror(enc, state, diffs)
+        state.encoder_depths = dict(enc._chain.depth)
+        state.parameter_ids = dict(enc._parameter_ids)
+        state.model = result
+        state.sequence = sequence
+        if feedback:
+            kept = {}
+            for name, target in targets.items():
+                left = target - decoded[name] if name in decoded else target
+                if left.any():
+                    kept[name] = left
+            state.residual = kept
+        if state_file is not None:
+            state.save(state_file)
+    if return_model:
+        return data, model
+    return data
+
+
+def write_file(path, data):
+    """Write bytes to ``path`` atomically: a temporary file beside it, fsync, rename."""
+    f, tmp = _temp_beside(path, ".tmp")
+    try:
+        f.write(data)
+        _commit(f, tmp, path)
+        f = tmp = None
+    finally:
+        _discard(f, tmp)

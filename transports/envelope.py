@@ -122,11 +122,12 @@ class Envelope:
     def same_publication(self, other):
         return (self.model == other.model and self.kind == other.kind and self.seq == other.seq
                 and self.parent_seq == other.parent_seq and self.count == other.count and self.total == other.total
-                and self.digest == other.digest and self.parent_digest == other.parent_digest)
+                and self.digest == other.digest and self.parent_digest == other.parent_digest
+                and self.ext == other.ext)
 
     def describe(self):
         if self.kind == UPDATE:
-            return "update %d (on %d, %s)" % (self.seq, self.parent_seq, digest_hex(self.digest)[:12])
+            return "update %d (%s) of version %d" % (self.seq, digest_hex(self.digest)[:12], self.parent_seq)
         return "full model %d (%s)" % (self.seq, digest_hex(self.digest)[:12])
 
 
@@ -177,7 +178,8 @@ def parse(payload):
 def messages(model, kind, seq, bodies, parent_seq=0, parent_digest=NO_DIGEST, ext=b""):
     """The message payloads of one publication whose bitstream is the concatenation of ``bodies``.
 
-    Returns (digest, [payload, ...]).
+    ``ext``: the extension field of every message, or a function of the bitstream's digest that
+    returns it (e.g. a signature over the publication). Returns (digest, [payload, ...]).
     """
     if kind not in (FULL, UPDATE):
         raise ValueError("kind must be %r or %r" % (FULL, UPDATE))
@@ -197,6 +199,10 @@ def messages(model, kind, seq, bodies, parent_seq=0, parent_digest=NO_DIGEST, ex
     if total > MAX_TOTAL:
         raise ValueError("a bitstream of %d bytes is too large for the envelope's 32-bit total" % total)
     digest = h.digest()
+    if callable(ext):
+        ext = ext(digest)
+    if len(ext) > 0xFFFF:
+        raise ValueError("the extension field holds at most 65535 bytes")
     out = []
     offset = 0
     for index, body in enumerate(bodies):
@@ -277,7 +283,8 @@ def parse_status(payload, model=None):
     if pending is not None:
         if not isinstance(pending, dict):
             raise NNCError("status pending must be an object or null", None, "status pending")
-        status.pending = (_int_field(pending, "seq", 1), digest_from_hex(pending.get("digest"), "status pending digest"),
+        status.pending = (_int_field(pending, "seq", 1),
+                          digest_from_hex(pending.get("digest"), "status pending digest"),
                           _int_field(pending, "count", 1, MAX_COUNT))
     return status
 
@@ -301,6 +308,7 @@ class Assembly:
         self.max_buffered = max_buffered
         self.duplicates = 0
         self.last_progress = 0
+        self.refetched = False  # the receiver asked for the retained copies again
         self._hash = hashlib.sha256()
 
     @property

@@ -24,10 +24,11 @@ topic, ``P/M/seq/T/+`` for the version T it needs next: the one after its own, o
 model when its version is not on the announced chain (never had a model, was offline across a
 new full model, or an update's parent is not its model). Retained messages arrive at once on
 subscribing, live ones as they are published (so a full model streams into the decoder while it
-is being published). Messages are put back in order and applied once; a gap is waited for up to
-``gap_timeout`` seconds, then the publication is abandoned and the data topic subscribed again.
-Only a complete publication whose SHA-256 digest matches changes the model, atomically; anything
-else leaves the previous model as it was and is logged (logger ``nnc_edge.mqtt``).
+is being published). Messages are put back in order and applied once. After ``gap_timeout``
+seconds without the missing message the data topic is subscribed again (the broker re-sends the
+retained copies); after another ``gap_timeout`` the publication is abandoned. Only a complete
+publication whose SHA-256 digest matches changes the model, atomically; anything else leaves the
+previous model as it was and is logged (logger ``nnc_edge.mqtt``).
 """
 
 import asyncio
@@ -46,6 +47,8 @@ from . import envelope
 from .envelope import FULL, NO_DIGEST, UPDATE, Assembly, Status, digest_hex
 
 log = logging.getLogger("nnc_edge.mqtt")
+# paho-mqtt's own messages (socket errors, ...): our warnings already say when a connection is lost.
+paho_log = logging.getLogger("nnc_edge.mqtt.paho")
 
 DEFAULT_PREFIX = "nnc"
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 10
@@ -97,13 +100,13 @@ class BrokerSettings:
 
     def client(self, role="client", inflight=20):
         """A new aiomqtt.Client (``async with`` connects it) for up to ``inflight`` calls at once."""
-        import aiomqtt  # here: the numpy-only install and MicroPython never import aiomqtt
+        import aiomqtt  # on first use: `import transports.mqtt` stays light
         tls = None
         if self.tls:
             tls = aiomqtt.TLSParameters(ca_certs=self.cafile, certfile=self.cert, keyfile=self.key)
         identifier = self.client_id or "nnc-edge-%s-%s" % (role, uuid.uuid4().hex[:12])
         client = aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
-                                identifier=identifier, clean_session=True, keepalive=self.keepalive,
+                                identifier=identifier, clean_session=True, keepalive=self.keepalive, logger=paho_log,
                                 timeout=self.timeout, tls_params=tls, tls_insecure=self.insecure if self.tls else None,
                                 max_inflight_messages=inflight)
         client.pending_calls_threshold = inflight + 4  # aiomqtt warns above this many calls in flight
@@ -161,7 +164,9 @@ def split_bitstream(data, max_body_bytes):
     data = bytes(data)
     state = ParserState()
     units = []   # complete units (bytes) in stream order
-    seq = None   # an open partial-data sequence: [header, [payload, ...], [unit bytes, ...]]
+    seq = None   # an open partial-data sequence: [header, [payload, ...], [unit bytes, ...], next counter]
+    fit = None   # an NDU to re-cut: (header, payload, its original units)
+    too_small = None
     offset = 0
     end = len(data)
     while offset < end:
@@ -171,26 +176,39 @@ def split_bitstream(data, max_body_bytes):
                            offset, "nnr_unit_size")
         unit = parse_unit(data, offset, offset + size, state)
         raw = data[offset:offset + size]
-        if unit.nnr_unit_type == NNR_NDU and unit.partial_data_counter > 0:
+        partial = unit.nnr_unit_type == NNR_NDU and unit.partial_data_counter > 0
+        if seq is not None and (not partial or unit.partial_data_counter != seq[3]):
+            raise NNCError("partial-data sequence interrupted (partial_data_counter %d where %d was expected)"
+                           % (unit.partial_data_counter, seq[3]), offset, "partial_data_counter")
+        if partial:
             counter_end = offset + (4 if data[offset] & 0x80 else 2) + 2
             if seq is None:
-                seq = [data[counter_end:unit.payload_start], [], []]
+                seq = [data[counter_end:unit.payload_start], [], [], 0]
+            seq[3] = unit.partial_data_counter - 1
             seq[1].append(data[unit.payload_start:unit.payload_end])
             seq[2].append(raw)
             if unit.partial_data_counter == 1:
-                units.extend(_fit_ndu(seq[0], b"".join(seq[1]), seq[2], max_body_bytes, unitwriter))
+                fit = (seq[0], b"".join(seq[1]), seq[2])
                 seq = None
         elif unit.nnr_unit_type == NNR_NDU and size > max_body_bytes:
             header = data[offset + (4 if data[offset] & 0x80 else 2) + 1:unit.payload_start]
-            units.extend(_fit_ndu(header, data[unit.payload_start:unit.payload_end], [raw], max_body_bytes, unitwriter))
+            fit = (header, data[unit.payload_start:unit.payload_end], [raw])
         else:
             if size > max_body_bytes:
                 raise ValueError("%s unit of %d bytes at byte %d does not fit a %d-byte message body; only NDUs "
                                  "can be split" % (unit.type_name, size, offset, max_body_bytes))
             units.append(raw)
+        if fit is not None:
+            try:
+                units.extend(_fit_ndu(fit[0], fit[1], fit[2], max_body_bytes, unitwriter))
+            except MessageTooSmall as exc:  # go on: the error names the size every NDU fits
+                too_small = exc if too_small is None or exc.min_body_bytes > too_small.min_body_bytes else too_small
+            fit = None
         offset += size
     if seq is not None:
         raise NNCError("the bitstream ends inside a partial-data sequence", end, "partial_data_counter")
+    if too_small is not None:
+        raise too_small
     bodies = []
     body = []
     body_len = 0
@@ -213,10 +231,21 @@ def _fit_ndu(header, payload, original, max_body_bytes, unitwriter):
     chunk = max_body_bytes - size_field - 2 - len(header)  # 2: unit header byte and partial_data_counter
     if chunk < 1:
         raise ValueError("a %d-byte message body cannot hold an NDU header of %d bytes" % (max_body_bytes, len(header)))
-    try:
-        return unitwriter.split_units(NNR_NDU, header, payload, chunk)
-    except ValueError as exc:
-        raise ValueError("%s: use larger messages (--max-message-bytes)" % exc)
+    if (len(payload) + chunk - 1) // chunk > unitwriter.MAX_PARTIAL_UNITS:
+        need = (len(payload) + unitwriter.MAX_PARTIAL_UNITS - 1) // unitwriter.MAX_PARTIAL_UNITS
+        raise MessageTooSmall("an NDU of %d bytes needs more than %d partial-data units (partial_data_counter is "
+                              "u(8)) in message bodies of %d bytes" % (len(payload), unitwriter.MAX_PARTIAL_UNITS,
+                                                                       max_body_bytes),
+                              need + (max_body_bytes - chunk))
+    return unitwriter.split_units(NNR_NDU, header, payload, chunk)
+
+
+class MessageTooSmall(ValueError):
+    """split_bitstream: ``min_body_bytes`` would fit."""
+
+    def __init__(self, message, min_body_bytes):
+        ValueError.__init__(self, message)
+        self.min_body_bytes = min_body_bytes
 
 
 # --- publisher ------------------------------------------------------------------------------------
@@ -228,8 +257,12 @@ class Publisher:
     """Publishes bitstreams of one model; see the module docstring for the protocol."""
 
     def __init__(self, settings, model, prefix=DEFAULT_PREFIX, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-                 retries=5, window=16, status_timeout=5.0, backoff=(1.0, 30.0)):
+                 retries=5, window=16, status_timeout=5.0, backoff=(1.0, 30.0), sign=None, ext_bytes=0):
+        """``sign(model, seq, parent_digest, digest) -> bytes`` makes the envelopes' extension field
+        (e.g. a signature over the publication), for which ``ext_bytes`` are kept free in each message."""
         self.settings = settings
+        self.sign = sign
+        self.ext_bytes = ext_bytes
         self.model = model
         self.topics = topics(prefix, model)
         if max_message_bytes < MIN_MESSAGE_BYTES:
@@ -240,9 +273,15 @@ class Publisher:
         self.status_timeout = status_timeout
         self.backoff = backoff
         self.bytes_sent = 0  # payload bytes of every PUBLISH, retries included
+        self.wire_bytes = 0  # the same PUBLISH packets whole (MQTT 3.1.1 framing, QoS 1)
 
     def bodies(self, bitstream):
-        return split_bitstream(bitstream, self.max_message_bytes - envelope.header_bytes(self.model))
+        header = envelope.header_bytes(self.model) + self.ext_bytes
+        try:
+            return split_bitstream(bitstream, self.max_message_bytes - header)
+        except MessageTooSmall as exc:
+            raise MessageTooSmall("%s: use messages of at least %d bytes (--max-message-bytes)"
+                                  % (exc, exc.min_body_bytes + header), exc.min_body_bytes)
 
     async def publish(self, bitstream, kind=FULL, seq=None):
         """Publish one bitstream as the model's next version; returns the new Status.
@@ -256,6 +295,7 @@ class Publisher:
         plan = None
         delays = backoff_delays(*self.backoff)
         for attempt in range(self.retries + 1):
+            client = None
             try:
                 async with self.settings.client("pub", self.window) as client:
                     status = await read_status(client, self.topics, self.model, self.status_timeout)
@@ -266,12 +306,17 @@ class Publisher:
                         await self._clear(client, plan.stale)
                         return plan.status
                     elif status.seq != plan.parent_status.seq or status.digest != plan.parent_status.digest:
-                        raise PublishError("the status changed while reconnecting (now version %d): another "
-                                           "publisher is active" % status.seq)
+                        if plan.kind == FULL and status.seq < plan.seq:
+                            # E.g. a broker restarted without persistence: a full model needs no chain.
+                            plan = self._plan(status, bodies, FULL, plan.seq)
+                        else:
+                            raise PublishError("the status changed while reconnecting (now version %d): the broker "
+                                               "lost it, or another publisher is active" % status.seq)
                     await self._send(client, plan)
                     return plan.status
             except Exception as exc:  # aiomqtt.MqttError, without importing aiomqtt at module level
-                if not _is_mqtt_error(exc) or attempt == self.retries:
+                _forget_disconnect(client)
+                if not is_mqtt_error(exc) or attempt == self.retries:
                     raise
                 delay = next(delays)
                 log.warning("publishing %s: %s; retrying in %.1f s", "model %s" % self.model, exc, delay)
@@ -289,11 +334,14 @@ class Publisher:
             if seq != status.seq + 1:
                 raise PublishError("an update to version %d must be version %d, not %d"
                                    % (status.seq, status.seq + 1, seq))
-            digest, payloads = envelope.messages(self.model, UPDATE, seq, bodies, status.seq, status.digest)
+            digest, payloads = envelope.messages(self.model, UPDATE, seq, bodies, status.seq, status.digest,
+                                                 self._ext(seq, status.digest))
             new = Status(self.model, seq, digest, status.full_seq, status.counts + [len(payloads)])
         else:
-            digest, payloads = envelope.messages(self.model, FULL, seq, bodies)
+            digest, payloads = envelope.messages(self.model, FULL, seq, bodies, ext=self._ext(seq, NO_DIGEST))
             new = Status(self.model, seq, digest, seq, [len(payloads)])
+        if max(map(len, payloads)) > self.max_message_bytes:
+            raise ValueError("the extension field is larger than the %d bytes kept for it" % self.ext_bytes)
         plan = _Plan(kind, seq, digest, payloads, status, new)
         # Retained messages nobody will need again: the old chain once a full model replaces it,
         # and what is left of an interrupted publication beyond this one's messages.
@@ -306,13 +354,19 @@ class Publisher:
         plan.stale = stale
         return plan
 
+    def _ext(self, seq, parent_digest):
+        if self.sign is None:
+            return b""
+        return lambda digest: self.sign(self.model, seq, parent_digest, digest)
+
     async def _send(self, client, plan):
         pending = Status(self.model, plan.parent_status.seq, plan.parent_status.digest, plan.parent_status.full_seq,
                          plan.parent_status.counts, (plan.seq, plan.digest, len(plan.payloads)))
         await self._put(client, self.topics.status, pending.payload())
         await self._put_all(client, [(self.topics.data(plan.seq, i), p) for i, p in enumerate(plan.payloads)])
         await self._put(client, self.topics.status, plan.status.payload())
-        log.info("published %s: %d bytes in %d messages", plan.describe(), plan.total, len(plan.payloads))
+        log.info("published %s: %d bytes in %d message%s", plan.describe(), plan.total, len(plan.payloads),
+                 "" if len(plan.payloads) == 1 else "s")
         await self._clear(client, plan.stale)
 
     async def _clear(self, client, stale):
@@ -321,6 +375,7 @@ class Publisher:
 
     async def _put(self, client, topic, payload):
         self.bytes_sent += len(payload)
+        self.wire_bytes += publish_packet_bytes(topic, payload)
         await client.publish(topic, payload, qos=1, retain=True)
 
     async def _put_all(self, client, items):
@@ -357,7 +412,24 @@ class _Plan:
         return "full model %d" % self.seq
 
 
-def _is_mqtt_error(exc):
+def publish_packet_bytes(topic, payload, qos=1):
+    """Size of the MQTT 3.1.1 PUBLISH packet (3.3) carrying payload on topic."""
+    remaining = 2 + len(topic.encode("utf-8")) + (2 if qos else 0) + len(payload)
+    length_bytes = 1
+    while remaining >= 128 ** length_bytes:
+        length_bytes += 1
+    return 1 + length_bytes + remaining
+
+
+def _forget_disconnect(client):
+    # aiomqtt keeps an unexpected disconnection as a future's exception, which nobody retrieves when
+    # the error surfaced elsewhere (asyncio would log "exception was never retrieved").
+    future = getattr(client, "_disconnected", None)
+    if future is not None and future.done() and not future.cancelled():
+        future.exception()
+
+
+def is_mqtt_error(exc):
     import aiomqtt
     return isinstance(exc, aiomqtt.MqttError)
 
@@ -400,27 +472,31 @@ class ModelStore:
     """The device's current model: ``DIR/model.safetensors``, its version in the file's metadata
     (``nnc_edge.seq``, ``nnc_edge.digest``, ``nnc_edge.kind``), always replaced atomically.
 
-    ``apply_update(base_tensors, update_bytes) -> new_tensors`` applies an update bitstream; the
-    default is ``nnc_edge.apply_update`` (incremental updates).
+    Updates are applied with ``nnc_edge.updates.apply_update``, which checks the update record
+    inside the bitstream against the model's own digest and keeps the decoder state of an update
+    chain in a file beside the model. ``allow_anonymous`` (default True) also applies updates
+    without a record (e.g. written by NNCodec): the envelope's parent version already ties them to
+    this model. ``apply_update(base_tensors, update_bytes) -> new_tensors`` replaces the rule.
     """
 
     FILENAME = "model.safetensors"
 
-    def __init__(self, directory, model, apply_update=None, threads=None):
+    def __init__(self, directory, model, apply_update=None, threads=None, allow_anonymous=True):
         from nnc_edge import modelio
         self.directory = os.fspath(directory)
         self.model = model
         self.path = os.path.join(self.directory, self.FILENAME)
         self.apply_update = apply_update
+        self.allow_anonymous = allow_anonymous
         self.threads = threads
         os.makedirs(self.directory, exist_ok=True)
         self.version = None
         if os.path.exists(self.path):
-            meta = modelio.load_metadata(self.path)
             try:
+                meta = modelio.load_metadata(self.path)
                 if meta.get("nnc_edge.model") == model:
                     self.version = (int(meta["nnc_edge.seq"]), envelope.digest_from_hex(meta["nnc_edge.digest"]))
-            except (KeyError, ValueError) as exc:
+            except (KeyError, ValueError, OSError) as exc:  # ModelFormatError and NNCError are ValueErrors
                 log.warning("%s: no usable version in its metadata (%s); fetching the full model", self.path, exc)
 
     def describe(self):
@@ -481,19 +557,15 @@ class UpdateWriter:
         self.data += body
 
     def commit(self):
-        from nnc_edge import modelio
-        from nnc_edge.sinks import SafetensorsSink
-        apply = self.store.apply_update
-        if apply is None:
-            import nnc_edge
-            apply = getattr(nnc_edge, "apply_update", None)
-            if apply is None:
-                raise NNCError("this nnc-edge cannot apply incremental updates", 0, "update")
-        base = modelio.load(self.store.path)
-        new = apply(base, bytes(self.data))
-        with SafetensorsSink(self.store.path, metadata=self.store.metadata(self.env)) as sink:
-            for name, array in new.items():
-                sink.write(name, array)
+        from nnc_edge import modelio, updates
+        path = self.store.path
+        if self.store.apply_update is not None:
+            new, state = self.store.apply_update(modelio.load(path), bytes(self.data)), None
+        else:
+            # The decoder state of an update chain (temporal context adaptation) lives beside the model.
+            new, state = updates.apply_update(path, bytes(self.data), return_state=True, threads=self.store.threads,
+                                              allow_anonymous=self.store.allow_anonymous)
+        updates.write_model(path, new, state, self.store.metadata(self.env))
         self.tensors = len(new)
         self.store.version = (self.env.seq, self.env.digest)
 
@@ -507,12 +579,15 @@ class Receiver:
 
     ``applied`` lists (seq, kind, bytes, seconds from first message to model written) per
     publication applied; ``events`` the reasons for everything refused or abandoned.
+    ``verify(envelope)`` (e.g. a signature check of the extension field) runs on the first message
+    of each publication, before anything of it is used; an NNCError from it refuses the publication.
     """
 
     def __init__(self, store, prefix=DEFAULT_PREFIX, gap_timeout=DEFAULT_GAP_TIMEOUT,
                  max_buffered=envelope.DEFAULT_MAX_BUFFERED, max_update_bytes=256 << 20, clock=time.monotonic,
-                 on_applied=None):
+                 on_applied=None, on_current=None, verify=None):
         self.store = store
+        self.verify = verify
         self.model = store.model
         self.topics = topics(prefix, store.model)
         self.gap_timeout = gap_timeout
@@ -520,17 +595,35 @@ class Receiver:
         self.max_update_bytes = max_update_bytes
         self.clock = clock
         self.on_applied = on_applied
+        self.on_current = on_current
         self.status = None
         self.target = None
         self.diverged = False     # the device's version is not on the publisher's chain
         self.resubscribe = False  # subscribe to the target again to have its retained messages re-sent
+        self.subscribed = None    # the data topic filter run_receiver has subscribed to (acknowledged)
+        self.connected = False    # run_receiver is connected and subscribed to the status
         self.refused = set()      # digests of publications whose content was refused
+        # (digest, ext) of publications verify() refused: an unsigned or forged copy of a bitstream
+        # must not make the device ignore the genuine signed publication of the same bytes.
+        self.unverified = set()
+        self.deferred = {}        # digest -> clock: failed here (disk, model file), not retried before
         self.assembly = None
         self.writer = None
         self.started = None
         self.applied = []
         self.events = []
         self.target = self._next_target()
+
+    @property
+    def up_to_date(self):
+        """True when the device has the version the publisher's status announces."""
+        st = self.status
+        return (st is not None and st.seq > 0 and self.assembly is None
+                and self.store.version == (st.seq, st.digest))
+
+    def _check_current(self):
+        if self.on_current is not None and self.up_to_date:
+            self.on_current()
 
     # --- what to subscribe to ------------------------------------------------------------------
     def subscription(self):
@@ -590,6 +683,7 @@ class Receiver:
             if announced is not None and announced != a.first.digest:
                 self._abandon("the status announces another publication of version %d" % a.first.seq, refuse=False)
         self._retarget()
+        self._check_current()
 
     def _announced(self, seq):
         st = self.status
@@ -613,7 +707,8 @@ class Receiver:
             self._event("warning", "ignored message %s: its envelope says model %r, version %d, message %d"
                         % (self.topics.data(seq, index), env.model, env.seq, env.index))
             return
-        if seq != self.target or env.digest in self.refused:
+        if (seq != self.target or env.digest in self.refused or (env.digest, env.ext) in self.unverified
+                or self.clock() < self.deferred.get(env.digest, 0)):
             return
         announced = self._announced(seq)
         if announced is not None and announced != env.digest:
@@ -630,7 +725,7 @@ class Receiver:
             try:
                 self.writer = self.store.begin(env)
             except (OSError, ValueError) as exc:
-                self._abandon("cannot start writing %s: %s" % (self.store.path, exc), refuse=False)
+                self._abandon("cannot start writing %s: %s" % (self.store.path, exc), refuse=None)
                 return
         try:
             bodies = a.add(env)
@@ -643,28 +738,42 @@ class Receiver:
                 await asyncio.to_thread(self.writer.commit)
         except NNCError as exc:
             self._abandon(str(exc), refuse=True)
+            if _needs_full_model(exc):
+                self.diverged = True
+                self._retarget()
             return
         except (OSError, ValueError) as exc:  # a full disk, an unreadable model file, ...
-            self._abandon("%s: %s" % (type(exc).__name__, exc), refuse=False)
+            self._abandon("%s: %s (retrying in %g s)" % (type(exc).__name__, exc, self.gap_timeout), refuse=None)
             return
         if a.complete:
             self._done(a)
 
     def _acceptable(self, env):
+        if self.verify is not None:
+            try:
+                self.verify(env)
+            except NNCError as exc:
+                self.unverified.add((env.digest, bytes(env.ext)))
+                self._event("warning", "model %s: refused %s: %s; the model stays at %s"
+                            % (self.model, env.describe(), exc, self.store.describe()))
+                return False
         if env.kind == UPDATE:
+            if self.store.version is not None and not os.path.exists(self.store.path):
+                self._event("warning", "model %s: %s has gone: fetching the full model" % (self.model, self.store.path))
+                self.store.version = None
             cur = self.store.version
             if cur != (env.parent_seq, env.parent_digest):
                 self.refused.add(env.digest)
-                self._event("warning", "refused %s: it applies to version %d (%s), the device has %s; fetching the "
-                            "full model" % (env.describe(), env.parent_seq, digest_hex(env.parent_digest)[:12],
-                                            self.store.describe()))
+                self._event("warning", "model %s: refused %s: it applies to version %d (%s), the device has %s; "
+                            "fetching the full model" % (self.model, env.describe(), env.parent_seq,
+                                                         digest_hex(env.parent_digest)[:12], self.store.describe()))
                 self.diverged = True
                 self._retarget()
                 return False
             if env.total > self.max_update_bytes:
                 self.refused.add(env.digest)
-                self._event("warning", "refused %s: %d bytes, more than the limit of %d"
-                            % (env.describe(), env.total, self.max_update_bytes))
+                self._event("warning", "model %s: refused %s: %d bytes, more than the limit of %d"
+                            % (self.model, env.describe(), env.total, self.max_update_bytes))
                 return False
         return True
 
@@ -676,21 +785,42 @@ class Receiver:
         if env.kind == FULL:
             self.diverged = False
         self.applied.append((env.seq, env.kind, env.total, seconds))
-        log.info("model %s: applied %s: %d bytes in %d messages%s, %d tensors, %.2f s -> %s", self.model,
-                 env.describe(), env.total, env.count, " (%d duplicates dropped)" % a.duplicates if a.duplicates else "",
-                 tensors, seconds, self.store.path)
-        self.target = self._next_target()
+        log.info("model %s: applied %s: %d bytes in %d message%s%s, %.2f s -> %s (%d tensors)", self.model,
+                 env.describe(), env.total, env.count, "" if env.count == 1 else "s",
+                 " (%d duplicates dropped)" % a.duplicates if a.duplicates else "",
+                 seconds, self.store.path, tensors)
+        # The next version, whatever the status says now: it may still announce the previous one
+        # (the status follows the data); the next status message is checked against the chain.
+        self.target = env.seq + 1
         if self.on_applied is not None:
             self.on_applied(env)
+        self._check_current()
 
     def tick(self):
-        """Abandon a publication whose next message has not come for ``gap_timeout`` seconds."""
+        """Act on a gap: after ``gap_timeout`` seconds without progress, subscribe again so that the
+        broker re-sends the retained messages; after another ``gap_timeout``, abandon. Retry
+        publications that failed for a local reason once their pause is over."""
+        now = self.clock()
+        for digest in [d for d, until in self.deferred.items() if now >= until]:
+            del self.deferred[digest]
+            self.resubscribe = True
         a = self.assembly
-        if a is not None and self.clock() - a.last_progress > self.gap_timeout:
-            self._abandon("messages %s of %d missing for %.0f s" % (_ranges(a.missing()), a.first.count,
-                                                                    self.gap_timeout), refuse=False)
+        if a is None or self.clock() - a.last_progress <= self.gap_timeout:
+            return
+        missing = "messages %s of %d missing for %.1f s" % (_ranges(a.missing()), a.first.count,
+                                                           self.clock() - a.last_progress)
+        if not a.refetched:
+            a.refetched = True
+            a.last_progress = self.clock()
+            self.resubscribe = True
+            log.info("model %s: %s: %s; asking the broker for them again", self.model, a.first.describe(), missing)
+        else:
+            self._abandon(missing, refuse=False)
 
     def _abandon(self, reason, refuse):
+        """Drop the publication being assembled. ``refuse``: True for good (its content is bad),
+        None for ``gap_timeout`` seconds (a local failure), False not at all: its retained messages
+        are asked for again at once."""
         a = self.assembly
         if a is None:
             return
@@ -699,6 +829,8 @@ class Receiver:
         self.assembly = self.writer = None
         if refuse:
             self.refused.add(a.first.digest)
+        elif refuse is None:
+            self.deferred[a.first.digest] = self.clock() + self.gap_timeout
         else:
             self.resubscribe = True
         self._event("warning", "model %s: abandoned %s: %s; the model stays at %s"
@@ -707,6 +839,13 @@ class Receiver:
     def _event(self, level, message):
         self.events.append(message)
         getattr(log, level)(message)
+
+
+def _needs_full_model(exc):
+    """True for an update refused because the model is not the one it applies to (by content, or
+    without the decoder state its chain needs): only the full model and its chain can help."""
+    from nnc_edge import updates
+    return isinstance(exc, (updates.WrongBaseError, updates.MissingStateError))
 
 
 def _ranges(indices):
@@ -727,6 +866,7 @@ async def run_receiver(settings, receiver, stop=None, backoff=(1.0, 60.0), tick=
     stop = stop or asyncio.Event()
     delays = backoff_delays(*backoff)
     while not stop.is_set():
+        client = None
         try:
             async with settings.client("dev") as client:
                 log.info("model %s: connected to %r, the device has %s", receiver.model, settings,
@@ -734,6 +874,7 @@ async def run_receiver(settings, receiver, stop=None, backoff=(1.0, 60.0), tick=
                 delays = backoff_delays(*backoff)
                 await _serve(client, receiver, stop, tick)
         except aiomqtt.MqttError as exc:
+            _forget_disconnect(client)
             if stop.is_set():
                 break
             delay = next(delays)
@@ -750,6 +891,8 @@ async def _serve(client, receiver, stop, tick):
     messages = client.messages.__aiter__()
     waiter = None
     stopper = asyncio.ensure_future(stop.wait())
+    receiver.subscribed = None
+    receiver.connected = True
     try:
         while not stop.is_set():
             want = receiver.subscription()
@@ -761,6 +904,7 @@ async def _serve(client, receiver, stop, tick):
                 if want is not None:
                     await client.subscribe(want, qos=1)
                     subscribed = want
+                receiver.subscribed = subscribed
             # One pending read at a time, kept across ticks: cancelling it could lose a message.
             if waiter is None:
                 waiter = asyncio.ensure_future(messages.__anext__())
@@ -771,6 +915,7 @@ async def _serve(client, receiver, stop, tick):
                 await receiver.handle(message.topic.value, message.payload)
             receiver.tick()
     finally:
+        receiver.connected = False
         for task in (waiter, stopper):
             if task is not None and not task.done():
                 task.cancel()

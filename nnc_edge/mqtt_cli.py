@@ -1,0 +1,311 @@
+"""``nnc-edge publish``, ``nnc-edge receive`` and ``nnc-edge demo``: MQTT delivery (registered via
+cli.EXTENSIONS). The protocol is described in transports/mqtt.py; the demo is nnc_edge/demo.py.
+
+Connection options are named as mosquitto_pub/mosquitto_sub name them: --username/-u,
+--password/-P (or the environment variable NNC_EDGE_MQTT_PASSWORD, which keeps it out of the
+process list), --cafile, --cert, --key, --insecure, --id, --keepalive.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from decoder_core import NNCError
+
+from . import modelio
+from .cli import EXIT_INVALID, EXIT_IO, CommandError, arguments, command, read_input
+
+PASSWORD_ENV = "NNC_EDGE_MQTT_PASSWORD"
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, not %s" % text)
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive, not %s" % text)
+    return value
+
+
+def add_broker_arguments(parser, required=True):
+    group = parser.add_argument_group("broker connection (as mosquitto_pub/mosquitto_sub name them)")
+    group.add_argument("--broker", required=required, metavar="URL",
+                       help="mqtt://HOST[:PORT] (default port 1883) or mqtts://HOST[:PORT] (TLS, default 8883)"
+                            + ("" if required else "; without it an embedded broker is started"))
+    group.add_argument("-u", "--username", help="user name for the broker")
+    group.add_argument("-P", "--password",
+                       help="password for the broker (default: $%s)" % PASSWORD_ENV)
+    group.add_argument("--cafile", help="CA certificates (PEM) to verify the broker with; implies TLS")
+    group.add_argument("--cert", help="client certificate (PEM) for brokers that require one")
+    group.add_argument("--key", help="the client certificate's private key (PEM)")
+    group.add_argument("--insecure", action="store_true",
+                       help="with TLS, do not check that the broker's certificate names its host")
+    group.add_argument("--id", dest="client_id", help="MQTT client id (default: a random one)")
+    group.add_argument("--keepalive", type=_positive_int, default=30, metavar="SECONDS",
+                       help="MQTT keepalive interval (default %(default)s)")
+    group.add_argument("--prefix", default="nnc",
+                       help="topic prefix: topics are PREFIX/MODEL/... (default %(default)s)")
+
+
+def broker_settings(args, url=None):
+    from transports.mqtt import BrokerSettings
+    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
+    try:
+        return BrokerSettings(url or args.broker, username=args.username, password=password, cafile=args.cafile,
+                              cert=args.cert, key=args.key, insecure=args.insecure, client_id=args.client_id,
+                              keepalive=args.keepalive)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
+
+
+@contextlib.contextmanager
+def logging_to_stderr(args, quiet_level=logging.WARNING):
+    """Log nnc_edge's messages on stderr for the command's duration (-q: problems only, -v: all,
+    including paho-mqtt's own); the previous logging setup is restored afterwards."""
+    level = quiet_level if getattr(args, "quiet", False) else logging.INFO
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger = logging.getLogger("nnc_edge")
+    paho = logging.getLogger("nnc_edge.mqtt.paho")
+    saved = logger.handlers[:], logger.level, logger.propagate, paho.level
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    # paho-mqtt's socket errors repeat what our own warnings say.
+    paho.setLevel(logging.DEBUG if level == logging.DEBUG else logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+        paho.setLevel(saved[3])
+
+
+def _check_model_name(model):
+    from transports.envelope import check_model_name
+    try:
+        check_model_name(model)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
+
+
+def _connection_error(settings, exc):
+    return CommandError("broker %r: %s" % (settings, exc), EXIT_IO)
+
+
+# --- publish --------------------------------------------------------------------------------------
+@command("publish", help="publish a model or an update to devices over MQTT",
+         description="Publish an NNR bitstream as the next version of model NAME: as retained QoS 1 messages "
+                     "of at most --max-message-bytes, each carrying whole NNR units (large tensors are re-cut "
+                     "into partial-data units), then the retained status PREFIX/NAME/status announcing the new "
+                     "version. A bitstream with an update record (nnc-edge update) is published as an update "
+                     "of the current version, any other as a full model (--kind overrides). A .safetensors or "
+                     ".npz model is encoded first. Lost connections are retried with backoff.",
+         examples=("nnc-edge publish model.nnc --broker mqtt://localhost --model kws",
+                   "nnc-edge publish update.nnc --broker mqtts://broker.example:8883 --cafile ca.crt -u host "
+                   "--model kws",
+                   "nnc-edge publish model.nnc --broker mqtt://localhost --model kws --max-message-bytes 4096"))
+def run_publish(args):
+    with logging_to_stderr(args):
+        return _publish(args)
+
+
+def _publish(args):
+    from transports import mqtt
+    from transports.envelope import FULL, UPDATE
+    _check_model_name(args.model)
+    settings = broker_settings(args)
+    data, kind = _publication(args.input, args.kind)
+    if args.max_message_bytes < mqtt.MIN_MESSAGE_BYTES:
+        raise CommandError("--max-message-bytes must be at least %d" % mqtt.MIN_MESSAGE_BYTES, EXIT_INVALID)
+    from .keys_cli import publisher_signing
+    publisher = mqtt.Publisher(settings, args.model, prefix=args.prefix, max_message_bytes=args.max_message_bytes,
+                               retries=args.retries, **publisher_signing(args))
+    try:
+        status = asyncio.run(publisher.publish(data, UPDATE if kind == "update" else FULL, seq=args.seq))
+    except NNCError as exc:
+        raise CommandError("%s: %s" % (args.input, exc), EXIT_INVALID)
+    except (ValueError, mqtt.PublishError) as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
+    except Exception as exc:  # aiomqtt.MqttError: a broker we cannot reach or that refuses us
+        if mqtt.is_mqtt_error(exc):
+            raise _connection_error(settings, exc)
+        raise
+    if not args.quiet:
+        count = status.counts[-1]
+        print("%s -> %r %s/%s: %s %d, %d bytes in %d message%s" % (
+            args.input, settings, args.prefix, args.model, kind, status.seq, len(data), count,
+            "" if count == 1 else "s"))
+    return 0
+
+
+def _publication(path, kind):
+    """(bitstream, "full" or "update") for the file to publish."""
+    if path.endswith(modelio.SUFFIXES):
+        if kind == "update":
+            raise CommandError("%s is a model file: make an update bitstream with 'nnc-edge update'" % path,
+                               EXIT_INVALID)
+        try:
+            from .encoding import encode
+        except ImportError:
+            raise CommandError("this nnc-edge cannot encode %s: publish an .nnc bitstream" % path, EXIT_INVALID)
+        try:
+            return encode(modelio.load(path)), "full"
+        except (modelio.ModelFormatError, ValueError) as exc:
+            raise CommandError("%s: %s" % (path, exc), EXIT_INVALID)
+        except OSError as exc:
+            raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
+    data = read_input(path)
+    if kind == "auto":
+        from .updates import read_update_info
+        try:
+            kind = "update" if read_update_info(data) is not None else "full"
+        except NNCError as exc:
+            raise CommandError("%s: %s" % (path, exc), EXIT_INVALID)
+    return data, kind
+
+
+@arguments("publish")
+def _publish_arguments(parser):
+    parser.add_argument("input", metavar="MODEL_OR_UPDATE",
+                        help="an NNR bitstream (.nnc: a full model or an update) or a .safetensors/.npz model")
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model's name (one topic level)")
+    parser.add_argument("--kind", choices=("auto", "full", "update"), default="auto",
+                        help="publish as a full model or as an update of the current version (default: update if "
+                             "the bitstream carries an update record)")
+    parser.add_argument("--seq", type=_positive_int, metavar="N",
+                        help="the version number to publish as (default: the current one + 1)")
+    parser.add_argument("--max-message-bytes", type=_positive_int, default=64 << 10, metavar="BYTES",
+                        help="largest MQTT payload (default %(default)d; 4096 or less for microcontroller clients)")
+    parser.add_argument("--retries", type=int, default=5, metavar="N",
+                        help="reconnect attempts after a lost connection (default %(default)d)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    add_broker_arguments(parser)
+
+
+# --- receive --------------------------------------------------------------------------------------
+@command("receive", help="keep a model current from MQTT (the device service)",
+         description="Subscribe to model NAME and keep its current version in DIR/model.safetensors, replaced "
+                     "atomically after each full model or update (its version is in the file's metadata). "
+                     "Catches up from the broker's retained messages after being offline, waits up to "
+                     "--gap-timeout for missing messages and then drops the incomplete update (the model stays "
+                     "as it was), and reconnects with exponential backoff when the broker goes away. Runs until "
+                     "interrupted (SIGINT/SIGTERM), or with --once until the model is at the published version. "
+                     "Logs each update applied or refused on stderr.",
+         examples=("nnc-edge receive --broker mqtt://localhost --model kws --out /var/lib/kws",
+                   "nnc-edge receive --broker mqtts://broker.example --cafile ca.crt -u kws-17 --model kws "
+                   "--out model/",
+                   "nnc-edge receive --broker mqtt://localhost --model kws --out model/ --once --timeout 60"))
+def run_receive(args):
+    with logging_to_stderr(args):
+        return _receive_command(args)
+
+
+def _receive_command(args):
+    from transports import mqtt
+    _check_model_name(args.model)
+    settings = broker_settings(args)
+    try:
+        store = mqtt.ModelStore(args.out, args.model)
+    except (OSError, modelio.ModelFormatError) as exc:
+        raise CommandError("cannot use %s: %s" % (args.out, exc))
+    from .keys_cli import receiver_verifier
+    receiver = mqtt.Receiver(store, prefix=args.prefix, gap_timeout=args.gap_timeout,
+                             verify=receiver_verifier(args, store))
+    reached = asyncio.run(_receive(settings, receiver, args.once, args.timeout))
+    if not reached:
+        raise CommandError("model %s is not at the published version after %g s (the device has %s)"
+                           % (args.model, args.timeout, store.describe()))
+    return 0
+
+
+async def _receive(settings, receiver, once, timeout):
+    from transports import mqtt
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+            pass
+    if once:
+        receiver.on_current = stop.set
+    task = asyncio.ensure_future(mqtt.run_receiver(settings, receiver, stop))
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+    except asyncio.TimeoutError:
+        stop.set()
+        await task
+        return False
+    return not once or receiver.up_to_date
+
+
+@arguments("receive")
+def _receive_arguments(parser):
+    parser.add_argument("--model", required=True, metavar="NAME", help="the model's name (one topic level)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory that keeps the model")
+    parser.add_argument("--gap-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                        help="how long to wait for a missing message before dropping the incomplete update "
+                             "(default %(default)s)")
+    parser.add_argument("--once", action="store_true",
+                        help="exit (status 0) as soon as the model is at the version the publisher announces")
+    parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                        help="give up after this long (exit status 1)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only problems")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log MQTT details too")
+    add_broker_arguments(parser)
+
+
+# --- demo -----------------------------------------------------------------------------------------
+@command("demo", help="train a model on this machine and keep a simulated device current over MQTT",
+         description="The main job on one machine: a host trains a small numpy classifier for a few rounds on "
+                     "synthetic data and publishes the full model, then each round's update; a device task "
+                     "receives them over MQTT and applies them to its own model file. Each round prints the "
+                     "update's size, the full model's size, and the device's accuracy next to the host's. "
+                     "Without --broker an MQTT broker is started for the demo (amqtt in this process, else a "
+                     "mosquitto process).",
+         examples=("nnc-edge demo", "nnc-edge demo --rounds 10 --out device/",
+                   "nnc-edge demo --broker mqtt://localhost:1883"))
+def run_demo(args):
+    # The table says what happened: log only problems, or everything with -v.
+    with logging_to_stderr(argparse.Namespace(quiet=not args.verbose, verbose=args.verbose), logging.ERROR
+                           if args.quiet else logging.WARNING):
+        return _demo(args)
+
+
+def _demo(args):
+    from . import demo
+    if args.broker is not None:
+        settings = broker_settings(args)
+    else:
+        settings = None
+        if any(getattr(args, name) for name in ("username", "password", "cafile", "cert", "key")):
+            raise CommandError("connection options need --broker", EXIT_INVALID)
+    try:
+        return demo.run(settings, args, out=sys.stdout)
+    except demo.DemoError as exc:
+        raise CommandError(str(exc), exc.status)
+
+
+@arguments("demo")
+def _demo_arguments(parser):
+    parser.add_argument("--rounds", type=_positive_int, default=5, help="training rounds (default %(default)d)")
+    parser.add_argument("--model", default="demo", metavar="NAME",
+                        help="model name on the broker (default %(default)s)")
+    parser.add_argument("--out", metavar="DIR", help="the device's directory (default: a temporary one)")
+    parser.add_argument("--max-message-bytes", type=_positive_int, default=4096, metavar="BYTES",
+                        help="largest MQTT payload (default %(default)d, as for a microcontroller)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for data and training (default %(default)d)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log only problems")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each publication and what the device does")
+    add_broker_arguments(parser, required=False)
