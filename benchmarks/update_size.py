@@ -181,12 +181,12 @@ def run_model(label, model, steps, qp, python, tmp):
             worst = max(worst, ours / best)
         print("%4d %9d %9d %7.0fx %9s %9s %9s %9s %9d %8s" % (
             step, changed, ours, full / ours, z if z is not None else "-", x, a if a is not None else "-",
-            b if b is not None else "-", ours - RECORD, "%.3f" % (ours / best) if best else "-"))
+            b if b is not None else "-", ours - RECORD, "%.4f" % (ours / best) if best else "-"))
     worst_ratio = min(full / r[2] for r in rows)
     print("smallest full/update ratio %.0fx (target >= 10x: %s)" % (worst_ratio, "met" if worst_ratio >= 10 else
                                                                        "NOT met"))
     if python:
-        print("largest update / smaller NNCodec stream %.3f (target <= 1: %s)" % (worst, "met" if worst <= 1 else
+        print("largest update / smaller NNCodec stream %.4f (target <= 1: %s)" % (worst, "met" if worst <= 1 else
                                                                                   "NOT met"))
 
 

@@ -19,7 +19,7 @@ Pure Python for CPython and MicroPython (no numpy)::
 
 from .decoder import Decoder
 from .errors import NNCError
-from .limits import DEFAULT_MAX_UNIT_SIZE, exceeded
+from .limits import DEFAULT_MAX_UNIT_SIZE, exceeded  # noqa: F401 (DEFAULT_MAX_UNIT_SIZE re-exported)
 from .units import nnr_unit_size
 
 

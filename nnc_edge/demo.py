@@ -236,7 +236,7 @@ async def _demo(settings, args, out):
         stop = asyncio.Event()
         device = asyncio.ensure_future(mqtt.run_receiver(settings, receiver, stop, backoff=(0.5, 5.0)))
         try:
-            await _rounds(settings, args, receiver, device, out, work)
+            await _rounds(settings, args, receiver, device, out)
         finally:
             stop.set()
             await device
@@ -244,11 +244,10 @@ async def _demo(settings, args, out):
     finally:
         if broker is not None:
             await broker.stop()
-        if args.out is None:
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # the broker's files, and the device's unless --out
 
 
-async def _rounds(settings, args, receiver, device, out, work):
+async def _rounds(settings, args, receiver, device, out):
     from transports import mqtt
     from transports.envelope import FULL, UPDATE
 

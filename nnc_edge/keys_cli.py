@@ -96,7 +96,8 @@ def run_sign(args):
     if sequence is None:
         raise CommandError("%s carries no update record: give --sequence" % args.input, EXIT_INVALID)
     try:
-        sig = signing.sign_bitstream(data, key, sequence, args.model, parent if parent is not None else signing.NO_DIGEST)
+        sig = signing.sign_bitstream(data, key, sequence, args.model,
+                                     parent if parent is not None else signing.NO_DIGEST)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_INVALID)
     out = args.output or signing.signature_path(args.input)

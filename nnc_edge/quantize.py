@@ -141,11 +141,11 @@ def _round_levels(w32, qp, qp_density):
     below 2^24, no fraction above)."""
     _, scale = _step32(qp, qp_density)
     with np.errstate(over="ignore", invalid="ignore"):  # an infinite product fails the int32 check
-        prod = w32 * scale
+        prod = np.atleast_1d(w32 * scale)  # a 0-d tensor's product is a numpy scalar
         rounded = np.trunc(prod)
         away = np.abs(prod - rounded) >= 0.5
         rounded[away] += np.sign(prod[away])
-    return rounded
+    return rounded.reshape(np.shape(w32))
 
 
 def _in_limits(rounded, limits):

@@ -261,8 +261,8 @@ class Signature:
 
     # -- the detached .sig file --
     def to_text(self):
-        return "\n".join((TEXT_HEADER, "model " + self.model, "sequence %d" % self.sequence, "parent " + _hex(self.parent),
-                          "sha256 " + _hex(self.digest), "key " + _hex(self.key_id),
+        return "\n".join((TEXT_HEADER, "model " + self.model, "sequence %d" % self.sequence,
+                          "parent " + _hex(self.parent), "sha256 " + _hex(self.digest), "key " + _hex(self.key_id),
                           "signature " + _hex(self.signature))) + "\n"
 
     @classmethod
@@ -389,7 +389,8 @@ def verify_bitstream(data, signature, trusted, model=None, sequence=None, parent
         raise SignatureError("the bitstream's SHA-256 %s is not the signed %s: it was changed after signing"
                              % (_hex(digest)[:16], _hex(signature.digest)[:16]), None, "signature sha256")
     if model is not None and signature.model != model:
-        raise SignatureError("the signature is for model %r, not %r" % (signature.model, model), None, "signature model")
+        raise SignatureError("the signature is for model %r, not %r" % (signature.model, model), None,
+                             "signature model")
     if sequence is not None and signature.sequence != sequence:
         raise SignatureError("the signature is for sequence %d, the bitstream says %d" % (signature.sequence, sequence),
                              None, "signature sequence")

@@ -155,9 +155,9 @@ def run_apply(args):
     except OSError as exc:
         raise CommandError("%s%s" % (exc.strerror or exc, (": " + exc.filename) if exc.filename else ""))
     if not args.quiet:
-        print("%s: %d update%s applied, now at update %d of its chain (model %s)"
-              % (args.output, len(args.updates), "" if len(args.updates) == 1 else "s", state.sequence,
-                 state.model.hex()[:16]))
+        where = (", now at update %d of its chain" % state.sequence) if state.sequence else ""
+        print("%s: %d update%s applied%s (model %s)"
+              % (args.output, len(args.updates), "" if len(args.updates) == 1 else "s", where, state.model.hex()[:16]))
     return 0
 
 

@@ -155,7 +155,8 @@ class MissingStateError(UpdateError):
 
 
 class CorruptUpdateError(UpdateError):
-    """The update decoded, but not to the model its record promises (or it carries no record)."""
+    """The update is damaged: it decoded, but not to the model its record promises, or its tensors do
+    not fit the model it claims to apply to."""
 
 
 # --- the model digest -----------------------------------------------------------------------------
@@ -460,7 +461,7 @@ def _check_record(info, digest, state, label, allow_anonymous):
     if info is None:
         if allow_anonymous:
             return
-        raise CorruptUpdateError("%s carries no nnc-edge update record, so the model it applies to is unknown "
+        raise UpdateError("%s carries no nnc-edge update record, so the model it applies to is unknown "
                                  "(allow_anonymous / --allow-anonymous applies it anyway)" % label)
     known = state is not None and state.model == digest
     if not known and info.root == digest:
@@ -488,7 +489,7 @@ def _check_record(info, digest, state, label, allow_anonymous):
         raise (RepeatedUpdateError if info.sequence <= state.sequence else MissingUpdateError)(
             "%s: update %d applies to this model, but the model is at update %d of the same chain"
             % (label, info.sequence, state.sequence))
-    if info.continues_state and not (known and state.sequence == info.sequence - 1):
+    if info.continues_state and not (known and state.root == info.root and state.sequence == info.sequence - 1):
         raise MissingStateError("%s: update %d continues the decoder state of update %d (temporal context "
                                 "adaptation), which this device does not have: apply the chain with its state "
                                 "file (%s) kept beside the model" % (label, info.sequence, info.sequence - 1,

@@ -46,7 +46,8 @@ def settings(broker, user):
 
 def model(seed):
     rng = np.random.default_rng(seed)
-    return {"w": (0.1 * rng.normal(size=(24, 16))).astype(np.float32), "b": (0.1 * rng.normal(size=24)).astype(np.float32)}
+    return {"w": (0.1 * rng.normal(size=(24, 16))).astype(np.float32),
+            "b": (0.1 * rng.normal(size=24)).astype(np.float32)}
 
 
 async def first_message(client, timeout):

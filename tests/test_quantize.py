@@ -602,3 +602,11 @@ def test_codebook_egk_equals_nncodec(reference):
         egk, bits = out["qp%d" % i]
         assert q.best_codebook_egk(book, zero) == egk
         assert q.integer_codebook_bits(book, zero, int(egk)) == bits
+
+
+def test_round_levels_accepts_zero_dimensional_tensors():
+    from nnc_edge.quantize import _round_levels
+    w = np.float32(0.75)
+    out = _round_levels(w, -8, 2)  # step 2^-2: 0.75 / 0.25 = 3
+    assert out.shape == () and float(out) == 3.0
+    np.testing.assert_array_equal(_round_levels(np.array([0.375, -0.375], np.float32), -8, 2), [2.0, -2.0])

@@ -727,6 +727,7 @@ class Receiver:
             except (OSError, ValueError) as exc:
                 self._abandon("cannot start writing %s: %s" % (self.store.path, exc), refuse=None)
                 return
+        confirmed = False  # the bytes received are those the digest names
         try:
             bodies = a.add(env)
             if bodies:
@@ -735,9 +736,14 @@ class Receiver:
                 await asyncio.to_thread(self.writer.feed, body)
             if a.complete:
                 a.check()
+                confirmed = True
                 await asyncio.to_thread(self.writer.commit)
         except NNCError as exc:
-            self._abandon(str(exc), refuse=True)
+            # With signatures, bytes not yet known to be the signed ones may be a forged copy under a
+            # genuine envelope: refusing their digest would make the device ignore the real publication.
+            # Not refused for good, then retried after a pause: the retained copies that come again on
+            # resubscribing could be the same bad ones, which must not make a busy loop.
+            self._abandon(str(exc), refuse=True if confirmed or self.verify is None else None)
             if _needs_full_model(exc):
                 self.diverged = True
                 self._retarget()

@@ -35,7 +35,7 @@ from decoder_core import Limits, NNCError
 from decoder_core import backend as core_backend
 from decoder_core.stream import StreamDecoder as CoreStreamDecoder
 from decoder_core.tables import (
-    NNR_AGG, NNR_CPT_BI, NNR_CPT_DC, NNR_CPT_LS, NNR_MPS, NNR_NDU, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT,
+    NNR_CPT_BI, NNR_CPT_DC, NNR_CPT_LS, NNR_MPS, NNR_NDU, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT,
     NNR_PT_RAW_FLOAT, NNR_STR,
 )
 from decoder_core.units import ParserState, parse_unit
@@ -565,6 +565,7 @@ class Report:
         self.rss_measured = False
         self.by_backend = {}
         self.by_target = {}
+        self.by_refusal = {}  # the element (or the limit) each NNCError named
         self.seconds = 0.0
 
     @property
@@ -576,6 +577,9 @@ class Report:
                  "%d MiB" % (self.inputs, self.seconds, self.decoded, self.refused, len(self.crashes), len(self.slow),
                              TIME_LIMIT, len(self.memory), MEMORY_LIMIT >> 20),
                  "backends %s; targets %s" % (_counts(self.by_backend), _counts(self.by_target)),
+                 "%d kinds of refusal, the most frequent: %s" % (
+                     len(self.by_refusal), ", ".join("%s %d" % kv for kv in sorted(
+                         self.by_refusal.items(), key=lambda kv: -kv[1])[:12])),
                  "slowest input %.3f s CPU (%s); largest tracemalloc peak %.1f MiB; largest growth of the peak "
                  "resident set %s" % (self.max_cpu, self.max_cpu_input, self.max_peak / float(1 << 20),
                                       "%.1f MiB" % (self.max_rss / float(1 << 20)) if self.rss_measured
@@ -653,6 +657,8 @@ def _run_one(inp, report, primed, trace_memory, resident, save_dir):
     except NNCError as exc:
         str(exc)  # the message must format
         report.refused += 1
+        kind = getattr(exc, "limit", None) or exc.element or "?"
+        report.by_refusal[kind] = report.by_refusal.get(kind, 0) + 1
     except Exception:
         bad = traceback.format_exc()
     cpu = time.process_time() - cpu
