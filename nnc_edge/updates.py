@@ -38,8 +38,8 @@ The model digest is SHA-256 over the parameters in a canonical order, independen
 format and of the order tensors are stored in: the bytes ``"nnc-edge model sha256 v1\\0"``, u32
 number of tensors, then for every tensor in the order of its name's UTF-8 bytes: u32 length and
 the UTF-8 name, u8 length and the numpy dtype string in little-endian form (``"<f4"``, ``"|u1"``),
-u8 number of dimensions, u64 each dimension, u64 byte count and the raw little-endian bytes in
-row-major order (integers little-endian). ``model_digest(tensors)`` computes it.
+u8 number of dimensions, u64 each dimension, u64 byte count and the raw bytes in row-major order.
+These integers and the tensor data are little-endian. ``model_digest(tensors)`` computes it.
 
 Applying (the device)
 ---------------------
@@ -47,7 +47,8 @@ Applying (the device)
 anything*, checks the record: the parent must be this model (else ``WrongBaseError``; a record whose
 result is this model is ``RepeatedUpdateError``; a sequence number past the next one is
 ``MissingUpdateError``); an update that continues the decoder state needs that state
-(``MissingStateError``). It then streams the update through ``nnc_edge.StreamDecoder`` and adds each
+(``MissingStateError``); an update without a record is refused (``UpdateError``) unless
+``allow_anonymous``. It then streams the update through ``nnc_edge.StreamDecoder`` and adds each
 decoded difference ``d`` to its float32 tensor ``w``: ``w[i] + d[i]`` (IEEE 754 binary32 addition,
 round to nearest even, numpy's float32 add) where ``d[i] != 0``, and ``w[i]`` bit for bit where
 ``d[i] == 0``. The result's digest must equal the record's ``result`` (else ``CorruptUpdateError``).
@@ -621,7 +622,7 @@ def apply_update(base, updates, output=None, *, state=None, allow_anonymous=Fals
 
 def write_model(path, tensors, state=None, metadata=None):
     """Write a model file atomically and, with ``state``, its decoder-state file first (see the module
-    docstring); then remove the model's stale decoder-state files."""
+    docstring), then remove the model's decoder-state files for other digests."""
     path = os.fspath(path)
     if metadata is not None and modelio.format_of(path) != "safetensors":
         metadata = None
@@ -633,8 +634,10 @@ def write_model(path, tensors, state=None, metadata=None):
     with open_sink(path, **options) as sink:
         for name, array in tensors.items():
             sink.write(name, array)
+    if keep is None:
+        return
     for stale in _state_files(path):
-        if keep is None or os.path.abspath(stale) != os.path.abspath(keep):
+        if os.path.abspath(stale) != os.path.abspath(keep):
             try:
                 os.remove(stale)
             except OSError:
@@ -696,20 +699,20 @@ def _encoder_for(state, tca, hdsp, threads, topology):
     enc = Encoder(profile=1, parent_signalling=True, tca=tca, hdsp=hdsp, threads=threads, topology=topology)
     if state is not None:
         # The encoder's chain (nnc_edge.encoding._Chain) mirrors the decoder state kept in the ChainState.
-        chain = enc._chain
+        chain = enc.chain
         for name, levels in state.bases.items():
             chain.bases[name] = np.ascontiguousarray(levels, dtype=np.int32).reshape(-1)
         for name, hist in state.history.items():
             chain.history[name] = np.asarray(hist).reshape(-1) != 0
         chain.depth.update(state.encoder_depths)
-        enc._parameter_ids.update(state.parameter_ids)
+        enc.parameter_ids.update(state.parameter_ids)
     return enc
 
 
 def _check_mirror(enc, state, names):
     """The encoder's chain state must be what our decoder keeps: else the next update would not decode."""
     for name in names:
-        ours = enc._chain.bases.get(name)
+        ours = enc.chain.bases.get(name)
         theirs = state.bases.get(name)
         if (ours is None) != (theirs is None) or (ours is not None and not np.array_equal(ours, theirs)):
             raise RuntimeError("encoder and decoder disagree on the chain state of %r" % name)
@@ -808,7 +811,7 @@ def encode_update(base, new, *, qp=-32, dq=True, sparsity=None, row_sparsity=Non
     if state is None or not state.parameter_ids:
         # A tensor keeps its place in the model as parameter_id along the chain (as NNCodec numbers them).
         for i, name in enumerate(base):
-            enc._parameter_ids.setdefault(name, i)
+            enc.parameter_ids.setdefault(name, i)
     body = enc.encode(diffs, qp=qp, dq=dq, **options)
 
     # The host's view: base + our own decoding of the update, with the chain's decoder state.
@@ -829,8 +832,8 @@ def encode_update(base, new, *, qp=-32, dq=True, sparsity=None, row_sparsity=Non
     if state is not None:
         state.capture_decoder(decoder._core)
         _check_mirror(enc, state, diffs)
-        state.encoder_depths = dict(enc._chain.depth)
-        state.parameter_ids = dict(enc._parameter_ids)
+        state.encoder_depths = dict(enc.chain.depth)
+        state.parameter_ids = dict(enc.parameter_ids)
         state.model = result
         state.sequence = sequence
         if feedback:

@@ -35,11 +35,11 @@ class CheckingDecoder(ArithmeticDecoder):
 
     entry_points_seen = 0
 
-    def set_entry_point(self, ivl_offset, pointer):
+    def set_entry_point(self, ivl_offset, pointer, index=0):
         assert self.ivl_offset() == ivl_offset
         assert self.get_bit_pointer() == pointer
         self.entry_points_seen += 1
-        ArithmeticDecoder.set_entry_point(self, ivl_offset, pointer)
+        ArithmeticDecoder.set_entry_point(self, ivl_offset, pointer, index)
 
 
 def decode_segment(segment, items):

@@ -130,3 +130,18 @@ def test_help_texts(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["update", "--base", "a.npz", "--new", "b.npz", "-o", "u.nnc", "--sparsity", "1.5"])
     assert exit_info.value.code == 2
+
+
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    from test_cli import readme_python_examples
+
+    (tmp_path / "shared" / "conformance").mkdir(parents=True)
+    (tmp_path / "shared" / "conformance" / "nncodec-2.1.3").symlink_to(CONFORMANCE_DIR)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    examples = readme_python_examples("Incremental updates")
+    assert len(examples) == 1
+    exec(compile(examples[0], "README.md", "exec"), {"__name__": "__readme__"})
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "3"]
+    assert "UpdateInfo(sequence=3," in lines[2] and "continues_state=True" in lines[2]

@@ -7,7 +7,6 @@ weights of the model decoded from the conformance vector p1_real_silero_vad.nnc.
 import hashlib
 import io
 import os
-import shutil
 import struct
 import subprocess
 

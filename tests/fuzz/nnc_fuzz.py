@@ -420,8 +420,14 @@ def m_aggregate(rng, vec, corpus):
             agg = uw.aggregate_unit([agg, uw.nnr_unit(40, b"", b"")], mps=mps)
     except ValueError:
         return None
-    return b"".join(units[:i]) + agg + b"".join(units[j:]), "units %d..%d in %d nested aggregate units" % (
-        i, j - 1, depth)
+    what = "units %d..%d in %d nested aggregate units" % (i, j - 1, depth)
+    if rng.random() < 0.3:
+        # num_of_nnr_units_minus2 (u(16) after the unit header byte, nnr_aggregate_unit_type and the flags)
+        count = rng.choice((0, 1, 0xFFFF, len(inner) - 1, len(inner)))
+        at = (4 if agg[0] & 0x80 else 2) + 3
+        agg = agg[:at] + bytes((count >> 8, count & 0xFF)) + agg[at + 2:]
+        what += ", num_of_nnr_units_minus2 %d" % count
+    return b"".join(units[:i]) + agg + b"".join(units[j:]), what
 
 
 MUTATORS = (
