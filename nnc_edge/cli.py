@@ -19,7 +19,7 @@ import textwrap
 import decoder_core
 from decoder_core import NNCError
 from decoder_core.tables import NNR_AGG, NNR_NDU, PAYLOAD_TYPE_NAMES
-from decoder_core.units import ParserState, parse_unit
+from decoder_core.units import ParserState, parse_units
 
 from . import __version__, modelio
 from .decoding import Decoder
@@ -166,12 +166,9 @@ def iter_units(data):
     """Parse every NNR unit without decoding payloads: yields (depth, unit, profile) in stream
     order, the units inside an aggregate unit right after it with depth + 1."""
     state = ParserState()
-    offset = 0
-    while offset < len(data):
-        unit = parse_unit(data, offset, len(data), state)
+    for unit in parse_units(data, state):
         for depth, member in _nested(unit, 0):
             yield depth, member, member.get("general_profile_idc", state.general_profile_idc)
-        offset += unit.nnr_unit_size
 
 
 def _nested(unit, depth):

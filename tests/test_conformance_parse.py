@@ -6,19 +6,13 @@ and nnc_edge.unitwriter writes every parsed unit back to the same bytes.
 import numpy as np
 
 from decoder_core.tables import NNR_MPS, NNR_NDU, NNR_PT_FLOAT, NNR_PT_INT, NNR_STR, NNR_TPL
-from decoder_core.units import ParserState, parse_unit
+from decoder_core.units import parse_units
 from nnc_edge import unitwriter as uw
 
 
 def walk(data):
-    state = ParserState()
-    units = []
-    offset = 0
-    while offset < len(data):
-        unit = parse_unit(data, offset, len(data), state)
-        units.append(unit)
-        offset += unit.nnr_unit_size
-    assert offset == len(data)
+    units = list(parse_units(data))
+    assert sum(unit.nnr_unit_size for unit in units) == len(data)
     return units
 
 

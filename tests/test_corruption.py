@@ -19,7 +19,7 @@ import pytest
 import decoder_core
 from decoder_core import NNCError
 from decoder_core.tables import NNR_NDU
-from decoder_core.units import ParserState, parse_unit
+from decoder_core.units import parse_units
 
 EVERY_PREFIX_MAX_BYTES = 3000   # longer vectors get a sample of prefixes
 PREFIX_SAMPLES = 48
@@ -41,13 +41,9 @@ APPENDIX_D = {
 
 def units_of(data):
     """[(offset, size, nnr_unit_type, names, payload_start)] of the top-level units."""
-    state = ParserState()
     out = []
-    offset = 0
-    while offset < len(data):
-        u = parse_unit(data, offset, len(data), state)
-        out.append((offset, u.nnr_unit_size, u.nnr_unit_type, u.get("names") or [], u.get("payload_start")))
-        offset += u.nnr_unit_size
+    for u in parse_units(data):
+        out.append((u.offset, u.nnr_unit_size, u.nnr_unit_type, u.get("names") or [], u.get("payload_start")))
     return out
 
 

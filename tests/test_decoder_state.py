@@ -8,7 +8,7 @@ import pytest
 import decoder_core
 from decoder_core import NNCError
 from decoder_core.tables import NNR_PT_RAW_FLOAT, NNR_QNT, NNR_TPL, NNR_TPL_REFLIST, NNR_TPL_UNREC
-from decoder_core.units import ParserState, _inflate, parse_unit
+from decoder_core.units import _inflate, parse_units
 from nnc_edge import unitwriter as uw
 from nnc_edge.decoding import to_numpy
 
@@ -85,12 +85,7 @@ def test_deflate_payloads_inflate_and_bad_ones_are_refused(unit_type):
         unit = uw.quantization_unit(quantization_storage_format=0, quantization_compression_format=1,
                                     quantization_data=text)
     data = head() + unit
-    state = ParserState()
-    units = []
-    offset = 0
-    while offset < len(data):
-        units.append(parse_unit(data, offset, len(data), state))
-        offset += units[-1].nnr_unit_size
+    units = list(parse_units(data))
     inflated = units[2].tpl.topology_data if unit_type == NNR_TPL else units[2].quantization_data
     assert inflated == text
     # format 0 (unrecognized), compression 1 (deflate), then data that is not a zlib stream

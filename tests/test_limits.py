@@ -14,7 +14,7 @@ from decoder_core import backend as core_backend
 from decoder_core import limits as limits_module
 from decoder_core.stream import StreamDecoder as CoreStreamDecoder
 from decoder_core.tables import NNR_NDU, NNR_PT_RAW_FLOAT
-from decoder_core.units import ParserState, parse_unit
+from decoder_core.units import ParserState, parse_units
 from nnc_edge import unitwriter as uw
 
 from conftest import CONFORMANCE_DIR, require_compiled_backend
@@ -34,11 +34,8 @@ def units(data):
     """[(offset, parsed unit, profile, active MPS)] of the top-level units."""
     state = ParserState()
     out = []
-    offset = 0
-    while offset < len(data):
-        u = parse_unit(data, offset, len(data), state)
-        out.append((offset, u, state.profile, state.mps))
-        offset += u.nnr_unit_size
+    for u in parse_units(data, state):
+        out.append((u.offset, u, state.profile, state.mps))
     return out
 
 

@@ -19,7 +19,7 @@ from decoder_core.tables import (
     NNR_PT_FLOAT, NNR_PT_INT, NNR_PT_RAW_FLOAT, NNR_QCB, NNR_QNT, NNR_QSU, NNR_STR, NNR_TPL, NNR_TPL_DICT,
     NNR_TPL_PRUN, NNR_TPL_REFLIST,
 )
-from decoder_core.units import MAX_AGG_NESTING, ParserState, parse_unit
+from decoder_core.units import MAX_AGG_NESTING, ParserState, parse_unit, parse_units
 from nnc_edge import unitwriter as uw
 from nnc_edge.decoding import to_numpy
 
@@ -77,14 +77,8 @@ def unit_bytes(nnr_unit_type, body, partial_data_counter=None, independently_dec
 
 # --- streams ----------------------------------------------------------------------------------------------
 def parse_all(data, state=None):
-    state = state if state is not None else ParserState()
-    units = []
-    offset = 0
-    while offset < len(data):
-        unit = parse_unit(data, offset, len(data), state)
-        units.append(unit)
-        offset += unit.nnr_unit_size
-    assert offset == len(data)
+    units = list(parse_units(data, state))
+    assert sum(unit.nnr_unit_size for unit in units) == len(data)
     return units
 
 
