@@ -202,16 +202,20 @@ def run_apply_signed(args):
         last = store.last(args.model)
     except NNCError as exc:
         raise CommandError(str(exc), EXIT_INVALID)
+    verified = []
     try:
         for path in args.updates:
-            sig = verify_file(path, read_input(path), trusted, args.model)
+            data = read_input(path)
+            sig = verify_file(path, data, trusted, args.model)
             signing.check_newer(sig, last)
             last = sig.sequence
+            verified.append(data)
     except NNCError as exc:
         raise CommandError("%s: %s" % (path, exc), EXIT_INVALID)
     except OSError as exc:
         raise CommandError("cannot read the signature of %s: %s" % (path, exc.strerror or exc))
-    status = run_apply(args)
+    # Apply exactly the bytes that were verified: the files are not read a second time.
+    status = run_apply(args, verified)
     if status == 0:
         try:
             store.record(args.model, last)

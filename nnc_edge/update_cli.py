@@ -141,14 +141,17 @@ def _update_arguments(parser):
                      "next update is kept beside OUT as OUT.<digest>.nncstate.",
          examples=("nnc-edge apply --base model.safetensors update.nnc -o model.safetensors",
                    "nnc-edge apply --base m0.safetensors u1.nnc u2.nnc u3.nnc -o m3.safetensors"))
-def run_apply(args):
+def run_apply(args, updates=None):
+    """``updates``: the bitstreams already read (and verified) by the caller, else args.updates are read."""
     if args.chunk_size < 1:
         raise CommandError("--chunk-size must be positive", EXIT_INVALID)
-    for path in args.updates:
-        if not os.path.isfile(path):
-            raise CommandError("cannot read %s: no such file" % path)
+    if updates is None:
+        for path in args.updates:
+            if not os.path.isfile(path):
+                raise CommandError("cannot read %s: no such file" % path)
+        updates = args.updates
     try:
-        model, state = apply_update(args.base, args.updates, args.output, allow_anonymous=args.allow_anonymous,
+        model, state = apply_update(args.base, updates, args.output, allow_anonymous=args.allow_anonymous,
                                     chunk_size=args.chunk_size, return_state=True)
     except modelio.ModelFormatError as exc:
         raise CommandError(str(exc), EXIT_INVALID)

@@ -189,6 +189,28 @@ def test_cli_valid_signature_applies_once(signed_update, capsys):
     assert read(str(d / "dev2.safetensors")) == before
 
 
+def test_cli_applies_the_bytes_it_verified_not_a_later_copy_of_the_file(signed_update, monkeypatch):
+    """A file swapped between verification and application must not be applied: the verified bytes
+    are handed on, the file is not read again."""
+    d = signed_update
+    genuine = read(str(d / "u1.nnc"))
+    from nnc_edge import cli as cli_module
+    real_read_input = cli_module.read_input
+
+    def read_then_swap(path):
+        data = real_read_input(path)
+        with open(path, "wb") as f:  # an attacker replaces the file right after it was read
+            f.write(data[:-1] + bytes([data[-1] ^ 0x10]))
+        return data
+    monkeypatch.setattr("nnc_edge.keys_cli.read_input", read_then_swap)
+    assert apply(d) == 0
+    base, new = models()
+    expected = nnc_edge.apply_update(base, genuine, allow_anonymous=False)
+    got = modelio.load(str(d / "dev.safetensors"))
+    for name in expected:
+        assert np.array_equal(got[name], expected[name])
+
+
 def test_cli_tampered_update_is_refused_before_applying(signed_update, capsys):
     d = signed_update
     data = bytearray(read(str(d / "u1.nnc")))
