@@ -284,6 +284,16 @@ def _write_quantization_parameters(w, prefix, density, parameter):
         _i(w, 13, parameter, prefix + "_quantization_parameter")
 
 
+def _performance_maps(w, sparsification, pruning, unification):
+    """The maps both parameter sets carry when their flags are set (6.3.4.3, 6.3.4.4)."""
+    if sparsification is not None:
+        sparsification_performance_map(w, sparsification)
+    if pruning is not None:
+        pruning_performance_map(w, pruning)
+    if unification is not None:
+        unification_performance_map(w, unification)
+
+
 def nnr_model_parameter_set_unit_payload(w, mps, general_profile_idc=0):
     sparsification = _get(mps, "sparsification_performance_map")
     pruning = _get(mps, "pruning_performance_map")
@@ -332,12 +342,7 @@ def nnr_model_parameter_set_unit_payload(w, mps, general_profile_idc=0):
                 raise ValueError("%s needs general_profile_idc 1" % name)
         w.u(7, 0)  # nnr_reserved_zero_7bits
     _write_quantization_parameters(w, "mps", density, parameter)
-    if sparsification is not None:
-        sparsification_performance_map(w, sparsification)
-    if pruning is not None:
-        pruning_performance_map(w, pruning)
-    if unification is not None:
-        unification_performance_map(w, unification)
+    _performance_maps(w, sparsification, pruning, unification)
     if decomposition is not None:
         decomposition_performance_map(w, decomposition)
     if general_profile_idc == 1 and validation is not None:
@@ -437,12 +442,7 @@ def nnr_layer_parameter_set_unit_payload(w, lps):
     _u(w, 3, flags, "lps_quantization_method_flags")
     w.u(1, 0)  # nnr_reserved_zero_1bit
     _write_quantization_parameters(w, "lps", density, parameter)
-    if sparsification is not None:
-        sparsification_performance_map(w, sparsification)
-    if pruning is not None:
-        pruning_performance_map(w, pruning)
-    if unification is not None:
-        unification_performance_map(w, unification)
+    _performance_maps(w, sparsification, pruning, unification)
     w.byte_alignment()
     return w
 
