@@ -117,21 +117,6 @@ def parse_unit(data, offset, end, state, depth=0):
     return unit
 
 
-def parse_units(data, state=None):
-    """Parse every top-level NNR unit of a whole buffer without decoding payloads, in stream order.
-
-    ``state`` (a ParserState) lets the caller see the active profile and parameter sets as the
-    units go by; units inside an aggregate unit are in its ``units``.
-    """
-    state = state if state is not None else ParserState()
-    offset = 0
-    end = len(data)
-    while offset < end:
-        unit = parse_unit(data, offset, end, state)
-        yield unit
-        offset += unit.nnr_unit_size
-
-
 def nnr_unit_header(reader, unit, state):
     unit.nnr_unit_type = reader.u(6, "nnr_unit_type")
     unit.type_name = unit_type_name(unit.nnr_unit_type)
@@ -784,3 +769,18 @@ def nnr_aggregate_unit_payload(reader, unit, state, depth):
                        "nnr_aggregate_unit_payload")
     state.lps = None
     reader.pos = reader.end * 8
+
+
+def parse_units(data, state=None):
+    """Parse every top-level NNR unit of a whole buffer without decoding payloads, in stream order.
+
+    ``state`` (a ParserState) lets the caller see the active profile and parameter sets as the
+    units go by; units inside an aggregate unit are in its ``units``.
+    """
+    state = state if state is not None else ParserState()
+    offset = 0
+    end = len(data)
+    while offset < end:
+        unit = parse_unit(data, offset, end, state)
+        yield unit
+        offset += unit.nnr_unit_size
