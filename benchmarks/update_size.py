@@ -122,8 +122,9 @@ def compressed_sizes(diff):
     return z, len(lzma.compress(raw, preset=6))
 
 
-def chain(model, steps, qp, error_feedback, seed=0):
-    """Yield (step, update bytes, host view, perturbation) along a simulated chain."""
+def chain(model, steps, qp, error_feedback, seed=0, **options):
+    """Yield (step, update bytes, host view, perturbation) along a simulated chain; ``options`` go
+    to encode_update."""
     steps_ = Steps(model, seed)
     state = updates.ChainState(updates.model_digest(model))
     device = model
@@ -133,7 +134,7 @@ def chain(model, steps, qp, error_feedback, seed=0):
         for name, d in diff.items():
             new[name] = device[name] + d
         data, view = updates.encode_update(device, new, qp=qp, residual=state, error_feedback=error_feedback,
-                                           return_model=True)
+                                           return_model=True, **options)
         yield step, data, view, diff
         device = view
 

@@ -26,7 +26,9 @@ class _Partial:
 class Decoder:
     """Decodes NNR units one at a time; state carries over between units and between calls.
 
-    ``topology`` optionally maps tensor names to dimensions for NDUs that do not carry them.
+    ``topology`` is the out-of-band topology (see ParserState): a dict tensor name -> dimensions for
+    NDUs that do not carry them, or a list of (name, dimensions) pairs that also resolves indexed
+    references (topology_elem_id_index) when the stream carries no NNR_TPL_REFLIST.
     ``limits`` (decoder_core.Limits) bounds what a bitstream may make the decoder allocate or do;
     anything beyond raises LimitError (an NNCError) before the work. ``max_tensor_elements`` and
     ``max_partial_bytes`` (the joined payload of a partial-data sequence; default

@@ -279,21 +279,27 @@ def decode_tensor_levels(engine, coding, out=None):
     Returns QuantParam (after the dependent-quantization mapping) as array('i') in row-major order,
     or, when ``out`` (a writable buffer of 4-byte items; CPython) is given, copied into it and ``out``.
     """
-    levels = _decode_levels(engine, coding)
+    levels = _decode_levels(engine, coding, "i", None)
     if out is None:
         return levels
     memoryview(out).cast("B")[:] = memoryview(levels).cast("B")
     return out
 
 
-def _decode_levels(engine, coding):
+def decode_tensor_values(engine, coding, value_of):
+    """decode_tensor_levels storing ``value_of(QuantParam)`` (the reconstructed value) into an
+    array('f'): one buffer for the tensor instead of its int32 levels and float32 values."""
+    return _decode_levels(engine, coding, "f", value_of)
+
+
+def _decode_levels(engine, coding, typecode, value_of):
     dims = coding.dims
     count = 1
     for d in dims:
         count *= d
     h = dims[0]
     w = count // h if h else 0
-    levels = zeros("i", count)
+    levels = zeros(typecode, count)
     if count == 0:
         return levels
     dq = coding.dq_flag
@@ -500,7 +506,7 @@ def _decode_levels(engine, coding):
                             k = 2 * k
                     if k > _INT32_MAX or k < _INT32_MIN:
                         raise NNCError("decoded level %d does not fit in 32 bits" % k, engine.p, "int_param()")
-                    levels[pos] = k
+                    levels[pos] = k if value_of is None else value_of(k)
                     nb = k
     if nbins > max_bins:
         raise _too_many_bins(max_bins, engine)

@@ -8,7 +8,7 @@ from array import array
 
 from .compat import from_raw, zeros
 from . import backend
-from .deepcabac import ArithmeticDecoder, TensorCoding, check_codable
+from .deepcabac import ArithmeticDecoder, TensorCoding, check_codable, decode_tensor_values
 from .errors import NNCError
 from .limits import DEFAULT_MAX_BINS_PER_TENSOR
 from .tables import (
@@ -67,6 +67,25 @@ def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, i
                 values[i] = v
         return values
     return _codebook_values(levels, zeros("f", n), codebook, step, zero_offset, where)
+
+
+def level_values(step):
+    """value_of(QuantParam) = float32(QuantParam) * float32(stepSize), rounded once to float32 as
+    reconstruct() does, for decoding straight into values (deepcabac.decode_tensor_values)."""
+    s32 = _f32(step)
+    one = array("f", [0.0])
+    cache = {}
+
+    def value_of(level):
+        # Cached per level, as in reconstruct(): MicroPython boxes each float product.
+        v = cache.get(level)
+        if v is None:
+            one[0] = level  # float32(QuantParam)
+            v = one[0] * s32
+            if len(cache) < _RECONSTRUCT_CACHE:
+                cache[level] = v
+        return v
+    return value_of
 
 
 def _codebook_values(levels, values, codebook, step, zero_offset, where):
@@ -217,10 +236,18 @@ def _decode_one(engine, ctx, ndu, name, dims, unary, pt, codebook, zero_offset, 
     coding.max_bins = ctx.max_bins
     check_codable(engine, coding)
     out = output.levels(name, _prod(dims)) if output is not None else None
+    if out is None and ctx.bases is None and pt != NNR_PT_INT and codebook is None and backend.name() == "python":
+        # Without output buffers (MicroPython) nothing needs the levels after reconstruction: decoding
+        # the values directly halves the tensor's memory (one float32 block, not an int32 one as well).
+        qp = qp_value + ctx.quantization_parameter
+        return decode_tensor_values(engine, coding, level_values(step_size(qp, ctx.qp_density))), None
     levels = backend.decode_tensor_levels(engine, coding, out)
     if ctx.bases is not None:
         # In-place reconstruction overwrites the buffer: keep a copy as the TCA base.
         keep = out is None or pt == NNR_PT_INT
+        # The previous base is read for the last time: free it before the copy (a tensor less at the peak).
+        coding.tca_base = base = None
+        ctx.bases.pop(name, None)
         ctx.bases[name] = levels if keep else from_raw("i", memoryview(levels).cast("B"))
         if history is None:
             history = bytearray(_prod(dims))

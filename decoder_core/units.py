@@ -55,10 +55,20 @@ class Syntax:
 class ParserState:
     """What the parsing of later units depends on: the profile and the active parameter sets.
 
-    ``limits`` (decoder_core.Limits, default the defaults) bounds what headers may claim.
+    ``topology`` is the out-of-band topology (topology_carriage_flag 0, 6.4.3.5): a dict tensor name ->
+    dimensions, or a list of (name, dimensions) pairs whose order also gives the indexes that
+    topology_elem_id_index refers to (an out-of-band NNR_TPL_REFLIST); an NNR_TPL_REFLIST in the stream
+    takes precedence. ``limits`` (decoder_core.Limits, default the defaults) bounds what headers may claim.
     """
 
     def __init__(self, topology=None, limits=None):
+        self.external_reflist = None
+        if isinstance(topology, (list, tuple)):
+            self.external_reflist = [name for name, _ in topology]
+            topology = dict(topology)
+        self._init(topology, limits)
+
+    def _init(self, topology, limits):
         self.topology = topology
         self.limits = resolve(limits)
         self.general_profile_idc = None
@@ -66,7 +76,7 @@ class ParserState:
         self.lps = None
         # Set after an NDU (not NNR_PT_BLOCK) carrying decomposed tensor G: the next one carries H.
         self.expect_decomposed_h = False
-        self.reflist = None
+        self.reflist = self.external_reflist
 
     @property
     def profile(self):
@@ -129,7 +139,7 @@ def nnr_unit_header(reader, unit, state):
     if t == NNR_STR:
         if state.general_profile_idc is not None and state.mps is not None:
             # 7.1: a new NNR_STR resets the decoder state.
-            state.__init__(state.topology, state.limits)
+            state._init(state.topology, state.limits)
         unit.general_profile_idc = reader.u(8, "general_profile_idc")
         if unit.general_profile_idc > 1:
             raise NNCError("general_profile_idc %d is not supported (0 and 1 are)"
@@ -162,7 +172,7 @@ def _bind_parameter_sets(unit, state):
     """Record what the NDU's payload decoding takes from the parameter sets active now."""
     ndu = unit.ndu
     unit.general_profile_idc = state.profile
-    unit.names = ndu_names(ndu, state)
+    unit.names = ndu_names(ndu, state, unit.offset)
     # 6.4.4.4: QpDensity and QuantizationParameter come from the active LPS, else the MPS.
     if state.lps is not None and state.lps.get("lps_qp_density") is not None:
         unit.QpDensity = state.lps.lps_qp_density
@@ -173,7 +183,7 @@ def _bind_parameter_sets(unit, state):
     unit.parent_signalling = state.mps_flag("mps_parent_signalling_enabled_flag")
 
 
-def ndu_names(ndu, state):
+def ndu_names(ndu, state, offset=None):
     """Tensor names: topology_elem_id(s), or the REFLIST entries their indexes point to."""
     if ndu.nnr_multiple_topology_elements_present_flag:
         ids = ndu.topology_elements_ids_list
@@ -184,10 +194,13 @@ def ndu_names(ndu, state):
     names = []
     for i in ids:
         if isinstance(i, int):
-            if state.reflist is not None and i < len(state.reflist):
+            if state.reflist is None:
+                i = str(i)  # no REFLIST known: the index itself names the tensor
+            elif i < len(state.reflist):
                 i = state.reflist[i]
             else:
-                i = str(i)
+                raise NNCError("topology_elem_id_index %d is past the end of the NNR_TPL_REFLIST (%d entries)"
+                               % (i, len(state.reflist)), offset, "topology_elem_id_index")
         names.append(i)
     if ndu.get("decomposed_part") and ndu.nnr_compressed_data_unit_payload_type != NNR_PT_BLOCK:
         names = [n + "." + ndu.decomposed_part for n in names]
@@ -247,7 +260,7 @@ def nnr_compressed_data_unit_header(reader, state):
     if ndu.get("tensor_dimensions") is None and state.topology is not None and not multi:
         # 6.4.3.7: dimensions not in the bitstream come from the (out-of-band) topology, found by
         # the element's name (an indexed reference resolves through the NNR_TPL_REFLIST).
-        dims = state.topology.get(ndu_names(ndu, state)[0])
+        dims = state.topology.get(ndu_names(ndu, state, reader.byte_offset())[0])
         if dims is not None:
             ndu.tensor_dimensions = list(dims)
             _check_elements(_prod(ndu.tensor_dimensions), reader, "tensor_dimensions", state.limits.max_tensor_elements)

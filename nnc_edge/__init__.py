@@ -7,11 +7,11 @@ from .streaming import StreamDecoder, decode_stream, iter_decode
 
 __version__ = "0.1.0"
 __all__ = ["NNCError", "LimitError", "Limits", "Decoder", "decode", "StreamDecoder", "decode_stream", "iter_decode", "encode", "Encoder",
-           "encode_update", "apply_update", "read_update_info", "model_digest", "ChainState", "UpdateInfo",
-           "UpdateError", "__version__"]
+           "encode_update", "apply_update", "read_update_info", "model_digest", "update_topology", "ChainState",
+           "UpdateInfo", "UpdateError", "__version__"]
 
-_UPDATES = ("encode_update", "apply_update", "read_update_info", "model_digest", "ChainState", "UpdateInfo",
-            "UpdateError")
+_UPDATES = ("encode_update", "apply_update", "read_update_info", "model_digest", "update_topology", "ChainState",
+            "UpdateInfo", "UpdateError")
 
 
 def __getattr__(name):

@@ -257,6 +257,20 @@ def output_paths(inputs, output, fmt):
     return paths
 
 
+def topology_of(path):
+    """The out-of-band topology (nnc_edge.updates.update_topology) of the model file ``path``, or None."""
+    if path is None:
+        return None
+    from .updates import update_topology
+
+    try:
+        return update_topology(modelio.load(path))
+    except modelio.ModelFormatError as exc:
+        raise CommandError("--topology %s: %s" % (path, exc), EXIT_INVALID)
+    except OSError as exc:
+        raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
+
+
 @command("decode", help="decode bitstreams to .safetensors or .npz",
          description="Decode NNR bitstreams to tensors and write them to .safetensors or .npz (chosen by "
                      "the output suffix). Several inputs decode in the order given as one chain, with "
@@ -265,14 +279,15 @@ def output_paths(inputs, output, fmt):
                      "directory -o.",
          examples=("nnc-edge decode model.nnc -o model.safetensors",
                    "nnc-edge decode model.nnc -o model.npz",
-                   "nnc-edge decode base.nnc update1.nnc update2.nnc -o decoded/ --format npz"))
+                   "nnc-edge decode base.nnc update1.nnc update2.nnc -o decoded/ --format npz",
+                   "nnc-edge decode u1.nnc --topology base.safetensors -o u1_difference.safetensors"))
 def run_decode(args):
     if args.output is None:
         raise CommandError("-o/--output is required", EXIT_INVALID)
     outputs = output_paths(args.inputs, args.output, args.format)
     if len(outputs) > 1 or outputs[0] != args.output:
         os.makedirs(args.output, exist_ok=True)
-    decoder = Decoder()
+    decoder = Decoder(topology_of(args.topology))
     for path, out in zip(args.inputs, outputs):
         data = read_input(path)
         try:
@@ -297,4 +312,8 @@ def _decode_arguments(parser):
                              "needed) for several")
     parser.add_argument("--format", choices=("safetensors", "npz"),
                         help="file format of the outputs written into a directory (default: safetensors)")
+    parser.add_argument("--topology", metavar="MODEL",
+                        help="a model file (.safetensors or .npz) that gives the out-of-band topology: an update "
+                             "written by 'nnc-edge update' names its tensors by their index in the model it "
+                             "applies to, so decode it with --topology BASE to get the names")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not print a line per output")

@@ -55,6 +55,10 @@ class Decoder:
 
     ``limits`` (decoder_core.Limits) bounds what a bitstream may make the decoder allocate or do
     (LimitError, an NNCError, beyond).
+
+    ``topology`` is the out-of-band topology of streams that do not carry it (topology_carriage_flag
+    0): a dict name -> shape, or a list of (name, shape) pairs whose order also resolves tensors
+    named by index, e.g. ``nnc_edge.update_topology(base)`` for an update written by encode_update.
     """
 
     def __init__(self, topology=None, threads=None, limits=None):
@@ -72,6 +76,6 @@ def decode(data_or_path, topology=None, threads=None, limits=None):
     """Decode a whole NNR bitstream (bytes or a path) into a dict name -> numpy array.
 
     Arrays are float32, or int32 for integer tensors (NNR_PT_INT), in stream order. ``threads``
-    defaults to the number of CPUs, ``limits`` to decoder_core's defaults (see Decoder).
+    defaults to the number of CPUs, ``limits`` to decoder_core's defaults; ``topology`` as for Decoder.
     """
     return Decoder(topology, threads, limits).decode(data_or_path)

@@ -138,9 +138,9 @@ def load_tensors(tensors):
 
 
 # --- the stream's first units --------------------------------------------------------------------------
-def _mps_fields(profile, qp_density, parent_signalling, topology):
+def _mps_fields(profile, qp_density, parent_signalling, topology, indexed=False):
     fields = {"topology_carriage_flag": 1 if topology else 0, "mps_qp_density": qp_density,
-              "mps_quantization_parameter": 0}
+              "mps_quantization_parameter": 0, "mps_topology_indexed_reference_flag": 1 if indexed else 0}
     if profile == 1:
         fields["mps_parent_signalling_enabled_flag"] = 1 if parent_signalling else 0
     return fields
@@ -291,6 +291,20 @@ class _Job:
         return qt
 
     # the NDU
+    def element_fields(self, names, dims):
+        """How the NDU names its tensors (6.4.3.7): by topology_elem_id, or by index into the out-of-band
+        reference list."""
+        index = self.enc.reference_index
+        ids = list(names) if index is None else [index[n] for n in names]
+        # The dimensions stay in the header even with a reflist: without them the rest of the header
+        # (scan_order) cannot be parsed by a reader that lacks the out-of-band topology.
+        fields = {"tensor_dimensions": list(dims)}
+        if len(ids) > 1:
+            fields["topology_elements_ids_list"] = ids
+        else:
+            fields["topology_elem_id" if index is None else "topology_elem_id_index"] = ids[0]
+        return fields
+
     def node_fields(self, names, tca):
         if self.profile != 1:
             return {}
@@ -335,14 +349,12 @@ class _Job:
     def ndu(self, names, payload_type, lead_qt, dims, segment_items, tca, cpt=0):
         """Entropy-code the segment and write the NDU; returns (fields, payload, unit, segment)."""
         segment = encode_segment(segment_items)
-        fields = {"nnr_compressed_data_unit_payload_type": payload_type, "tensor_dimensions": list(dims),
+        fields = {"nnr_compressed_data_unit_payload_type": payload_type,
                   "cabac_unary_length_minus1": self.opts["cabac_unary_length_minus1"],
                   "dq_flag": lead_qt.dq_flag}
         if payload_type == NNR_PT_BLOCK:
-            fields["topology_elements_ids_list"] = list(names)
             fields["compressed_parameter_types"] = cpt
-        else:
-            fields["topology_elem_id"] = names[0]
+        fields.update(self.element_fields(names, dims))
         fields.update(self.node_fields(names, tca))
         if lead_qt.codebook is not None:
             fields.update(Codebook=list(lead_qt.codebook), CbZeroOffset=lead_qt.cb_zero_offset,
@@ -398,8 +410,8 @@ class _Job:
         """NNR_PT_RAW_FLOAT (6.3.4.7): the float32 values themselves."""
         dims = list(array.shape)
         values = np.ascontiguousarray(array, dtype="<f4").reshape(-1)
-        fields = {"nnr_compressed_data_unit_payload_type": NNR_PT_RAW_FLOAT, "topology_elem_id": name,
-                  "tensor_dimensions": dims}
+        fields = {"nnr_compressed_data_unit_payload_type": NNR_PT_RAW_FLOAT}
+        fields.update(self.element_fields([name], dims))
         fields.update(self.node_fields([name], False))
         if len(dims) > 1:
             fields["scan_order"] = 0
@@ -589,6 +601,11 @@ class Encoder:
     * ``device_id``: the NDUs' device_id (profile 1).
     * ``topology``: write the NNR_TPL unit (topology_carriage_flag 1) as NNCodec does; needed for
       NNCodec to decode the stream.
+    * ``reflist``: a list of tensor names that the decoder knows out of band (with ``topology=False``):
+      NDUs then name their tensors by index into it (mps_topology_indexed_reference_flag 1,
+      topology_elem_id_index), so the decoder must be given the list as its ``topology`` (a list of
+      (name, shape) pairs in this order) to know the names. Every tensor encoded must be in the list.
+      Update streams use it (nnc_edge.updates).
     * ``threads``: NDUs coded at the same time (default: the number of CPUs); output is identical.
     * ``keep_quantized``: keep each tensor's QuantizedTensor in ``report`` (memory: its levels).
     * any option of encode() as a default for every call.
@@ -628,7 +645,7 @@ class Encoder:
     """
 
     def __init__(self, profile=1, parent_signalling=False, tca=False, hdsp=False, device_id=0, topology=True,
-                 threads=None, keep_quantized=False, **defaults):
+                 threads=None, keep_quantized=False, reflist=None, **defaults):
         if profile not in (0, 1):
             raise ValueError("profile must be 0 or 1, not %r" % (profile,))
         if (parent_signalling or tca or hdsp) and profile != 1:
@@ -643,6 +660,15 @@ class Encoder:
         self.hdsp = bool(hdsp)
         self.device_id = device_id
         self.topology = bool(topology)
+        self.reference_index = None
+        if reflist is not None:
+            if self.topology:
+                raise ValueError("reflist is an out-of-band topology: it needs topology=False")
+            self.reference_index = {}
+            for name in reflist:
+                if not isinstance(name, str) or name in self.reference_index:
+                    raise ValueError("reflist must list distinct tensor names (%r)" % (name,))
+                self.reference_index[name] = len(self.reference_index)
         self.threads = check_threads(threads)
         self.keep_quantized = keep_quantized
         _check_options(defaults, profile)
@@ -659,7 +685,11 @@ class Encoder:
         tensors = load_tensors(tensors)
         self._assign_parameter_ids(tensors)
         parent = self.parent_signalling
-        mps = _mps_fields(self.profile, opts["qp_density"], parent, self.topology)
+        mps = _mps_fields(self.profile, opts["qp_density"], parent, self.topology, self.reference_index is not None)
+        if self.reference_index is not None:
+            missing = [name for name, _ in tensors if name not in self.reference_index]
+            if missing:
+                raise ValueError("tensor %r is not in the reflist" % missing[0])
         groups = _groups(tensors, opts["block"])
         job = _Job(self, opts, mps, parent, self._chain)
         total = sum(int(a.size) for _, a in tensors)

@@ -76,7 +76,15 @@ def load(path):
 def load_metadata(path):
     """The "__metadata__" string map of a .safetensors file ({} when it has none)."""
     with open(path, "rb") as f:
-        return _read_safetensors_header(f, os.fstat(f.fileno()).st_size, path)[1]
+        return read_safetensors_layout(f, path)[1]
+
+
+def read_safetensors_layout(f, where="<safetensors>"):
+    """The validated header of the .safetensors file open as the binary file f, without its data:
+    ([(begin, end, name, numpy dtype, shape)] in data order, metadata, file offset of the data).
+    Offsets are relative to the data; the tensors tile it without gaps (the file's size is checked)."""
+    f.seek(0)
+    return _read_safetensors_header(f, os.fstat(f.fileno()).st_size, where)
 
 
 # --- safetensors ----------------------------------------------------------------------------------

@@ -190,8 +190,11 @@ class NpzSink(Sink):
                 np.lib.format.write_array_header_1_0(member, header)
             except ValueError:  # header too long for format 1.0
                 np.lib.format.write_array_header_2_0(member, header)
-            # The tensor's own buffer, not a copy (numpy's write_array copies 16 MiB at a time).
-            member.write(array.reshape(-1).view(np.uint8))
+            # The tensor's own buffer, not a copy (numpy's write_array copies 16 MiB at a time), in
+            # pieces: deflate returns what a whole piece compresses to in one bytes object.
+            raw = memoryview(array.reshape(-1).view(np.uint8))
+            for start in range(0, len(raw), _COPY_CHUNK):
+                member.write(raw[start:start + _COPY_CHUNK])
         self._names.add(name)
 
     def close(self):

@@ -12,7 +12,7 @@ import time
 from decoder_core import NNCError
 
 from . import modelio
-from .cli import CommandError, EXIT_INVALID, alternative, arguments, invalid, output_paths
+from .cli import CommandError, EXIT_INVALID, alternative, arguments, invalid, output_paths, topology_of
 from .sinks import open_sink
 from .streaming import DEFAULT_CHUNK_SIZE, StreamDecoder, iter_decode
 
@@ -80,7 +80,7 @@ def run_decode_stream(args):
     outputs = output_paths(args.inputs, args.output, args.format)
     if len(outputs) > 1 or outputs[0] != args.output:
         os.makedirs(args.output, exist_ok=True)
-    decoder = StreamDecoder()  # one state for the whole chain, as in the plain decode command
+    decoder = StreamDecoder(topology_of(args.topology))  # one state for the whole chain, as in plain decode
     show = not args.quiet and sys.stderr.isatty()
     for path, out in zip(args.inputs, outputs):
         try:

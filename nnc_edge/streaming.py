@@ -31,7 +31,8 @@ class StreamDecoder:
     scan_order > 0 concurrently (nnc_edge.parallel); units themselves are decoded one at a time,
     in arrival order, so that each tensor is out as soon as its unit is.
 
-    ``limits`` (decoder_core.Limits) bounds what a stream may make the decoder allocate or do.
+    ``limits`` (decoder_core.Limits) bounds what a stream may make the decoder allocate or do;
+    ``topology`` is the out-of-band topology, as for nnc_edge.Decoder.
     """
 
     def __init__(self, topology=None, max_unit_size=None, threads=None, limits=None):

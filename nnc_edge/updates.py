@@ -5,6 +5,15 @@ per changed tensor, all-zero tensors omitted, supplement 5.7 / 6.2 / 6.3) whose 
 **differences**: the device adds each decoded tensor to the tensor of the same name in the model it
 runs. Tensors that did not change are not in the stream at all.
 
+The NDUs name their tensors by index (``topology_elem_id_index``; MPS ``topology_carriage_flag`` 0,
+``mps_topology_indexed_reference_flag`` 1, 6.4.3.7) into an out-of-band NNR_TPL_REFLIST that the
+device already has: ``update_topology(base)``, every tensor of the base model in the order of the
+names' UTF-8 bytes (the model digest's order; the record's ``parent`` pins that model down). An
+index is one byte where a name costs its UTF-8 bytes plus one in every NDU: for MiniLM's names
+(about 40 bytes each) that is a fifth of a small update. Decoding an update outside ``apply_update``
+needs ``topology=update_topology(base)`` for the names (without it the indexes name the tensors).
+With ``nncodec_compatible=True`` the NDUs carry the names, as NNCodec's decoder needs.
+
 Update identity
 ---------------
 Every update carries an *update record* that says which model it applies to, where it stands in its
@@ -96,6 +105,7 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 
 import numpy as np
@@ -111,7 +121,8 @@ from .streaming import DEFAULT_CHUNK_SIZE, StreamDecoder
 from .unitwriter import nnr_unit
 
 __all__ = [
-    "UPDATE_INFO_UNIT_TYPE", "UpdateInfo", "ChainState", "model_digest", "read_update_info", "apply_update",
+    "UPDATE_INFO_UNIT_TYPE", "UpdateInfo", "ChainState", "model_digest", "update_topology", "read_update_info",
+    "apply_update",
     "encode_update", "state_path", "UpdateError", "WrongBaseError", "MissingUpdateError", "RepeatedUpdateError",
     "MissingStateError", "CorruptUpdateError",
 ]
@@ -170,18 +181,38 @@ def _little(array):
 
 def model_digest(tensors):
     """The SHA-256 model digest (32 bytes) of a dict name -> array (see the module docstring)."""
+    specs = {}
+    for name, array in tensors.items():
+        a = np.asarray(array)
+        specs[name] = (a.dtype.newbyteorder("<"), a.shape, a.nbytes)
+    return _digest(specs, lambda name: (_little(tensors[name]).reshape(-1).view(np.uint8),))
+
+
+def _digest(specs, data):
+    """The model digest of the tensors ``specs`` describes (name -> (little-endian dtype, shape, byte
+    count)); ``data(name)`` yields the tensor's raw bytes in pieces (so a file can be hashed a region
+    at a time)."""
     h = hashlib.sha256(_DIGEST_DOMAIN)
-    names = sorted(tensors, key=lambda n: n.encode("utf-8"))
+    names = sorted(specs, key=lambda n: n.encode("utf-8"))
     h.update(struct.pack("<I", len(names)))
     for name in names:
-        a = _little(tensors[name])
+        dtype, shape, nbytes = specs[name]
         raw_name = name.encode("utf-8")
-        dtype = a.dtype.str.encode("ascii")
-        h.update(struct.pack("<I", len(raw_name)) + raw_name + struct.pack("<B", len(dtype)) + dtype)
-        h.update(struct.pack("<B%dQ" % a.ndim, a.ndim, *a.shape))
-        h.update(struct.pack("<Q", a.nbytes))
-        h.update(a.reshape(-1).view(np.uint8))
+        code = dtype.str.encode("ascii")
+        h.update(struct.pack("<I", len(raw_name)) + raw_name + struct.pack("<B", len(code)) + code)
+        h.update(struct.pack("<B%dQ" % len(shape), len(shape), *shape))
+        h.update(struct.pack("<Q", nbytes))
+        for piece in data(name):
+            h.update(piece)
     return h.digest()
+
+
+def update_topology(model):
+    """The out-of-band topology of update streams for a model (a dict name -> array or shape): the
+    (name, shape) pairs of all its tensors in the order of the names' UTF-8 bytes. An update's NDUs
+    name their tensors by index into this list (see the module docstring)."""
+    names = sorted(model, key=lambda n: n.encode("utf-8"))
+    return [(name, tuple(int(d) for d in getattr(model[name], "shape", model[name]))) for name in names]
 
 
 # --- the update record ----------------------------------------------------------------------------
@@ -362,19 +393,23 @@ class ChainState:
 
     # -- the decoder state, to and from decoder_core.Decoder --
     def restore_decoder(self, core):
-        """Give a decoder_core.Decoder this state's TCA bases and HDSP history (copies)."""
+        """Give a decoder_core.Decoder this state's TCA bases and HDSP history (copies: the decoder
+        changes the history in place)."""
         core.bases.clear()
         core.history.clear()
         for name, levels in self.bases.items():
-            core.bases[name] = from_raw("i", np.ascontiguousarray(levels, dtype="<i4").tobytes())
+            _restore(core, "bases", name, levels)
         for name, hist in self.history.items():
-            core.history[name] = bytearray(np.ascontiguousarray(hist, dtype=np.uint8).tobytes())
+            _restore(core, "history", name, hist)
 
-    def capture_decoder(self, core):
-        """Take the TCA bases and HDSP history a decoder_core.Decoder holds now (copies)."""
-        self.bases = {name: np.frombuffer(bytes(memoryview(v).cast("B")), dtype="<i4").astype(np.int32)
+    def capture_decoder(self, core, copy=True):
+        """Take the TCA bases and HDSP history a decoder_core.Decoder holds now: copies, or with
+        ``copy=False`` numpy views of the decoder's own arrays, for a decoder that is done (it would
+        change them with its next update)."""
+        take = np.array if copy else np.asarray
+        self.bases = {name: take(np.frombuffer(memoryview(v).cast("B"), dtype=np.int32))
                       for name, v in core.bases.items()}
-        self.history = {name: np.frombuffer(bytes(v), dtype=np.uint8).copy() for name, v in core.history.items()}
+        self.history = {name: take(np.frombuffer(v, dtype=np.uint8)) for name, v in core.history.items()}
 
     # -- files --
     def save(self, path):
@@ -389,8 +424,10 @@ class ChainState:
                     sink.write(prefix + "/" + name, array)
 
     @classmethod
-    def load(cls, path):
-        """Read a state written by ``save``; NNCError when it is not one."""
+    def load(cls, path, core=None):
+        """Read a state written by ``save``; NNCError when it is not one. With ``core`` (a
+        decoder_core.Decoder) the TCA bases and HDSP history go straight into it, one member at a
+        time, instead of into ``bases`` / ``history`` (the device: never two copies of the state)."""
         try:
             npz = np.load(path, allow_pickle=False)
         except OSError:
@@ -408,18 +445,33 @@ class ChainState:
                 state.encoder_depths = {k: int(v) for k, v in meta.get("encoder_depths", {}).items()}
                 state.parameter_ids = {k: int(v) for k, v in meta.get("parameter_ids", {}).items()}
                 groups = {"bases": state.bases, "history": state.history, "residual": state.residual}
+                if core is not None:
+                    core.bases.clear()
+                    core.history.clear()
                 for key in npz.files:
                     if key == "meta":
                         continue
                     prefix, _, name = key.partition("/")
                     if prefix not in groups or not name:
                         raise NNCError("%s: unexpected member %r in a chain state" % (path, key))
-                    groups[prefix][name] = npz[key]
+                    if core is not None and prefix != "residual":
+                        _restore(core, prefix, name, npz[key])
+                    else:
+                        groups[prefix][name] = npz[key]
         except NNCError:
             raise
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise NNCError("%s is not a valid nnc-edge chain state: %s" % (path, exc))
         return state
+
+
+def _restore(core, group, name, array):
+    """Put one tensor of decoder state into a decoder_core.Decoder in the types it decodes with
+    (array('i') TCA bases, bytearray HDSP history): one copy, nothing else of the state."""
+    if group == "bases":
+        core.bases[name] = from_raw("i", memoryview(np.ascontiguousarray(array, dtype="<i4").reshape(-1)).cast("B"))
+    else:
+        core.history[name] = bytearray(memoryview(np.ascontiguousarray(array, dtype=np.uint8).reshape(-1)).cast("B"))
 
 
 def state_path(model_path, digest):
@@ -439,20 +491,27 @@ def _state_files(model_path):
     return [os.path.join(directory, n) for n in names if pattern.match(n)]
 
 
-def load_device_state(model_path, digest):
-    """The ChainState kept beside the model file for the model with ``digest``, or None."""
+def load_device_state(model_path, digest, core=None):
+    """The ChainState kept beside the model file for the model with ``digest``, or None. With
+    ``core`` its decoder state is loaded into that decoder_core.Decoder (see ChainState.load)."""
     path = state_path(model_path, digest)
     if not os.path.exists(path):
         return None
-    state = ChainState.load(path)
-    return state if state.model == digest else None
+    state = ChainState.load(path, core)
+    if state.model == digest:
+        return state
+    if core is not None:
+        core.bases.clear()
+        core.history.clear()
+    return None
 
 
 # --- applying -------------------------------------------------------------------------------------
-def add_difference(weights, difference):
+def add_difference(weights, difference, in_place=False):
     """The update rule: float32 ``weights + difference`` where the difference is nonzero, the weight
-    itself (bit for bit) where it is zero. Returns a new array."""
-    out = np.array(weights, dtype=np.float32, copy=True)
+    itself (bit for bit) where it is zero. Returns a new array, or with ``in_place`` ``weights``
+    itself (a writable float32 array), changed."""
+    out = weights if in_place else np.array(weights, dtype=np.float32, copy=True)
     np.add(out, difference, out=out, where=difference != 0)
     return out
 
@@ -501,18 +560,151 @@ def _span(first, last):
     return "%d" % first if first == last else "%d..%d" % (first, last)
 
 
-class _Applier:
-    """Applies updates one after the other to an in-memory model, with one decoder for the chain."""
+# What one read or write of a model file moves: the file-to-file path's memory beyond the decoded
+# difference of one tensor and the decoder state.
+_REGION_BYTES = 1 << 20
 
-    def __init__(self, model, state, chunk_size, threads, allow_anonymous, limits=None):
-        self.model = dict(model)
-        self.digest = model_digest(self.model)
-        self.state = state if state is not None and state.model == self.digest else None
+
+class _MemoryModel:
+    """The model as a dict name -> array; a changed tensor is replaced by a new array."""
+
+    def __init__(self, tensors):
+        self.tensors = dict(tensors)
+
+    def shapes(self):
+        return {name: np.shape(array) for name, array in self.tensors.items()}
+
+    def spec(self, name):
+        array = self.tensors.get(name)
+        return None if array is None else (array.shape, array.dtype)
+
+    def digest(self):
+        return model_digest(self.tensors)
+
+    def add(self, name, diff):
+        self.tensors[name] = add_difference(self.tensors[name], diff)
+
+
+class _FileModel:
+    """A .safetensors model updated in a copy beside the output file, a region of a tensor at a time:
+    memory holds one region, never the model.
+
+    The copy (the header write_model would write for these tensors and metadata, then the base's
+    data) is made at the first change, so an update refused before decoding costs no copy.
+    ``commit()`` renames it onto the output; ``close()`` removes it unless committed. ``metadata``
+    replaces the base's when not None.
+    """
+
+    def __init__(self, path, output, metadata=None):
+        self.output = os.fspath(output)
+        self._base = open(path, "rb")
+        try:
+            entries, base_metadata, self._start = modelio.read_safetensors_layout(self._base, os.fspath(path))
+        except BaseException:
+            self._base.close()
+            raise
+        self._order = [(name, np.dtype(dtype), shape) for _, _, name, dtype, shape in entries]  # data order
+        self._layout = {name: (begin, end, np.dtype(dtype), shape) for begin, end, name, dtype, shape in entries}
+        self.metadata = base_metadata if metadata is None else metadata
+        self._file = self._base  # what is read: the base until the copy exists, then the copy
+        self._copy = self._tmp = None
+        self._buffer = np.empty(_REGION_BYTES, dtype=np.uint8)
+        self._digest = None
+
+    def shapes(self):
+        return {name: shape for name, (_, _, _, shape) in self._layout.items()}
+
+    def spec(self, name):
+        entry = self._layout.get(name)
+        return None if entry is None else (entry[3], entry[2])
+
+    def digest(self):
+        if self._digest is None:
+            specs = {name: (dtype.newbyteorder("<"), shape, end - begin)
+                     for name, (begin, end, dtype, shape) in self._layout.items()}
+            self._digest = _digest(specs, lambda name: self._pieces(*self._layout[name][:2]))
+        return self._digest
+
+    def _pieces(self, begin, end):
+        """Data bytes begin..end of the file, a region at a time (views of one buffer)."""
+        view = memoryview(self._buffer)
+        for at in range(begin, end, len(view)):
+            piece = view[:min(len(view), end - at)]
+            self._read(at, piece)
+            yield piece
+
+    def _read(self, at, view):
+        self._file.seek(self._start + at)
+        if self._file.readinto(view) != len(view):
+            raise modelio.ModelFormatError("%s: the file ends inside the tensor data" % self._file.name)
+
+    def add(self, name, diff):
+        if self._copy is None:
+            self._make_copy()
+        begin = self._layout[name][0]
+        flat = diff.reshape(-1)
+        step = len(self._buffer) // 4
+        for first in range(0, flat.size, step):
+            d = flat[first:first + step]
+            if not d.any():
+                continue  # nothing changes in this region: neither read nor written
+            raw = memoryview(self._buffer)[:4 * d.size]
+            at = begin + 4 * first
+            self._read(at, raw)
+            add_difference(self._buffer[:4 * d.size].view("<f4"), d, in_place=True)
+            self._copy.seek(self._start + at)
+            self._copy.write(raw)
+        self._digest = None
+
+    def _make_copy(self):
+        header = modelio.safetensors_header(self._order, self.metadata)
+        self._copy, self._tmp = _temp_beside(self.output, ".tmp")
+        self._copy.write(header)
+        self._base.seek(self._start)
+        shutil.copyfileobj(self._base, self._copy, _REGION_BYTES)
+        self._file, self._start = self._copy, len(header)
+
+    def commit(self):
+        """fsync the copy and rename it onto the output (made now if nothing changed: the output
+        still gets the model and its metadata)."""
+        if self._copy is None:
+            self._make_copy()
+        self._base.close()  # before the rename: some systems refuse to replace an open file
+        _commit(self._copy, self._tmp, self.output)
+        self._copy = self._tmp = None
+
+    def close(self):
+        self._base.close()
+        _discard(self._copy, self._tmp)
+        self._copy = self._tmp = None
+
+    def arrays(self):
+        """The output's tensors as read-only memmaps, in data order (after commit)."""
+        whole = np.memmap(self.output, dtype=np.uint8, mode="r")
+        out = {}
+        for name, dtype, shape in self._order:
+            begin, end = self._layout[name][:2]
+            out[name] = whole[self._start + begin:self._start + end].view(dtype.newbyteorder("<")).reshape(shape)
+        return out
+
+
+class _Applier:
+    """Applies updates one after the other to a model (a _MemoryModel or _FileModel), with one decoder
+    for the chain. Without ``state``, the decoder state is read from the state file beside the model
+    file ``state_beside`` (if given) straight into the decoder."""
+
+    def __init__(self, model, state, chunk_size, threads, allow_anonymous, limits=None, state_beside=None):
+        self.model = model
+        self.digest = model.digest()
         self.chunk_size = chunk_size
         self.allow_anonymous = allow_anonymous
-        self.decoder = StreamDecoder(threads=threads, limits=limits)
-        if self.state is not None:
-            self.state.restore_decoder(self.decoder._core.decoder)
+        self.decoder = StreamDecoder(update_topology(model.shapes()), threads=threads, limits=limits)
+        core = self.decoder._core.decoder
+        if state is None and state_beside is not None:
+            state = load_device_state(state_beside, self.digest, core)
+        elif state is not None and state.model == self.digest:
+            state.restore_decoder(core)
+        self.state = state if state is not None and state.model == self.digest else None
 
     def apply(self, update):
         f, label, close = _open_update(update)
@@ -531,7 +723,7 @@ class _Applier:
         finally:
             if close:
                 f.close()
-        digest = model_digest(self.model)
+        digest = self.model.digest()
         if info is not None and digest != info.result:
             raise CorruptUpdateError("%s: update %d decoded to a model with digest %s, but its record promises %s: "
                                      "the update is corrupted (or was decoded with another decoder state)"
@@ -563,20 +755,22 @@ class _Applier:
         if name in seen:
             raise CorruptUpdateError("%s: tensor %r occurs twice in the update" % (label, name))
         seen.add(name)
-        weights = self.model.get(name)
-        if weights is None:
+        spec = self.model.spec(name)
+        if spec is None:
             raise CorruptUpdateError("%s: the update changes tensor %r, which the model does not have" % (label, name))
-        if weights.shape != diff.shape:
+        shape, dtype = spec
+        if tuple(shape) != diff.shape:
             raise CorruptUpdateError("%s: the update's %r has shape %s, the model's %s"
-                                     % (label, name, list(diff.shape), list(weights.shape)))
-        if weights.dtype != np.float32 or diff.dtype != np.float32:
+                                     % (label, name, list(diff.shape), list(shape)))
+        if dtype != np.float32 or diff.dtype != np.float32:
             raise CorruptUpdateError("%s: tensor %r: only float32 tensors can be updated (model %s, update %s)"
-                                     % (label, name, weights.dtype, diff.dtype))
-        self.model[name] = add_difference(weights, diff)
+                                     % (label, name, dtype, diff.dtype))
+        self.model.add(name, diff)
 
     def finish_state(self):
-        """The ChainState after the last update, with the decoder state it left."""
-        self.state.capture_decoder(self.decoder._core.decoder)
+        """The ChainState after the last update, with the decoder state it left: the decoder's own
+        arrays (no copy; this decoder decodes nothing after)."""
+        self.state.capture_decoder(self.decoder._core.decoder, copy=False)
         return self.state
 
 
@@ -591,33 +785,58 @@ def apply_update(base, updates, output=None, *, state=None, allow_anonymous=Fals
 
     Each update's record is checked against the model before it is decoded, and its result after;
     any refusal raises an UpdateError subclass (see the module docstring), a bad bitstream NNCError.
-    Nothing is written unless every update succeeds. Returns the new model (a dict), or (model,
-    ChainState) with ``return_state``. ``allow_anonymous`` applies updates without a record (e.g.
-    written by NNCodec) unchecked. ``limits`` (decoder_core.Limits) bounds what a hostile update may
-    make the decoder allocate.
+    Nothing is written unless every update succeeds. ``allow_anonymous`` applies updates without a
+    record (e.g. written by NNCodec) unchecked. ``limits`` (decoder_core.Limits) bounds what a hostile
+    update may make the decoder allocate.
+
+    From a .safetensors file to a .safetensors file the model is never loaded: the base is copied
+    beside ``output`` and each changed tensor is patched there a megabyte at a time, so memory holds
+    the decoder state and one decoded difference, not the model. The result is then a dict of
+    read-only arrays mapped from ``output``; otherwise a dict of arrays in memory. Returns the model,
+    or (model, ChainState) with ``return_state``.
     """
+    return _apply(base, updates, output, state=state, allow_anonymous=allow_anonymous, chunk_size=chunk_size,
+                  threads=threads, limits=limits, return_state=return_state)
+
+
+def _apply(base, updates, output, state=None, allow_anonymous=False, chunk_size=DEFAULT_CHUNK_SIZE, threads=None,
+           limits=None, return_state=False, metadata=None):
+    """apply_update; ``metadata`` (a str -> str map) replaces the base's in a .safetensors output."""
     if isinstance(updates, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(updates, "read"):
         updates = [updates]
-    metadata = None
+    state_beside = None
     if isinstance(base, (str, os.PathLike)):
-        model = modelio.load(base)
-        if modelio.format_of(base) == "safetensors":
-            metadata = modelio.load_metadata(base) or None
+        if output is not None and modelio.format_of(base) == modelio.format_of(output) == "safetensors":
+            model = _FileModel(base, output, metadata)
+        else:
+            if metadata is None and modelio.format_of(base) == "safetensors":
+                metadata = modelio.load_metadata(base) or None
+            model = _MemoryModel(modelio.load(base))
         if state is None:
-            state = load_device_state(base, model_digest(model))
+            state_beside = base
     elif isinstance(base, dict):
-        model = base
+        model = _MemoryModel(base)
     else:
         raise TypeError("base is a model file path or a dict of arrays, not %s" % type(base).__name__)
-    applier = _Applier(model, state, chunk_size, threads, allow_anonymous, limits)
-    for update in updates:
-        applier.apply(update)
-    new_state = applier.finish_state()
-    if output is not None:
-        write_model(output, applier.model, new_state, metadata)
+    try:
+        applier = _Applier(model, state, chunk_size, threads, allow_anonymous, limits, state_beside)
+        for update in updates:
+            applier.apply(update)
+        new_state = applier.finish_state()
+        if output is None:
+            tensors = model.tensors
+        elif isinstance(model, _FileModel):
+            _with_state(output, new_state, model.commit)
+            tensors = model.arrays()
+        else:
+            tensors = model.tensors
+            write_model(output, tensors, new_state, metadata)
+    finally:
+        if isinstance(model, _FileModel):
+            model.close()
     if return_state:
-        return applier.model, new_state
-    return applier.model
+        return tensors, new_state
+    return tensors
 
 
 def write_model(path, tensors, state=None, metadata=None):
@@ -626,17 +845,36 @@ def write_model(path, tensors, state=None, metadata=None):
     path = os.fspath(path)
     if metadata is not None and modelio.format_of(path) != "safetensors":
         metadata = None
-    keep = None
-    if state is not None:
-        keep = state_path(path, state.model)
-        state.save(keep)
     options = {"metadata": metadata} if metadata else {}
-    with open_sink(path, **options) as sink:
-        for name, array in tensors.items():
-            sink.write(name, array)
-    if keep is None:
+
+    def write():
+        with open_sink(path, **options) as sink:
+            for name, array in tensors.items():
+                sink.write(name, array)
+
+    _with_state(path, state, write)
+
+
+def _with_state(model_path, state, write):
+    """write() the model file model_path with its decoder-state file ``state`` (None: none) written
+    first. Then remove the state files beside it for other digests; if write() fails, remove the
+    state file just made instead (unless one for that digest was there before)."""
+    if state is None:
+        write()
         return
-    for stale in _state_files(path):
+    keep = state_path(model_path, state.model)
+    existed = os.path.exists(keep)
+    state.save(keep)
+    try:
+        write()
+    except BaseException:
+        if not existed:
+            try:
+                os.remove(keep)
+            except OSError:
+                pass
+        raise
+    for stale in _state_files(model_path):
         if os.path.abspath(stale) != os.path.abspath(keep):
             try:
                 os.remove(stale)
@@ -692,11 +930,13 @@ def sparsify(difference, sparsity=None, row_sparsity=None):
     return d
 
 
-def _encoder_for(state, tca, hdsp, threads, topology):
+def _encoder_for(state, tca, hdsp, threads, reflist):
     """An update-chain Encoder carrying the chain state (TCA bases, HDSP history, depths, ids)."""
     from .encoding import Encoder  # the host side only: devices import nnc_edge.updates without the encoder
 
-    enc = Encoder(profile=1, parent_signalling=True, tca=tca, hdsp=hdsp, threads=threads, topology=topology)
+    # NNCodec needs names and the (empty) NNR_TPL unit; our updates name tensors by index instead.
+    enc = Encoder(profile=1, parent_signalling=True, tca=tca, hdsp=hdsp, threads=threads, topology=reflist is None,
+                  reflist=reflist)
     if state is not None:
         # The encoder's chain (nnc_edge.encoding._Chain) mirrors the decoder state kept in the ChainState.
         chain = enc.chain
@@ -806,8 +1046,8 @@ def encode_update(base, new, *, qp=-32, dq=True, sparsity=None, row_sparsity=Non
 
     if hdsp is None:
         hdsp = not nncodec_compatible
-    # NNCodec needs the (empty) NNR_TPL unit; a stream with the record unit is not for NNCodec anyway.
-    enc = _encoder_for(state, tca, hdsp, threads, topology=nncodec_compatible)
+    topology = update_topology(base)
+    enc = _encoder_for(state, tca, hdsp, threads, None if nncodec_compatible else [n for n, _ in topology])
     if state is None or not state.parameter_ids:
         # A tensor keeps its place in the model as parameter_id along the chain (as NNCodec numbers them).
         for i, name in enumerate(base):
@@ -817,7 +1057,7 @@ def encode_update(base, new, *, qp=-32, dq=True, sparsity=None, row_sparsity=Non
     # The host's view: base + our own decoding of the update, with the chain's decoder state.
     from .decoding import Decoder
 
-    decoder = Decoder(threads=threads)
+    decoder = Decoder(topology, threads=threads)
     if state is not None:
         state.restore_decoder(decoder._core)
     decoded = decoder.decode(body)

@@ -91,7 +91,9 @@ def test_nnc_edge_decodes_bit_exactly(steps):
 
 
 @pytest.mark.parametrize("steps", [steps for _, steps in CASES], ids=[case for case, _ in CASES])
-def test_decoder_core_decodes_bit_exactly(steps):
+def test_decoder_core_decodes_bit_exactly(steps, backend):
+    # Without output buffers the pure-Python backend decodes non-chain float tensors straight into
+    # float32 (payload.scale_levels); the compiled one goes through int32 levels.
     if len(steps) == 1:
         assert_bit_exact(core_as_numpy(decoder_core.decode(read_vector(steps[0]))), expected_tensors(steps[0]),
                          steps[0])

@@ -432,18 +432,30 @@ def test_reflist_and_indexed_references():
     both = np.concatenate([conv[:3], conv[3:]], axis=0)
     ndu_conv = raw_ndu(None, both, mps=mps, topology_elements_ids_list=[0, 1],
                        topology_tensor_dimension_mapping=dict(concatentation_axis_index=0, split_index=[3]))
-    unknown = raw_ndu(None, fc, mps=mps, topology_elem_id_index=7)
-    data = head(0, **mps) + tpl + ndu_fc + ndu_conv + unknown
+    data = head(0, **mps) + tpl + ndu_fc + ndu_conv
     units = parse_all(data)
     assert units[2].tpl.topology_elements_ids_list == names
     assert units[3].ndu.topology_elem_id_index == 2 and units[3].names == ["fc.w"]
     assert units[4].ndu.topology_elements_ids_list == [0, 1] and units[4].names == ["conv.w", "conv.b"]
-    assert units[5].names == ["7"]  # no REFLIST entry: the index itself names the tensor
     out = decode(data)
-    assert list(out) == ["fc.w", "conv.w", "conv.b", "7"]
+    assert list(out) == ["fc.w", "conv.w", "conv.b"]
     np.testing.assert_array_equal(out["fc.w"], fc)
     np.testing.assert_array_equal(out["conv.w"], conv[:3])
     np.testing.assert_array_equal(out["conv.b"], conv[3:])
+    # An index past the REFLIST names nothing.
+    unknown = raw_ndu(None, fc, mps=mps, topology_elem_id_index=3)
+    with pytest.raises(NNCError, match="topology_elem_id_index 3 is past the end of the NNR_TPL_REFLIST "
+                                       r"\(3 entries\) \(topology_elem_id_index, at byte %d\)" % len(data)):
+        decode(data + unknown)
+    # Without any REFLIST the index itself names the tensor; an out-of-band topology given as (name,
+    # dimensions) pairs is the REFLIST of a stream without one (topology_carriage_flag 0).
+    bare = head(0, **mps) + ndu_fc + ndu_conv
+    assert list(decode(bare)) == ["2", "0", "1"]
+    external = [("A", [3, 3]), ("B", [1, 3]), ("C", [2, 3])]
+    assert list(decode(bare, external)) == ["C", "A", "B"]
+    assert list(decode(data, external)) == ["fc.w", "conv.w", "conv.b"]  # the stream's own REFLIST wins
+    # ... and stays so for the next bitstream (a new NNR_STR resets the rest of the parser state).
+    assert parse_all(bare + bare, ParserState(external))[-1].names == ["A", "B"]
 
 
 # --- NNR_QNT ------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 
 import nnc_edge
 from nnc_edge import cli, modelio
-from nnc_edge.updates import ChainState, model_digest, read_update_info
+from nnc_edge.updates import ChainState, add_difference, model_digest, read_update_info
 
 from conftest import CONFORMANCE_DIR
 from test_updates import assert_same_model, finetune
@@ -145,3 +145,28 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["1", "2", "3"]
     assert "UpdateInfo(sequence=3," in lines[2] and "continues_state=True" in lines[2]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_decode_an_update_with_its_topology(models, capsys, stream):
+    d = models
+    status, _, _ = run(capsys, "update", "--base", d / "m0.safetensors", "--new", d / "t1.safetensors", "-o", d / "u1.nnc")
+    assert status == 0
+    base = modelio.load(d / "m0.safetensors")
+    names = sorted(base)  # all ASCII: UTF-8 byte order is string order
+    extra = ["--stream"] if stream else []
+    # Update streams name tensors by index into the base model's topology (topology_carriage_flag 0).
+    status, out, err = run(capsys, "decode", d / "u1.nnc", "-o", d / "bare.npz", *extra)
+    assert status == 0 and err == ""
+    bare = modelio.load(d / "bare.npz")
+    status, out, err = run(capsys, "decode", d / "u1.nnc", "--topology", d / "m0.safetensors", "-o",
+                           d / "named.safetensors", *extra)
+    assert status == 0 and err == "" and "14 tensors" in out
+    named = modelio.load(d / "named.safetensors")
+    assert len(named) == 14 and set(named) <= set(names)
+    assert {names[int(k)]: v.shape for k, v in bare.items()} == {k: v.shape for k, v in named.items()}
+    applied = nnc_edge.apply_update(base, str(d / "u1.nnc"))
+    for name, diff in named.items():
+        assert np.array_equal(applied[name], add_difference(base[name], diff))
+    status, out, err = run(capsys, "decode", d / "u1.nnc", "--topology", d / "missing.safetensors", "-o", d / "x.npz")
+    assert status != 0 and "missing.safetensors" in err

@@ -559,13 +559,15 @@ class UpdateWriter:
     def commit(self):
         from nnc_edge import modelio, updates
         path = self.store.path
+        metadata = self.store.metadata(self.env)
         if self.store.apply_update is not None:
-            new, state = self.store.apply_update(modelio.load(path), bytes(self.data)), None
+            new = self.store.apply_update(modelio.load(path), bytes(self.data))
+            updates.write_model(path, new, None, metadata)
         else:
-            # The decoder state of an update chain (temporal context adaptation) lives beside the model.
-            new, state = updates.apply_update(path, bytes(self.data), return_state=True, threads=self.store.threads,
-                                              allow_anonymous=self.store.allow_anonymous)
-        updates.write_model(path, new, state, self.store.metadata(self.env))
+            # Patched in a copy of the model file, never loaded whole; the decoder state of an update
+            # chain (temporal context adaptation) lives beside the model.
+            new = updates._apply(path, bytes(self.data), path, threads=self.store.threads,
+                                 allow_anonymous=self.store.allow_anonymous, metadata=metadata)
         self.tensors = len(new)
         self.store.version = (self.env.seq, self.env.digest)
 
