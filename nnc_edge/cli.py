@@ -264,7 +264,7 @@ def topology_of(path):
     from .updates import update_topology
 
     try:
-        return update_topology(modelio.load(path))
+        return update_topology(modelio.tensor_shapes(path))
     except modelio.ModelFormatError as exc:
         raise CommandError("--topology %s: %s" % (path, exc), EXIT_INVALID)
     except OSError as exc:

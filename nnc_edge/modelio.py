@@ -73,6 +73,28 @@ def load(path):
     return _load_npz(path)
 
 
+def tensor_shapes(path):
+    """name -> shape of every tensor of a .safetensors or .npz file, in stored order, read from the
+    headers alone (the tensor data is not read)."""
+    if format_of(path) == "safetensors":
+        with open(path, "rb") as f:
+            return {name: shape for _, _, name, _, shape in read_safetensors_layout(f, path)[0]}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            out = {}
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with zf.open(member) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    out[member[:-4]] = tuple(read(f)[0])
+            return out
+    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        raise ModelFormatError("%s: not a valid .npz archive (%s)" % (path, exc))
+
+
 def load_metadata(path):
     """The "__metadata__" string map of a .safetensors file ({} when it has none)."""
     with open(path, "rb") as f:

@@ -265,3 +265,22 @@ def test_npz_truncated(tmp_path):
     path.write_bytes(raw[:len(raw) // 2])
     with pytest.raises(ModelFormatError):
         modelio.load(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_tensor_shapes_come_from_the_headers(tmp_path, suffix, monkeypatch):
+    path = str(tmp_path / ("m" + suffix))
+    tensors = sample_tensors()
+    modelio.save(path, tensors)
+    monkeypatch.setattr(modelio, "load", None)  # shapes must not need the data
+    shapes = modelio.tensor_shapes(path)
+    assert list(shapes.items()) == [(name, a.shape) for name, a in tensors.items()]
+
+
+def test_tensor_shapes_of_a_broken_archive(tmp_path):
+    path = tmp_path / "m.npz"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ModelFormatError, match="not a valid .npz archive"):
+        modelio.tensor_shapes(str(path))
+    with pytest.raises(FileNotFoundError):
+        modelio.tensor_shapes(str(tmp_path / "missing.safetensors"))
