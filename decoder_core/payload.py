@@ -51,33 +51,26 @@ def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, i
     n = len(levels)
     if codebook is None:
         values = array("f", levels)  # float32(QuantParam)
-        s32 = _f32(step)
-        if s32 != 1.0:
-            # Each distinct level's product (exact double product of two float32, rounded once on
-            # store) is formed once: MicroPython boxes every float it computes, so multiplying per
-            # element would allocate 32 bytes per parameter. Levels are few; the cache is bounded.
-            cache = {}
+        if _f32(step) != 1.0:
+            value_of = level_values(step)
             for i in range(n):
-                k = levels[i]
-                v = cache.get(k)
-                if v is None:
-                    v = values[i] * s32
-                    if len(cache) < _RECONSTRUCT_CACHE:
-                        cache[k] = v
-                values[i] = v
+                values[i] = value_of(levels[i])
         return values
     return _codebook_values(levels, zeros("f", n), codebook, step, zero_offset, where)
 
 
 def level_values(step):
-    """value_of(QuantParam) = float32(QuantParam) * float32(stepSize), rounded once to float32 as
-    reconstruct() does, for decoding straight into values (deepcabac.decode_tensor_values)."""
+    """value_of(QuantParam) = float32(QuantParam) * float32(stepSize), rounded once to float32: the
+    uniform reconstruction, for reconstruct() and for decoding straight into values
+    (deepcabac.decode_tensor_values)."""
     s32 = _f32(step)
     one = array("f", [0.0])
     cache = {}
 
     def value_of(level):
-        # Cached per level, as in reconstruct(): MicroPython boxes each float product.
+        # Each distinct level's product (exact double product of two float32, rounded once on
+        # store) is formed once: MicroPython boxes every float it computes, so multiplying per
+        # element would allocate 32 bytes per parameter. Levels are few; the cache is bounded.
         v = cache.get(level)
         if v is None:
             one[0] = level  # float32(QuantParam)
