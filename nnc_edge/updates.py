@@ -566,10 +566,13 @@ _REGION_BYTES = 1 << 20
 
 
 class _MemoryModel:
-    """The model as a dict name -> array; a changed tensor is replaced by a new array."""
+    """The model as a dict name -> array; a changed tensor is replaced by a new array. ``save``
+    writes it to ``output`` (with ``metadata`` in a .safetensors file)."""
 
-    def __init__(self, tensors):
+    def __init__(self, tensors, output=None, metadata=None):
         self.tensors = dict(tensors)
+        self.output = output
+        self.metadata = metadata
 
     def shapes(self):
         return {name: np.shape(array) for name, array in self.tensors.items()}
@@ -584,6 +587,14 @@ class _MemoryModel:
     def add(self, name, diff):
         self.tensors[name] = add_difference(self.tensors[name], diff)
 
+    def save(self, state):
+        """Write the model and its decoder state ``state``; returns the tensors."""
+        write_model(self.output, self.tensors, state, self.metadata)
+        return self.tensors
+
+    def close(self):
+        pass
+
 
 class _FileModel:
     """A .safetensors model updated in a copy beside the output file, a region of a tensor at a time:
@@ -591,7 +602,7 @@ class _FileModel:
 
     The copy (the header write_model would write for these tensors and metadata, then the base's
     data) is made at the first change, so an update refused before decoding costs no copy.
-    ``commit()`` renames it onto the output; ``close()`` removes it unless committed. ``metadata``
+    ``save()`` renames it onto the output; ``close()`` removes it unless saved. ``metadata``
     replaces the base's when not None.
     """
 
@@ -664,9 +675,14 @@ class _FileModel:
         shutil.copyfileobj(self._base, self._copy, _REGION_BYTES)
         self._file, self._start = self._copy, len(header)
 
-    def commit(self):
-        """fsync the copy and rename it onto the output (made now if nothing changed: the output
-        still gets the model and its metadata)."""
+    def save(self, state):
+        """Write the decoder state ``state``, then fsync the copy and rename it onto the output (made
+        now if nothing changed: the output still gets the model and its metadata); returns the
+        output's tensors as read-only memmaps."""
+        _with_state(self.output, state, self._rename)
+        return self._arrays()
+
+    def _rename(self):
         if self._copy is None:
             self._make_copy()
         self._base.close()  # before the rename: some systems refuse to replace an open file
@@ -678,8 +694,8 @@ class _FileModel:
         _discard(self._copy, self._tmp)
         self._copy = self._tmp = None
 
-    def arrays(self):
-        """The output's tensors as read-only memmaps, in data order (after commit)."""
+    def _arrays(self):
+        """The output's tensors as read-only memmaps, in data order (after the rename)."""
         whole = np.memmap(self.output, dtype=np.uint8, mode="r")
         out = {}
         for name, dtype, shape in self._order:
@@ -811,11 +827,11 @@ def _apply(base, updates, output, state=None, allow_anonymous=False, chunk_size=
         else:
             if metadata is None and modelio.format_of(base) == "safetensors":
                 metadata = modelio.load_metadata(base) or None
-            model = _MemoryModel(modelio.load(base))
+            model = _MemoryModel(modelio.load(base), output, metadata)
         if state is None:
             state_beside = base
     elif isinstance(base, dict):
-        model = _MemoryModel(base)
+        model = _MemoryModel(base, output, metadata)
     else:
         raise TypeError("base is a model file path or a dict of arrays, not %s" % type(base).__name__)
     try:
@@ -823,17 +839,9 @@ def _apply(base, updates, output, state=None, allow_anonymous=False, chunk_size=
         for update in updates:
             applier.apply(update)
         new_state = applier.finish_state()
-        if output is None:
-            tensors = model.tensors
-        elif isinstance(model, _FileModel):
-            _with_state(output, new_state, model.commit)
-            tensors = model.arrays()
-        else:
-            tensors = model.tensors
-            write_model(output, tensors, new_state, metadata)
+        tensors = model.tensors if output is None else model.save(new_state)
     finally:
-        if isinstance(model, _FileModel):
-            model.close()
+        model.close()
     if return_state:
         return tensors, new_state
     return tensors
