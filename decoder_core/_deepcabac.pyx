@@ -14,6 +14,7 @@ can be decoded in independent chunks; ``coding.runner`` (see nnc_edge.parallel) 
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
+from cpython.pyport cimport PY_SSIZE_T_MAX
 
 from .compat import zeros
 from .errors import NNCError
@@ -169,10 +170,11 @@ cdef inline void _ctx_init(Ctx* c, int set_id) noexcept nogil:
 ctypedef struct Plan:
     int64_t h, w, count
     int dq, N, S, Z, cb, sign_coded, tca, hdsp_lookup
-    const int32_t* base
-    const uint8_t* hist
-    const uint8_t* row_skip
+    const int32_t* base     # the TCA base, the HDSP history and the output of the positions
+    const uint8_t* hist     # off .. off + window length - 1, each indexed by position - off
     int32_t* out
+    int64_t off
+    const uint8_t* row_skip
     int64_t bh, bw, rows
     int use_eps
     int n_ctx
@@ -181,13 +183,40 @@ ctypedef struct Plan:
     int64_t n_eps           # entry points available for block rows 1..n_eps
     uint32_t* ep_offset     # per block row r >= 1, at index r - 1
     uint8_t* ep_state
-    int64_t* ep_pointer     # segment-relative bit pointer, or -1 when outside the segment
+    int64_t* ep_pointer     # segment-relative bit pointer, or -1 when before bit 9
+    int64_t seg_bits        # the segment's length in bits, or -1 while it is still arriving
     uint8_t skip_trans[8]
     int64_t max_bins        # Limits.max_bins_per_tensor
 
 
+ctypedef struct Cursor:
+    # Where the position loop goes on: block row r, block column bx, row y, column x, with the
+    # DQ state and the previous level; ``fresh`` while block row r's entry point is not set yet.
+    int64_t r, bx, y, x
+    int state
+    int64_t nb
+    int fresh
+
+
 cdef inline int64_t _bit_pointer(const Eng* e) noexcept nogil:
     return 8 * (e.p - e.start) + e.bn + 1
+
+
+cdef inline void _cursor_at(Cursor* cur, const Plan* P, int64_t r) noexcept nogil:
+    cur.r = r
+    cur.bx = 0
+    cur.y = r * P.bh
+    cur.x = 0
+    cur.state = 0
+    cur.nb = 0
+    cur.fresh = 1
+
+
+cdef inline int _entry_error(Eng* e, int code, int64_t j) noexcept nogil:
+    e.err = code
+    e.err_val = j
+    e.err_p = e.start
+    return 0
 
 
 cdef inline int _set_entry_point(Eng* e, const Plan* P, int64_t j) noexcept nogil:
@@ -197,24 +226,15 @@ cdef inline int _set_entry_point(Eng* e, const Plan* P, int64_t j) noexcept nogi
     is refused (decoding moves forward only)."""
     cdef int64_t pointer = P.ep_pointer[j]
     cdef int64_t byte, bit, a
-    cdef Py_ssize_t seg_len = e.end - e.start
-    if pointer < 0:
-        e.err = E_ENTRY_POINTER
-        e.err_val = j
-        e.err_p = e.start
-        return 0
+    # seg_bits < 0: the segment is still arriving, and the caller waited for the entry point's bytes.
+    if pointer < 0 or (P.seg_bits >= 0 and pointer > P.seg_bits):
+        return _entry_error(e, E_ENTRY_POINTER, j)
     byte = pointer >> 3
     bit = pointer & 7
-    if bit != 0 and byte >= seg_len:
-        e.err = E_ENTRY_POINTER
-        e.err_val = j
-        e.err_p = e.start
-        return 0
+    if bit != 0 and P.seg_bits >= 0 and 8 * byte >= P.seg_bits:
+        return _entry_error(e, E_ENTRY_POINTER, j)
     if _bit_pointer(e) > pointer:
-        e.err = E_ENTRY_REWIND
-        e.err_val = j
-        e.err_p = e.start
-        return 0
+        return _entry_error(e, E_ENTRY_REWIND, j)
     e.rng = 256
     if bit == 0:
         e.p = e.start + byte
@@ -228,10 +248,23 @@ cdef inline int _set_entry_point(Eng* e, const Plan* P, int64_t j) noexcept nogi
     return 1
 
 
-cdef void _decode_rows(const Plan* P, int64_t r0, int64_t r1, Eng* eng, Ctx* ctx) noexcept nogil:
-    """quant_tensor() for block rows r0..r1-1 (2.2, 2.4, 3, 6.5-6.8); stops at the first error."""
+# What _decode_span returns (the first two are deepcabac.WINDOW_DONE and NEED_INPUT's meanings).
+cdef enum:
+    SPAN_DONE = 0     # reached block row r_end or position pos_end
+    SPAN_INPUT = 1    # stopped before a parameter: the engine passed ``safe``
+    SPAN_ERROR = 2    # e.err says why
+
+
+cdef int _decode_span(Plan* P, Eng* eng, Ctx* ctx, Cursor* cur, int64_t r_end, int64_t pos_end,
+                      Py_ssize_t safe) noexcept nogil:
+    """quant_tensor() (2.2, 2.4, 3, 6.5-6.8) from the cursor up to block row r_end or, within a row,
+    position pos_end, stopping early before a parameter once the engine has passed byte ``safe``.
+
+    One loop serves the whole-tensor decoder (safe beyond the segment, one call per chunk of block
+    rows) and streaming (TensorSteps windows): it is the hot loop, kept in one piece on purpose.
+    """
     cdef Eng e = eng[0]          # a local copy keeps the registers out of memory
-    cdef int64_t h = P.h, w = P.w, bh = P.bh, bw = P.bw
+    cdef int64_t h = P.h, w = P.w, bh = P.bh, bw = P.bw, off = P.off
     cdef int dq = P.dq, N = P.N, S = P.S, Z = P.Z, cb = P.cb, sign_coded = P.sign_coded
     cdef int tca = P.tca, hdsp_lookup = P.hdsp_lookup
     cdef const int32_t* base = P.base
@@ -248,52 +281,81 @@ cdef void _decode_rows(const Plan* P, int64_t r0, int64_t r1, Eng* eng, Ctx* ctx
     cdef Ctx* gtx2 = ctx + P.o_gtx2
     cdef size_t ctx_bytes = P.n_ctx * sizeof(Ctx)
     cdef int64_t max_bins = P.max_bins
-    cdef int state = 0
-    cdef int64_t nb = 0
-    cdef int64_t r, by, y_end, bx, x_end, y, x, row, pos, j
+    cdef int64_t r = cur.r, bx = cur.bx, y = cur.y, x = cur.x
+    cdef int state = cur.state
+    cdef int64_t nb = cur.nb
+    cdef int fresh = cur.fresh
+    cdef int status = SPAN_DONE
+    cdef int halt = 0            # stopped at pos_end inside a row
+    cdef int64_t by, y_end, x_end, x_stop, row, pos, j, pointer, tb
     cdef int64_t q, k, limit, rem, absb
     cdef int32_t bv
     cdef int s, g, jj, rem_bits, st
     cdef Ctx* c
-    memcpy(ctx, P.init, ctx_bytes)
-    for r in range(r0, r1):
-        if r > 0 and P.use_eps:
-            j = r - 1
-            if j >= P.n_eps:
-                e.err = E_NO_ENTRY
-                e.err_val = j
-                e.err_p = e.p
-                break
-            if not _set_entry_point(&e, P, j):
-                break
-            if dq:
-                state = P.ep_state[j]
-            if r > r0:
-                memcpy(ctx, P.init, ctx_bytes)
-            nb = 0
+    while r < r_end and not halt:
         by = r * bh
         y_end = by + bh if by + bh < h else h
-        bx = 0
-        while bx < w:
+        if fresh:
+            if r > 0 and P.use_eps:
+                j = r - 1
+                if j >= P.n_eps:
+                    e.err = E_NO_ENTRY
+                    e.err_val = j
+                    e.err_p = e.p
+                    status = SPAN_ERROR
+                    break
+                pointer = P.ep_pointer[j]
+                if pointer >= 0 and (P.seg_bits < 0 or pointer <= P.seg_bits) and _bit_pointer(&e) <= pointer:
+                    # Streaming: wait for the entry point's bytes; the bits before it belong to
+                    # no block row and are skipped.
+                    tb = e.start + (pointer >> 3)
+                    if e.p < tb:
+                        e.p = tb
+                    if tb > safe:
+                        status = SPAN_INPUT
+                        break
+                if not _set_entry_point(&e, P, j):
+                    status = SPAN_ERROR
+                    break
+                if dq:
+                    state = P.ep_state[j]
+                memcpy(ctx, P.init, ctx_bytes)
+                nb = 0
+            fresh = 0
+        while bx < w and not halt:
             x_end = bx + bw if bx + bw < w else w
-            for y in range(by, y_end):
+            while y < y_end:
                 row = y * w
+                x_stop = x_end
+                if row + x_stop > pos_end:
+                    x_stop = pos_end - row
                 if row_skip != NULL and row_skip[y]:
                     # 6.5: the segment stays 0, nb is unchanged, the DQ state moves w times.
+                    if x < x_stop:
+                        memset(out + row + x - off, 0, (x_stop - x) * sizeof(int32_t))
+                        x = x_stop
+                    if x < x_end:
+                        halt = 1
+                        break
                     if dq:
                         state = P.skip_trans[state]
-                    memset(out + row + bx, 0, (x_end - bx) * sizeof(int32_t))
+                    y += 1
+                    x = bx
                     continue
-                for x in range(bx, x_end):
+                while x < x_stop:
+                    if e.p > safe:
+                        status = SPAN_INPUT
+                        break
                     if e.bins > max_bins:
                         if e.err == E_OK:
                             e.err = E_BINS
                             e.err_p = e.p
+                        status = SPAN_ERROR
                         break
                     pos = row + x
-                    bv = base[pos] if tca else 0
+                    bv = base[pos - off] if tca else 0
                     # sig_flag (2.4)
-                    if hdsp_lookup and hist[pos]:
+                    if hdsp_lookup and hist[pos - off]:
                         c = sig_hdsp + state
                     elif bv:
                         c = sig_tca + 2 * state + (1 if (bv > 1 or bv < -1) else 0)
@@ -303,7 +365,8 @@ cdef void _decode_rows(const Plan* P, int64_t r0, int64_t r1, Eng* eng, Ctx* ctx
                         if dq:
                             state = TRANS[2 * state]
                         nb = 0
-                        out[pos] = 0
+                        out[pos - off] = 0
+                        x += 1
                         continue
                     # sign_flag
                     if not sign_coded:
@@ -360,17 +423,162 @@ cdef void _decode_rows(const Plan* P, int64_t r0, int64_t r1, Eng* eng, Ctx* ctx
                             e.err = E_LEVEL
                             e.err_val = k
                             e.err_p = e.p
+                        status = SPAN_ERROR
                         break
-                    out[pos] = <int32_t>k
+                    out[pos - off] = <int32_t>k
                     nb = k
-                if e.err:
+                    x += 1
+                if status == SPAN_DONE and e.err:
+                    status = SPAN_ERROR   # the engine ran past the end of the data
+                if status != SPAN_DONE:
                     break
-            if e.err:
+                if x < x_end:
+                    halt = 1   # the window ends inside this row
+                    break
+                y += 1
+                x = bx
+            if status != SPAN_DONE or halt:
                 break
             bx += bw
-        if e.err:
+            y = by
+            x = bx
+        if status != SPAN_DONE or halt:
             break
+        r += 1
+        fresh = 1
+        bx = 0
+        y = r * bh
+        x = 0
+    if e.err and status == SPAN_DONE:
+        status = SPAN_ERROR   # the engine ran past the end of the data
+    cur.r = r
+    cur.bx = bx
+    cur.y = y
+    cur.x = x
+    cur.state = state
+    cur.nb = nb
+    cur.fresh = fresh
     eng[0] = e
+    return status
+
+
+cdef int _plan(Plan* P, coding, int64_t count, int64_t h, int64_t w, int tca, int hdsp, list keep) except -1:
+    """The parts of the plan that do not depend on decoded bins: sizes, context layout, scan geometry."""
+    cdef int dq = 1 if coding.dq_flag else 0
+    cdef int N = coding.cabac_unary_length_minus1 + 1
+    cdef int profile = coding.profile
+    cdef int S = coding.codebook_size if profile == 1 else 0
+    cdef int Z = coding.codebook_zero_offset
+    cdef int scan, st, i, r
+    cdef int64_t max_abs
+    P.h = h
+    P.w = w
+    P.count = count
+    P.dq = dq
+    P.N = N
+    P.S = S
+    P.Z = Z
+    P.max_bins = getattr(coding, "max_bins", DEFAULT_MAX_BINS_PER_TENSOR)
+    P.tca = tca
+    P.off = 0
+    P.out = NULL
+    P.base = NULL
+    P.hist = NULL
+    P.hdsp_lookup = 0
+    P.row_skip = NULL
+    P.seg_bits = -1
+    P.cb = 1 if (profile == 1 and S > 1) else 0
+    P.sign_coded = 0 if (P.cb and (Z == 0 or Z == S - 1)) else 1
+    # Context layout: the shift_parameter_ids() groups of 2.6, in their order (deepcabac._context_groups).
+    P.o_sig = 0
+    P.o_sig_tca = P.o_sig + (24 if dq else 3)
+    P.o_sig_hdsp = P.o_sig_tca + ((16 if dq else 2) if tca else 0)
+    P.o_sign = P.o_sig_hdsp + ((8 if dq else 1) if hdsp else 0)
+    P.o_sign_tca = P.o_sign + 3
+    P.o_gtx = P.o_sign_tca + (2 if tca else 0)
+    P.o_gtx_tca = P.o_gtx + 2 * N
+    P.o_gtx2 = P.o_gtx_tca + (2 * N if tca else 0)
+    P.n_ctx = P.o_gtx2 + 31
+    P.init = <Ctx*>malloc(P.n_ctx * sizeof(Ctx))
+    if P.init == NULL:
+        raise MemoryError()
+    # Scan geometry (3.1, 3.2).
+    scan = coding.scan_order if len(coding.dims) > 1 else 0
+    if scan > 0:
+        P.bh = P.bw = 4 << scan
+    else:
+        P.bh = h
+        P.bw = w
+    P.rows = (h + P.bh - 1) // P.bh if h else 0
+    # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
+    for i in range(8):
+        st = i
+        for r in range(w % 4 if w % 4 else 4):
+            st = TRANS[2 * st]
+        P.skip_trans[i] = st
+    return 0
+
+
+cdef list _plan_entry_points(Plan* P, coding, int64_t pointer):
+    """1.11: the entry point of every block row after the first, from the bit pointer at the first
+    parameter; returns the pointers as Python ints for messages."""
+    cdef int64_t n_rows, j
+    cdef int dq = P.dq
+    P.n_eps = 0
+    P.ep_offset = NULL
+    P.ep_state = NULL
+    P.ep_pointer = NULL
+    pointers = []
+    if not P.use_eps:
+        return pointers
+    ep_offsets, ep_states, ep_bits, ep_first = coding.entry_points
+    n_rows = P.rows - 1
+    P.ep_offset = <uint32_t*>malloc(n_rows * sizeof(uint32_t) + 1)
+    P.ep_state = <uint8_t*>malloc(n_rows + 1)
+    P.ep_pointer = <int64_t*>malloc(n_rows * sizeof(int64_t) + 1)
+    if P.ep_offset == NULL or P.ep_state == NULL or P.ep_pointer == NULL:
+        raise MemoryError()
+    for j in range(n_rows):
+        if ep_first + j >= len(ep_bits) or ep_first + j < 0:
+            break
+        pointer += ep_bits[ep_first + j]
+        pointers.append(pointer)
+        P.ep_offset[j] = ep_offsets[ep_first + j] & 0xFF
+        P.ep_state[j] = (ep_states[ep_first + j] & 7) if dq else 0
+        P.ep_pointer[j] = pointer if pointer >= 9 else -1
+        P.n_eps = j + 1
+    return pointers
+
+
+cdef void _free_plan(Plan* P) noexcept:
+    free(P.init)
+    free(P.ep_offset)
+    free(P.ep_state)
+    free(P.ep_pointer)
+    P.init = NULL
+    P.ep_offset = NULL
+    P.ep_state = NULL
+    P.ep_pointer = NULL
+
+
+cdef _raise(Eng* e, int64_t ep_first, pointers, int64_t max_bins):
+    if e.err == E_PAST_END:
+        raise NNCError("arithmetic-coded data runs past the end of the NNR unit", e.err_p, "ae(v)")
+    if e.err == E_LEVEL:
+        raise NNCError("decoded level %d does not fit in 32 bits" % e.err_val, e.err_p, "int_param()")
+    if e.err == E_NO_ENTRY:
+        raise NNCError("entry point %d missing from the NDU header" % (ep_first + e.err_val), e.err_p,
+                       "cabac_offset_list")
+    if e.err == E_ENTRY_POINTER:
+        raise NNCError("entry point bit offset %d outside the segment" % pointers[e.err_val], e.err_p,
+                       "BitOffsetList")
+    if e.err == E_ENTRY_REWIND:
+        raise NNCError("entry point %d at bit offset %d lies before bits already decoded"
+                       % (ep_first + e.err_val, pointers[e.err_val]), e.err_p, "BitOffsetList")
+    if e.err == E_BINS:
+        raise exceeded("max_bins_per_tensor", "the number of bins decoded for the tensor", max_bins, e.err_p,
+                       "quant_tensor()")
+    raise MemoryError()
 
 
 cdef class _Tensor:
@@ -385,10 +593,7 @@ cdef class _Tensor:
     cdef int64_t ep_first
 
     def __dealloc__(self):
-        free(self.P.init)
-        free(self.P.ep_offset)
-        free(self.P.ep_state)
-        free(self.P.ep_pointer)
+        _free_plan(&self.P)
         free(self.chunk_eng)
         free(self.chunk_rows)
 
@@ -409,6 +614,7 @@ cdef class _Tensor:
         """Decode chunk i (a run of block rows) without the GIL."""
         cdef Eng e = self.start
         cdef Ctx* ctx
+        cdef Cursor cur
         if i > 0:
             e.bins = 0   # the preamble's bins are counted once, in chunk 0
         with nogil:
@@ -416,7 +622,9 @@ cdef class _Tensor:
             if ctx == NULL:
                 e.err = E_NO_MEMORY
             else:
-                _decode_rows(&self.P, self.chunk_rows[i], self.chunk_rows[i + 1], &e, ctx)
+                memcpy(ctx, self.P.init, self.P.n_ctx * sizeof(Ctx))
+                _cursor_at(&cur, &self.P, self.chunk_rows[i])
+                _decode_span(&self.P, &e, ctx, &cur, self.chunk_rows[i + 1], self.P.count, PY_SSIZE_T_MAX)
                 free(ctx)
             self.chunk_eng[i] = e
 
@@ -436,43 +644,43 @@ cdef class _Tensor:
         for i in range(self.n_chunks):
             e = &self.chunk_eng[i]
             if e.err:
-                _raise(e, self)
+                _raise(e, self.ep_first, self.pointers, self.P.max_bins)
             if i + 1 < self.n_chunks:
                 j = self.chunk_rows[i + 1] - 1
                 if 0 <= j < self.P.n_eps and self.P.ep_pointer[j] >= 0 and _bit_pointer(e) > self.P.ep_pointer[j]:
                     e.err = E_ENTRY_REWIND
                     e.err_val = j
                     e.err_p = e.start
-                    _raise(e, self)
+                    _raise(e, self.ep_first, self.pointers, self.P.max_bins)
         e = &self.chunk_eng[self.n_chunks - 1]
         if bins > self.P.max_bins:
             e.err = E_BINS
             e.err_p = e.p
-            _raise(e, self)
-        engine.p = e.p
-        engine.range = e.rng
-        engine.value = e.value
-        engine.bits_needed = e.bn
+            _raise(e, self.ep_first, self.pointers, self.P.max_bins)
+        _store_engine(e, engine)
 
 
-cdef _raise(Eng* e, _Tensor t):
-    if e.err == E_PAST_END:
-        raise NNCError("arithmetic-coded data runs past the end of the NNR unit", e.err_p, "ae(v)")
-    if e.err == E_LEVEL:
-        raise NNCError("decoded level %d does not fit in 32 bits" % e.err_val, e.err_p, "int_param()")
-    if e.err == E_NO_ENTRY:
-        raise NNCError("entry point %d missing from the NDU header" % (t.ep_first + e.err_val), e.err_p,
-                       "cabac_offset_list")
-    if e.err == E_ENTRY_POINTER:
-        raise NNCError("entry point bit offset %d outside the segment" % t.pointers[e.err_val], e.err_p,
-                       "BitOffsetList")
-    if e.err == E_ENTRY_REWIND:
-        raise NNCError("entry point %d at bit offset %d lies before bits already decoded"
-                       % (t.ep_first + e.err_val, t.pointers[e.err_val]), e.err_p, "BitOffsetList")
-    if e.err == E_BINS:
-        raise exceeded("max_bins_per_tensor", "the number of bins decoded for the tensor", t.P.max_bins, e.err_p,
-                       "quant_tensor()")
-    raise MemoryError()
+cdef inline void _store_engine(const Eng* e, engine):
+    engine.p = e.p
+    engine.range = e.rng
+    engine.value = e.value
+    engine.bits_needed = e.bn
+
+
+cdef const uint8_t[::1] _load_engine(Eng* e, engine):
+    """The Python engine's registers into ``e``; returns the view of its data that e.data points into."""
+    cdef const uint8_t[::1] data = _bytes_view(engine.data)
+    e.data = &data[0] if data.shape[0] else NULL
+    e.start = engine.start
+    e.end = engine.end
+    e.p = engine.p
+    e.rng = engine.range
+    e.value = engine.value
+    e.bn = engine.bits_needed
+    e.err = E_OK
+    if e.end > data.shape[0] or e.p < 0 or e.p > e.end:
+        raise ValueError("engine position outside its data")
+    return data
 
 
 cdef const uint8_t[::1] _bytes_view(obj):
@@ -503,55 +711,30 @@ cdef _Tensor _prepare(engine, coding, int64_t count, int64_t h, int64_t w, level
     cdef _Tensor t = _Tensor.__new__(_Tensor)
     cdef Plan* P = &t.P
     cdef Eng e
-    cdef const uint8_t[::1] data = _bytes_view(engine.data)
+    cdef const uint8_t[::1] data
     cdef uint8_t[::1] out = _writable_int32(levels, count)
     cdef const uint8_t[::1] base_v
     cdef const uint8_t[::1] hist_v
     cdef Ctx shift_flag, row_skip_ctx
-    cdef int dq = 1 if coding.dq_flag else 0
-    cdef int N = coding.cabac_unary_length_minus1 + 1
     cdef int profile = coding.profile
-    cdef int S = coding.codebook_size if profile == 1 else 0
-    cdef int Z = coding.codebook_zero_offset
-    cdef int tca, hdsp = 0, cb, sign_coded, present, set_id, scan, st
-    cdef int64_t max_abs, a, r, i, n_rows, j
+    cdef int tca, hdsp = 0, present, set_id, scan
+    cdef int64_t max_abs, a, r, i
     cdef bytearray row_skip = None
     cdef uint8_t* rs
+    data = _load_engine(&e, engine)
     keep = [data, out]
     t.keep = keep
-    e.data = &data[0] if data.shape[0] else NULL
-    e.start = engine.start
-    e.end = engine.end
-    e.p = engine.p
-    e.rng = engine.range
-    e.value = engine.value
-    e.bn = engine.bits_needed
-    e.err = E_OK
     e.bins = 0
-    if e.end > data.shape[0] or e.start < 0 or e.p < e.start:
-        raise ValueError("engine segment outside its data")
-    P.out = <int32_t*>&out[0] if count else NULL
-    P.h = h
-    P.w = w
-    P.count = count
-    P.dq = dq
-    P.N = N
-    P.S = S
-    P.Z = Z
-    P.max_bins = getattr(coding, "max_bins", DEFAULT_MAX_BINS_PER_TENSOR)
+    P.init = NULL
+    P.ep_offset = NULL
+    P.ep_state = NULL
+    P.ep_pointer = NULL
     tca = 1 if (profile == 1 and coding.tca_base is not None) else 0
-    P.tca = tca
-    P.base = NULL
-    if tca:
-        base_v = _int32_view(coding.tca_base, count)
-        keep.append(base_v)
-        P.base = <const int32_t*>&base_v[0]
     hist = coding.hdsp_history if profile == 1 else None
 
     # 2.1 step 3 / 6.4: profile-1 bins at the start of the tensor.
     _ctx_init(&shift_flag, 0)
     _ctx_init(&row_skip_ctx, 0)
-    P.row_skip = NULL
     if profile == 1 and w > 1 and h > 1:
         if coding.parent_node_id_present_flag:
             hdsp = _bypass(&e)
@@ -562,10 +745,16 @@ cdef _Tensor _prepare(engine, coding, int64_t count, int64_t h, int64_t w, level
                 rs[r] = _decision(&e, &row_skip_ctx)
                 if e.err:
                     break
-            keep.append(row_skip)
-            P.row_skip = rs
-    P.hist = NULL
-    P.hdsp_lookup = 0
+    _plan(P, coding, count, h, w, tca, hdsp, keep)
+    P.out = <int32_t*>&out[0] if count else NULL
+    P.seg_bits = 8 * (e.end - e.start)
+    if row_skip is not None:
+        keep.append(row_skip)
+        P.row_skip = <uint8_t*><char*>row_skip
+    if tca:
+        base_v = _int32_view(coding.tca_base, count)
+        keep.append(base_v)
+        P.base = <const int32_t*>&base_v[0]
     if hist is not None and hdsp:
         hist_v = hist
         if hist_v.shape[0] != count:
@@ -574,38 +763,20 @@ cdef _Tensor _prepare(engine, coding, int64_t count, int64_t h, int64_t w, level
         P.hist = &hist_v[0]
         P.hdsp_lookup = 1   # 6.7: without an earlier decode the history is all 0
 
-    # Context layout: the shift_parameter_ids() groups of 2.6, in their order.
-    P.o_sig = 0
-    P.o_sig_tca = P.o_sig + (24 if dq else 3)
-    P.o_sig_hdsp = P.o_sig_tca + ((16 if dq else 2) if tca else 0)
-    P.o_sign = P.o_sig_hdsp + ((8 if dq else 1) if hdsp else 0)
-    P.o_sign_tca = P.o_sign + 3
-    P.o_gtx = P.o_sign_tca + (2 if tca else 0)
-    P.o_gtx_tca = P.o_gtx + 2 * N
-    P.o_gtx2 = P.o_gtx_tca + (2 * N if tca else 0)
-    P.n_ctx = P.o_gtx2 + 31
-    P.init = <Ctx*>malloc(P.n_ctx * sizeof(Ctx))
-    if P.init == NULL:
-        raise MemoryError()
-
     # 2.6: shift_parameter_ids(); 6.8: which shift_idx() are present with a profile-1 codebook.
-    cb = 1 if (profile == 1 and S > 1) else 0
-    max_abs = Z if Z > S - 1 - Z else S - 1 - Z
-    sign_coded = 0 if (cb and (Z == 0 or Z == S - 1)) else 1
-    P.cb = cb
-    P.sign_coded = sign_coded
+    max_abs = P.Z if P.Z > P.S - 1 - P.Z else P.S - 1 - P.Z
     for i in range(P.n_ctx):
         present = 1
-        if cb:
+        if P.cb:
             if i >= P.o_gtx2:
                 a = i - P.o_gtx2
-                present = (N - 1) + (((<int64_t>2) << a) - 1) < max_abs
+                present = (P.N - 1) + (((<int64_t>2) << a) - 1) < max_abs
             elif i >= P.o_gtx_tca:
                 present = i - P.o_gtx_tca < 2 * (max_abs - 1)
             elif i >= P.o_gtx:
                 present = i - P.o_gtx < 2 * max_abs
             elif i >= P.o_sign:
-                present = sign_coded
+                present = P.sign_coded
         set_id = 0
         if present and _decision(&e, &shift_flag):
             # shift_idx_minus_1, uae(3), MSB first
@@ -613,56 +784,19 @@ cdef _Tensor _prepare(engine, coding, int64_t count, int64_t h, int64_t w, level
             set_id = (set_id << 1) | _bypass(&e)
             set_id = 1 + ((set_id << 1) | _bypass(&e))
         _ctx_init(&P.init[i], set_id)
-    if e.err:
-        t.ep_first = 0
-        _raise(&e, t)
-
-    # Scan geometry (3.1, 3.2) and entry points (1.11).
-    scan = coding.scan_order if len(coding.dims) > 1 else 0
-    if scan > 0:
-        P.bh = P.bw = 4 << scan
-    else:
-        P.bh = h
-        P.bw = w
-    P.rows = (h + P.bh - 1) // P.bh if h else 0
-    eps = coding.entry_points
-    P.use_eps = 1 if (scan > 0 and h > P.bh and eps is not None) else 0
-    P.n_eps = 0
-    P.ep_offset = NULL
-    P.ep_state = NULL
-    P.ep_pointer = NULL
     t.ep_first = 0
+    t.pointers = []
+    if e.err:
+        _raise(&e, 0, t.pointers, P.max_bins)
+
+    eps = coding.entry_points
+    scan = coding.scan_order if len(coding.dims) > 1 else 0
+    P.use_eps = 1 if (scan > 0 and h > P.bh and eps is not None) else 0
     if P.use_eps:
         # 1.11: IvlCurrRange = 256 before the first parameter as well.
         e.rng = 256
-        ep_offsets, ep_states, ep_bits, ep_first = eps
-        t.ep_first = ep_first
-        n_rows = P.rows - 1
-        P.ep_offset = <uint32_t*>malloc(n_rows * sizeof(uint32_t) + 1)
-        P.ep_state = <uint8_t*>malloc(n_rows + 1)
-        P.ep_pointer = <int64_t*>malloc(n_rows * sizeof(int64_t) + 1)
-        if P.ep_offset == NULL or P.ep_state == NULL or P.ep_pointer == NULL:
-            raise MemoryError()
-        seg_bits = 8 * (e.end - e.start)
-        pointer = 8 * (e.p - e.start) + e.bn + 1
-        pointers = []
-        for j in range(n_rows):
-            if ep_first + j >= len(ep_bits) or ep_first + j < 0:
-                break
-            pointer += ep_bits[ep_first + j]
-            pointers.append(pointer)
-            P.ep_offset[j] = ep_offsets[ep_first + j] & 0xFF
-            P.ep_state[j] = (ep_states[ep_first + j] & 7) if dq else 0
-            P.ep_pointer[j] = pointer if 9 <= pointer <= seg_bits else -1
-            P.n_eps = j + 1
-        t.pointers = pointers
-
-    # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
-    for i in range(8):
-        st = i
-        for r in range(w % 4 if w % 4 else 4):
-            st = TRANS[2 * st]
-        P.skip_trans[i] = st
+        t.ep_first = eps[3]
+    t.pointers = _plan_entry_points(P, coding, _bit_pointer(&e))
     t.start = e
     return t
 
@@ -701,6 +835,111 @@ def decode_tensor_levels(engine, coding, out=None):
         t.run_chunk(0)
     t.finish(engine)
     return levels
+
+
+cdef class TensorSteps:
+    """The compiled position loop of deepcabac.TensorSteps for streaming: same windows, same results.
+
+    Made after deepcabac.preamble() has decoded the tensor's first bins (``steps`` holds them);
+    run(engine, out, lo, hi, base, hist) decodes positions lo .. hi-1 into ``out`` (array('i') or
+    any writable buffer of 4-byte items, indexed by position - lo), reading the engine's registers
+    before and writing them back after, and returns deepcabac.WINDOW_DONE or NEED_INPUT.
+    """
+    cdef Plan P
+    cdef Ctx* ctx
+    cdef Cursor cur
+    cdef int64_t bins
+    cdef object keep
+    cdef object pointers
+    cdef int64_t ep_first
+
+    def __cinit__(self):
+        self.P.init = NULL
+        self.P.ep_offset = NULL
+        self.P.ep_state = NULL
+        self.P.ep_pointer = NULL
+        self.ctx = NULL
+
+    def __dealloc__(self):
+        _free_plan(&self.P)
+        free(self.ctx)
+
+    def __init__(self, engine, coding, steps):
+        cdef Plan* P = &self.P
+        cdef int64_t i
+        cdef uint8_t* rs
+        ids = steps.set_ids
+        self.keep = []
+        _plan(P, coding, steps.count, steps.h, steps.w, 1 if coding.tca else 0, 1 if steps.hdsp else 0, self.keep)
+        if len(ids) != P.n_ctx:
+            raise ValueError("%d context set ids for %d contexts" % (len(ids), P.n_ctx))
+        for i in range(P.n_ctx):
+            _ctx_init(&P.init[i], ids[i])
+        self.ctx = <Ctx*>malloc(P.n_ctx * sizeof(Ctx))
+        if self.ctx == NULL:
+            raise MemoryError()
+        memcpy(self.ctx, P.init, P.n_ctx * sizeof(Ctx))
+        if steps.row_skip is not None:
+            row_skip = bytearray(steps.row_skip)
+            self.keep.append(row_skip)
+            P.row_skip = <uint8_t*><char*>row_skip
+        P.hdsp_lookup = 1 if (steps.hdsp and coding.history) else 0
+        P.use_eps = 1 if steps.use_eps else 0
+        self.ep_first = coding.entry_points[3] if P.use_eps else 0
+        self.pointers = _plan_entry_points(P, coding, engine.get_bit_pointer())
+        self.bins = steps.nbins
+        _cursor_at(&self.cur, P, 0)
+
+    def run(self, engine, out, Py_ssize_t lo, Py_ssize_t hi, base=None, hist=None):
+        global _total_bins
+        cdef Plan* P = &self.P
+        cdef Eng e
+        cdef const uint8_t[::1] data = _load_engine(&e, engine)
+        cdef uint8_t[::1] out_v = _writable_int32(out, hi - lo)
+        cdef const uint8_t[::1] base_v
+        cdef const uint8_t[::1] hist_v
+        cdef int64_t r_end, pos_end, before
+        cdef Py_ssize_t safe
+        cdef int status
+        safe_obj = engine.safe
+        safe = safe_obj if safe_obj < PY_SSIZE_T_MAX else PY_SSIZE_T_MAX
+        seg_end = engine.seg_end
+        P.seg_bits = 8 * (seg_end - engine.start) if seg_end is not None else -1
+        P.off = lo
+        P.out = <int32_t*>&out_v[0] if hi > lo else NULL
+        if P.tca:
+            base_v = _int32_view(base, hi - lo)
+            P.base = <const int32_t*>&base_v[0] if hi > lo else NULL
+        if P.hdsp_lookup:
+            hist_v = hist
+            if hist_v.shape[0] != hi - lo:
+                raise ValueError("HDSP history window must hold %d items" % (hi - lo))
+            P.hist = &hist_v[0] if hi > lo else NULL
+        if P.bh == P.h:
+            r_end = P.rows
+            pos_end = hi
+        else:
+            r_end = (hi // P.w + P.bh - 1) // P.bh if P.w else P.rows
+            pos_end = P.count
+        e.bins = self.bins
+        before = e.bins
+        with nogil:
+            status = _decode_span(P, &e, self.ctx, &self.cur, r_end, pos_end, safe)
+        _total_bins += e.bins - before
+        self.bins = e.bins
+        P.out = NULL
+        P.base = NULL
+        P.hist = NULL
+        if status == SPAN_ERROR:
+            _raise(&e, self.ep_first, self.pointers, P.max_bins)
+        _store_engine(&e, engine)
+        if status == SPAN_INPUT:
+            return 0   # deepcabac.NEED_INPUT
+        if self.cur.r >= P.rows and self.bins > P.max_bins:
+            e.err = E_BINS
+            e.err_p = e.p
+            _raise(&e, self.ep_first, self.pointers, P.max_bins)
+        return 1       # deepcabac.WINDOW_DONE
 
 
 # Below this many parameters a tensor's block rows are not worth handing to other threads.

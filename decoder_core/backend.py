@@ -9,6 +9,8 @@ The functions the payload decoder calls through this module:
     decode_tensor_levels(engine, coding, out=None) -> levels (int32, row-major; ``out`` if given)
     reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False)
     update_history(levels, history)
+    tensor_steps: None, or the compiled position loop for streaming (deepcabac.TensorSteps's twin,
+        made from one whose preamble() has run)
 """
 
 from . import deepcabac
@@ -24,6 +26,7 @@ _name = None
 decode_tensor_levels = None
 reconstruct = None
 update_history = None
+tensor_steps = None
 
 
 def _python_reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False):
@@ -50,11 +53,12 @@ def name():
 
 def use(backend):
     """Switch the active backend ("cython" or "python"); ImportError if "cython" is not built."""
-    global _name, decode_tensor_levels, reconstruct, update_history
+    global _name, decode_tensor_levels, reconstruct, update_history, tensor_steps
     if backend == "python":
         decode_tensor_levels = deepcabac.decode_tensor_levels
         reconstruct = _python_reconstruct
         update_history = _python_update_history
+        tensor_steps = None
     elif backend == "cython":
         if _compiled is None:
             raise ImportError("the compiled DeepCABAC backend (decoder_core._deepcabac) is not available: %s; "
@@ -62,6 +66,7 @@ def use(backend):
         decode_tensor_levels = _compiled.decode_tensor_levels
         reconstruct = _compiled.reconstruct
         update_history = _compiled.update_history
+        tensor_steps = _compiled.TensorSteps
     else:
         raise ValueError("unknown backend %r: use 'python' or 'cython'" % (backend,))
     _name = backend

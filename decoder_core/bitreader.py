@@ -6,7 +6,7 @@ reader never reads outside ``[unit_start, unit_end)`` of the underlying buffer.
 
 import struct
 
-from .errors import NNCError
+from .errors import Incomplete, NNCError
 from .limits import DEFAULT_MAX_STRING_BYTES, LimitError
 
 # An st(v) longer than this is treated as hostile (Limits.max_string_bytes; parse_unit sets it per reader).
@@ -22,6 +22,9 @@ class BitReader:
             raise NNCError("unit extends past the end of the data", start, "nnr_unit")
         self.pos = start * 8  # absolute bit position in data
         self.max_string_bytes = MAX_STRING_BYTES
+        # True while ``end`` is only where the bytes that have arrived end (the unit goes on):
+        # running out of them raises Incomplete instead of a truncation error.
+        self.partial = False
 
     # --- positions -----------------------------------------------------------------------------
     def get_bit_pointer(self):
@@ -47,7 +50,12 @@ class BitReader:
 
     def _need(self, n, element):
         if self.pos + n > self.end * 8:
-            raise NNCError("NNR unit ends inside a syntax element", self.pos >> 3, element)
+            self._ran_out(element)
+
+    def _ran_out(self, element):
+        if self.partial:
+            raise Incomplete("more bytes of the NNR unit are needed", self.pos >> 3, element)
+        raise NNCError("NNR unit ends inside a syntax element", self.pos >> 3, element)
 
     # --- fixed-length descriptors ------------------------------------------------------------------
     def read_bits(self, n, element="read_bits"):
@@ -132,6 +140,8 @@ class BitReader:
             raise LimitError("string longer than the limit of %d bytes (max_string_bytes)" % longest, start, element,
                              "max_string_bytes")
         if j >= self.end:
+            if self.partial:
+                self._ran_out(element)
             raise NNCError("string has no terminating zero byte", start, element)
         raw = bytes(data[start:j])
         self.pos = (j + 1) * 8

@@ -139,6 +139,17 @@ class Decoder:
                        % (", ".join(p.unit.names), unit.type_name), unit.offset, "partial_data_counter")
 
     def _join(self, data, unit, sink):
+        p = self.continue_partial(data, unit)
+        p.chunks.append(bytes(data[unit.payload_start:unit.payload_end]))
+        if p.expected > 0:
+            return
+        joined = b"".join(p.chunks)
+        sink(self._payload(p.unit, joined, 0, len(joined)))
+
+    def continue_partial(self, data, unit):
+        """Take the NDU ``unit`` (partial_data_counter > 0, parsed from ``data``) into the open
+        partial-data sequence (6.4.3.1), or open one with it; returns the sequence, whose ``expected``
+        counter is 0 once this unit ended it (it is then closed)."""
         # The NDU header repeats in every partial unit: compare its bytes after the counter.
         header = bytes(data[unit.offset + _size_bytes(data, unit.offset) + 2:unit.payload_start])
         p = self._partial
@@ -159,16 +170,18 @@ class Decoder:
             self._partial = None
             raise exceeded("max_unit_size", "partial-data sequence of %d payload bytes" % p.size, limit, unit.offset,
                            "partial_data_counter")
-        p.chunks.append(bytes(data[unit.payload_start:unit.payload_end]))
         p.expected = unit.partial_data_counter - 1
-        if p.expected > 0:
-            return
-        self._partial = None
-        joined = b"".join(p.chunks)
-        sink(self._payload(p.unit, joined, 0, len(joined)))
+        if p.expected == 0:
+            self._partial = None
+        return p
 
     def _payload(self, unit, data, start, end):
-        # Counted when the job is made, before anything is allocated for its tensors.
+        return PayloadJob(unit, data, start, end, self.payload_context(unit))
+
+    def payload_context(self, unit):
+        """What decoding the payload of NDU ``unit`` takes from the decoder state (PayloadContext).
+        Its tensor bytes are counted against Limits.max_decoded_bytes here, before anything is
+        allocated for them."""
         limits = self.parser.limits
         self.decoded_bytes += 4 * decoded_elements(unit.ndu)
         if self.decoded_bytes > limits.max_decoded_bytes:
@@ -182,7 +195,7 @@ class Decoder:
             ctx.history = self.history
         ctx.output = self.output
         ctx.runner = self.runner
-        return PayloadJob(unit, data, start, end, ctx)
+        return ctx
 
 
 class PayloadJob:

@@ -36,6 +36,11 @@ class ArithmeticDecoder:
         self.start = start
         self.end = end
         self.p = start
+        # Streaming (decoder_core.incremental): ``end`` is where the bytes that have arrived end,
+        # ``seg_end`` the segment's end once known (else None), and decoding stops for input before a
+        # parameter once ``p`` has passed ``safe``. Positions are indexes into ``data``.
+        self.seg_end = end
+        self.safe = WHOLE
         # 1.3: IvlCurrRange = 510, IvlOffset = read_bits(9)
         self.range = 510
         self.value = (self._fetch() << 8) | self._fetch()
@@ -47,6 +52,10 @@ class ArithmeticDecoder:
             raise NNCError("arithmetic-coded data runs past the end of the NNR unit", p, "ae(v)")
         self.p = p + 1
         return self.data[p]
+
+    def left(self):
+        """Bytes of the segment not read yet, or None while its end is unknown."""
+        return None if self.seg_end is None else self.seg_end - self.p
 
     def get_bit_pointer(self):
         return 8 * (self.p - self.start) + self.bits_needed + 1
@@ -162,6 +171,7 @@ class ArithmeticDecoder:
     def fork(self):
         """A copy of the engine state, to look ahead without moving this engine."""
         e = ArithmeticDecoder(self.data, self.start, self.end)
+        e.seg_end = self.seg_end
         e.p = self.p
         e.range = self.range
         e.value = self.value
@@ -175,7 +185,7 @@ class ArithmeticDecoder:
         read (NNCodec's streams have them equal) would make rows decode the same bits again, so a
         small payload could stand for unbounded work; it is refused.
         """
-        seg_len = self.end - self.start
+        seg_len = (self.seg_end if self.seg_end is not None else self.end) - self.start
         if pointer < 9 or pointer > 8 * seg_len:
             raise NNCError("entry point bit offset %d outside the segment" % pointer, self.start, "BitOffsetList")
         byte = pointer >> 3
@@ -216,6 +226,22 @@ def _reset(group, set_ids):
 # (rangeTabLps >= 2), so at most 128 bins pass per bit read; a bypass bin reads one bit.
 _BINS_PER_BIT = 128
 
+# What TensorSteps.run() returns.
+NEED_INPUT = 0   # decoding stopped before a parameter because engine.p passed engine.safe
+WINDOW_DONE = 1  # every position of the current output window is decoded
+
+# engine.safe while every byte of the segment is present: decoding never stops for input.
+WHOLE = 1 << 60
+
+
+def lookahead_bytes(cabac_unary_length_minus1):
+    """The most bytes the engine can read for one parameter: sig_flag, sign_flag, N
+    abs_level_greater_x and 31 abs_level_greater_x2 decisions of at most 7 bits each (rangeTabLps >= 2
+    renormalizes by at most 7), 31 abs_remainder bypass bits, the register's look-ahead byte, and
+    the byte an entry point reads before its bits. The preamble's steps read less."""
+    n = cabac_unary_length_minus1 + 1
+    return (7 * (n + 33) + 31) // 8 + 4
+
 
 def check_codable(engine, coding):
     """Refuse a tensor with more coded positions than the rest of the segment can hold.
@@ -241,7 +267,10 @@ def check_codable(engine, coding):
             for _ in range(h):
                 if peek.decode_decision(ctx):
                     coded -= w
-    left = engine.end - engine.p
+    _check_coded(coded, engine.end - engine.p, engine)
+
+
+def _check_coded(coded, left, engine):
     # The unread bytes plus at most 16 bits already in IvlOffset and its look-ahead.
     if coded > _BINS_PER_BIT * (8 * left + 17):
         raise NNCError("a tensor of %d coded positions cannot fit in the %d bytes left of the segment"
@@ -249,7 +278,12 @@ def check_codable(engine, coding):
 
 
 class TensorCoding:
-    """How one tensor is coded: everything decode_tensor_levels() needs besides the engine."""
+    """How one tensor is coded: everything decode_tensor_levels() needs besides the engine.
+
+    ``tca_base`` (the previous integer tensor, 6.6) and ``hdsp_history`` (6.7) are whole arrays for
+    the whole-tensor decoders; TensorSteps reads them per output window instead (set_window), and only
+    needs ``tca`` and ``history`` to say whether they exist.
+    """
 
     def __init__(self, dims, dq_flag, cabac_unary_length_minus1, scan_order=0, profile=0,
                  codebook_size=0, codebook_zero_offset=0, entry_points=None, tca_base=None,
@@ -265,6 +299,8 @@ class TensorCoding:
         self.entry_points = entry_points
         self.tca_base = tca_base
         self.hdsp_history = hdsp_history
+        self.tca = profile == 1 and tca_base is not None
+        self.history = profile == 1 and hdsp_history is not None
         self.parent_node_id_present_flag = parent_node_id_present_flag
         # Optional (compiled backend): an object with ``workers`` and ``run(n, fn)`` that runs the
         # chunks of block rows (entry points, supplement 1.11) concurrently.
@@ -279,7 +315,7 @@ def decode_tensor_levels(engine, coding, out=None):
     Returns QuantParam (after the dependent-quantization mapping) as array('i') in row-major order,
     or, when ``out`` (a writable buffer of 4-byte items; CPython) is given, copied into it and ``out``.
     """
-    levels = _decode_levels(engine, coding, "i", None)
+    levels = _decode_whole(engine, coding, "i", None)
     if out is None:
         return levels
     memoryview(out).cast("B")[:] = memoryview(levels).cast("B")
@@ -289,50 +325,319 @@ def decode_tensor_levels(engine, coding, out=None):
 def decode_tensor_values(engine, coding, value_of):
     """decode_tensor_levels storing ``value_of(QuantParam)`` (the reconstructed value) into an
     array('f'): one buffer for the tensor instead of its int32 levels and float32 values."""
-    return _decode_levels(engine, coding, "f", value_of)
+    return _decode_whole(engine, coding, "f", value_of)
 
 
-def _decode_levels(engine, coding, typecode, value_of):
-    dims = coding.dims
-    count = 1
-    for d in dims:
-        count *= d
-    h = dims[0]
-    w = count // h if h else 0
-    levels = zeros(typecode, count)
-    if count == 0:
-        return levels
-    dq = coding.dq_flag
-    N = coding.cabac_unary_length_minus1 + 1
+def _decode_whole(engine, coding, typecode, value_of):
+    steps = TensorSteps(engine, coding, value_of)
+    out = zeros(typecode, steps.count)
+    if steps.count:
+        steps.set_window(0, steps.count, out, coding.tca_base, coding.hdsp_history if coding.history else None)
+        if steps.run() != WINDOW_DONE:
+            raise NNCError("arithmetic-coded data runs past the end of the NNR unit", engine.p, "ae(v)")
+    return out
+
+
+class TensorSteps:
+    """quant_tensor() of one tensor (supplement 2, 3 and 6.4-6.8) that can stop between parameters.
+
+    The tensor is produced in output windows of row-major positions: set_window(lo, hi, out, base,
+    hist) gives the buffers for positions lo .. hi-1, each indexed by position - lo (``out`` starts
+    zeroed; ``base`` holds the TCA base and ``hist`` the HDSP history of those positions when the
+    coding has them). run() decodes until the window is complete (WINDOW_DONE) or until the engine
+    has passed ``engine.safe`` (NEED_INPUT: add input, move engine.safe, run() again). A streaming
+    caller keeps ``engine.safe`` at least ``lookahead`` bytes before the end of what has arrived, so a
+    parameter never runs out of bytes in the middle. Windows follow each other (window_end() says how
+    far the next may reach); a block scan (scan_order > 0) needs whole block rows in a window.
+
+    The preamble (profile-1 start bins, row-skip flags, shift_parameter_ids()) runs in preamble();
+    the compiled backend takes its result and runs its own position loop.
+    """
+
+    def __init__(self, engine, coding, value_of=None):
+        dims = coding.dims
+        count = 1
+        for d in dims:
+            count *= d
+        h = dims[0] if dims else 1
+        self.count = count
+        self.h = h
+        self.w = count // h if h else 0
+        scan = coding.scan_order if len(dims) > 1 else 0
+        self.block_scan = scan > 0
+        self.bh = self.bw = 4 << scan
+        if not scan:
+            self.bh = h
+            self.bw = self.w
+        self.lookahead = lookahead_bytes(coding.cabac_unary_length_minus1)
+        self.engine = engine
+        self.coding = coding
+        self.value_of = value_of
+        self.lo = self.hi = 0
+        self.out = self.base = self.hist = None
+        # Set by preamble().
+        self.nbins = 0
+        self.hdsp = 0
+        self.row_skip = None
+        self.set_ids = None
+        self.use_eps = False
+        self._steps = None
+
+    def window_end(self, lo, n):
+        """Where a window starting at ``lo`` (where the previous one ended) ends: at most ``n``
+        positions, but whole block rows for a block scan (at least one)."""
+        if not self.block_scan:
+            end = lo + (n if n > 0 else 1)
+        else:
+            rows = self.bh * self.w
+            end = lo + rows
+            while end + rows <= lo + n:
+                end += rows
+        return end if end < self.count else self.count
+
+    def set_window(self, lo, hi, out, base=None, hist=None):
+        self.lo = lo
+        self.hi = hi
+        self.out = out
+        self.base = base
+        self.hist = hist
+
+    def run(self):
+        if self._steps is None:
+            self._steps = self._positions()
+        return next(self._steps)
+
+    def _positions(self):
+        engine = self.engine
+        coding = self.coding
+        if self.count == 0 or (coding.profile == 1 and coding.codebook_size == 1):
+            while True:
+                yield WINDOW_DONE  # 6.8: a one-entry codebook codes no bins; every QuantParam is 0.
+        for status in preamble(engine, coding, self):
+            yield status
+        count = self.count
+        h = self.h
+        w = self.w
+        dq = coding.dq_flag
+        N = coding.cabac_unary_length_minus1 + 1
+        profile = coding.profile
+        S = coding.codebook_size if profile == 1 else 0
+        Z = coding.codebook_zero_offset
+        tca = coding.tca
+        hdsp_lookup = self.hdsp and coding.history  # 6.7: without an earlier decode the history is all 0
+        row_skip = self.row_skip
+        cb = profile == 1 and S > 1
+        sign_coded = not (cb and (Z == 0 or Z == S - 1))
+        value_of = self.value_of
+        nbins = self.nbins
+        max_bins = coding.max_bins
+
+        # Every context, in the order of shift_parameter_ids() (2.6), from the set ids it decoded.
+        ids = self.set_ids
+        contexts = [_ctx(i) for i in ids]
+        sizes = _context_groups(dq, N, tca, self.hdsp)
+        k = 0
+        groups = []
+        for n, _ in sizes:
+            groups.append(contexts[k:k + n])
+            k += n
+        sig, sig_tca, sig_hdsp, signs, gtx, gtx_tca, gtx2 = groups
+        sign = signs[:3]
+        sign_tca = signs[3:]
+
+        bh = self.bh
+        bw = self.bw
+        block_scan = self.block_scan
+        use_eps = self.use_eps
+        if use_eps:
+            bit_pointer = engine.get_bit_pointer()
+            ep_offsets, ep_states, ep_bits, ep_first = coding.entry_points
+            sum_offset = 0
+
+        out = self.out
+        lo = self.lo
+        hi = self.hi
+        base = self.base
+        hist = self.hist
+        safe = engine.safe
+        state = 0
+        nb = 0
+        dd = engine.decode_decision
+        byp = engine.decode_bypass
+        trans = StateTransTab
+        # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
+        skip_trans = list(range(8))
+        for _ in range(w % 4 if w % 4 else 4):
+            skip_trans = [trans[s][0] for s in skip_trans]
+        block_row = 0
+        for by in range(0, h, bh):
+            if by > 0 and use_eps:
+                j = ep_first + block_row - 1
+                if j >= len(ep_bits):
+                    raise NNCError("entry point %d missing from the NDU header" % j, engine.p, "cabac_offset_list")
+                sum_offset += ep_bits[j]
+                pointer = bit_pointer + sum_offset
+                for status in _reach_entry_point(engine, pointer, j):
+                    yield status
+                engine.set_entry_point(ep_offsets[j], pointer, j)
+                safe = engine.safe
+                if dq:
+                    state = ep_states[j]
+                _reset(contexts, ids)
+                nb = 0
+            block_row += 1
+            y_end = by + bh if by + bh < h else h
+            for bx in range(0, w, bw):
+                x_end = bx + bw if bx + bw < w else w
+                for y in range(by, y_end):
+                    if row_skip is not None and row_skip[y]:
+                        # 6.5: the segment stays 0 (out starts zeroed), nb is unchanged, the DQ
+                        # state moves w times.
+                        if dq:
+                            state = skip_trans[state]
+                        continue
+                    row = y * w
+                    for x in range(bx, x_end):
+                        pos = row + x
+                        while pos >= hi:
+                            # Only in a raster scan: windows may end anywhere.
+                            self.nbins = nbins
+                            yield WINDOW_DONE
+                            out = self.out
+                            lo = self.lo
+                            hi = self.hi
+                            base = self.base
+                            hist = self.hist
+                        if engine.p > safe:
+                            while engine.p > engine.safe:
+                                yield NEED_INPUT
+                            safe = engine.safe
+                        if nbins > max_bins:
+                            raise _too_many_bins(max_bins, engine)
+                        if tca:
+                            bv = base[pos - lo]
+                        else:
+                            bv = 0
+                        nbins += 1
+                        # sig_flag (2.4)
+                        if hdsp_lookup and hist[pos - lo]:
+                            c = sig_hdsp[state]
+                        elif bv:
+                            c = sig_tca[2 * state + (1 if bv > 1 or bv < -1 else 0)]
+                        else:
+                            c = sig[3 * state + (0 if nb == 0 else (1 if nb < 0 else 2))]
+                        if not dd(c):
+                            if dq:
+                                state = trans[state][0]
+                            nb = 0
+                            continue
+                        # sign_flag
+                        if not sign_coded:
+                            s = 1 if Z != 0 else 0
+                        elif bv:
+                            s = dd(sign_tca[0 if bv < 0 else 1])
+                            nbins += 1
+                        else:
+                            s = dd(sign[0 if nb == 0 else (1 if nb < 0 else 2)])
+                            nbins += 1
+                        q = 1
+                        if cb:
+                            limit = Z if s else S - 1 - Z
+                        else:
+                            limit = 0
+                        if not cb or limit > 1:
+                            # abs_level_greater_x[j]
+                            absb = bv if bv >= 0 else -bv
+                            j = 0
+                            while True:
+                                if bv:
+                                    g = dd(gtx_tca[2 * j + (0 if absb >= j else 1)])
+                                else:
+                                    g = dd(gtx[2 * j + s])
+                                q += g
+                                j += 1
+                                if not g or j >= N or (cb and q >= limit):
+                                    break
+                            nbins += j
+                            if g and (not cb or q < limit):
+                                # abs_level_greater_x2 (exp-Golomb prefix) and abs_remainder
+                                rem_bits = 0
+                                j = 0
+                                while True:
+                                    g = dd(gtx2[j])
+                                    if g:
+                                        q += 1 << rem_bits
+                                        rem_bits += 1
+                                    j += 1
+                                    if not g or j > 30 or (cb and q + (1 << rem_bits) > limit):
+                                        break
+                                nbins += j + rem_bits
+                                if rem_bits:
+                                    r = 0
+                                    for _ in range(rem_bits):
+                                        r = (r << 1) | byp()
+                                    q += r
+                        k = -q if s else q
+                        if dq:
+                            st = state
+                            state = trans[st][k & 1]
+                            if st & 1:
+                                k = 2 * k + (1 if k < 0 else -1)
+                            else:
+                                k = 2 * k
+                        if k > _INT32_MAX or k < _INT32_MIN:
+                            raise NNCError("decoded level %d does not fit in 32 bits" % k, engine.p, "int_param()")
+                        out[pos - lo] = k if value_of is None else value_of(k)
+                        nb = k
+            if block_scan and y_end * w >= hi and y_end < h:
+                self.nbins = nbins
+                yield WINDOW_DONE
+                out = self.out
+                lo = self.lo
+                hi = self.hi
+                base = self.base
+                hist = self.hist
+        if nbins > max_bins:
+            raise _too_many_bins(max_bins, engine)
+        self.nbins = nbins
+        while True:
+            # The last windows (after skipped rows, several may be left).
+            yield WINDOW_DONE
+
+
+def _reach_entry_point(engine, pointer, j):
+    """Wait until the bytes at an entry point (1.11) have arrived. The bits between the previous block
+    row's end and the entry point belong to no block row: they are skipped, not kept."""
+    if engine.seg_end is not None and engine.start + (pointer >> 3) >= engine.seg_end:
+        return  # outside the segment: set_entry_point refuses it
+    if engine.get_bit_pointer() > pointer:
+        return  # before bits already decoded: set_entry_point refuses it
+    target = engine.start + (pointer >> 3)
+    if engine.p < target:
+        engine.p = target
+    while engine.start + (pointer >> 3) > engine.safe:
+        yield NEED_INPUT
+
+
+def _context_groups(dq, N, tca, hdsp):
+    """The context groups of shift_parameter_ids() (2.6) in decoding order, with their sizes; the
+    sign group holds sign_flag's 3 contexts, then the 2 of its TCA variant."""
+    return ((24 if dq else 3, None), ((16 if dq else 2) if tca else 0, None), ((8 if dq else 1) if hdsp else 0, None),
+            (5 if tca else 3, "sign"), (2 * N, "gtx"), (2 * N if tca else 0, "gtx_tca"), (31, "gtx2"))
+
+
+def preamble(engine, coding, steps):
+    """The bins before the first parameter (2.1 step 3, 6.4, 2.6): the HDSP flag and row-skip flags
+    of profile 1, then shift_parameter_ids(). A generator that yields NEED_INPUT while it waits for
+    bytes; it stores what it decoded in ``steps`` (hdsp, row_skip, set_ids, use_eps, nbins)."""
+    h = steps.h
+    w = steps.w
     profile = coding.profile
-    S = coding.codebook_size if profile == 1 else 0
-    Z = coding.codebook_zero_offset
-    if S == 1:
-        return levels  # 6.8: no bins at all; every QuantParam is 0.
-
-    tca = profile == 1 and coding.tca_base is not None
-    base = coding.tca_base
-    hist = coding.hdsp_history if profile == 1 else None
-
-    # 2.1 step 2: all contexts of the tensor start from setId 0 (2.7).
-    n_sig = 24 if dq else 3
-    sig = [_ctx(0) for _ in range(n_sig)]
-    sig_tca = [_ctx(0) for _ in range(16 if dq else 2)] if tca else []
-    sign = [_ctx(0) for _ in range(3)]
-    sign_tca = [_ctx(0) for _ in range(2)] if tca else []
-    gtx = [_ctx(0) for _ in range(2 * N)]
-    gtx_tca = [_ctx(0) for _ in range(2 * N)] if tca else []
-    gtx2 = [_ctx(0) for _ in range(31)]
-    shift_flag = _ctx(0)
-    row_skip_ctx = _ctx(0)
-
-    # Bins decoded so far, counted as the compiled backend counts them (every decision and bypass bin).
     nbins = 0
-    max_bins = coding.max_bins
-
-    # 2.1 step 3 / 6.4: profile-1 bins at the start of the tensor.
     hdsp = 0
     row_skip = None
+    while engine.p > engine.safe:
+        yield NEED_INPUT
     if profile == 1 and w > 1 and h > 1:
         if coding.parent_node_id_present_flag:
             hdsp = engine.decode_bypass()
@@ -341,23 +646,30 @@ def _decode_levels(engine, coding, typecode, value_of):
         if engine.decode_bypass():
             row_skip = bytearray(h)
             nbins += h
+            ctx = _ctx(0)
             for r in range(h):
-                row_skip[r] = engine.decode_decision(row_skip_ctx)
-    if hist is None:
-        hdsp_lookup = 0  # 6.7: without an earlier decode the history is all 0
-    else:
-        hdsp_lookup = hdsp
-    sig_hdsp = [_ctx(0) for _ in range(8 if dq else 1)] if hdsp else []
+                while engine.p > engine.safe:
+                    yield NEED_INPUT
+                row_skip[r] = engine.decode_decision(ctx)
+    left = engine.left()
+    if left is not None and steps.count:
+        skipped = 0
+        if row_skip is not None:
+            for r in range(h):
+                skipped += row_skip[r]
+        _check_coded(steps.count - skipped * w, left, engine)
 
-    # 2.6: shift_parameter_ids(), groups in this order.
+    dq = coding.dq_flag
+    N = coding.cabac_unary_length_minus1 + 1
+    S = coding.codebook_size if profile == 1 else 0
+    Z = coding.codebook_zero_offset
     cb = profile == 1 and S > 1
     max_abs = Z if Z > S - 1 - Z else S - 1 - Z
     sign_coded = not (cb and (Z == 0 or Z == S - 1))
-    reset_groups = []
-    for group, kind in ((sig, None), (sig_tca, None), (sig_hdsp, None), (sign + sign_tca, "sign"),
-                        (gtx, "gtx"), (gtx_tca, "gtx_tca"), (gtx2, "gtx2")):
-        ids = []
-        for a in range(len(group)):
+    shift_flag = _ctx(0)
+    ids = []
+    for size, kind in _context_groups(dq, N, coding.tca, hdsp):
+        for a in range(size):
             present = True
             if cb:
                 # 6.8: which shift_idx() are present with a profile-1 codebook
@@ -366,154 +678,30 @@ def _decode_levels(engine, coding, typecode, value_of):
                 elif kind == "gtx":
                     present = a < 2 * max_abs
                 elif kind == "gtx_tca":
-                    present = a + 2 * N < 2 * (max_abs - 1) + 2 * N
+                    present = a < 2 * (max_abs - 1)
                 elif kind == "gtx2":
                     present = (N - 1) + ((2 << a) - 1) < max_abs
             set_id = 0
             if present:
+                while engine.p > engine.safe:
+                    yield NEED_INPUT
                 nbins += 1
                 if engine.decode_decision(shift_flag):
                     set_id = 1 + engine.uae(3)
                     nbins += 3
             ids.append(set_id)
-        # The sign group is a new list holding the same context objects as sign and sign_tca.
-        _reset(group, ids)
-        reset_groups.append((group, ids))
-
-    # Scan geometry (3.1, 3.2).
-    scan = coding.scan_order if len(dims) > 1 else 0
-    if scan > 0:
-        bh = bw = 4 << scan
-    else:
-        bh = h
-        bw = w
     eps = coding.entry_points
-    use_eps = scan > 0 and h > bh and eps is not None
+    use_eps = steps.block_scan and h > steps.bh and eps is not None
     if use_eps:
         # 1.11: IvlCurrRange = 256 before the first parameter as well.
         engine.reset_range()
-        bit_pointer = engine.get_bit_pointer()
-        ep_offsets, ep_states, ep_bits, ep_first = eps
-        sum_offset = 0
-
-    state = 0
-    nb = 0
-    dd = engine.decode_decision
-    byp = engine.decode_bypass
-    trans = StateTransTab
-    # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
-    skip_trans = list(range(8))
-    for _ in range(w % 4 if w % 4 else 4):
-        skip_trans = [trans[s][0] for s in skip_trans]
-    block_row = 0
-    for by in range(0, h, bh):
-        if by > 0 and use_eps:
-            j = ep_first + block_row - 1
-            if j >= len(ep_bits):
-                raise NNCError("entry point %d missing from the NDU header" % j, engine.p, "cabac_offset_list")
-            sum_offset += ep_bits[j]
-            engine.set_entry_point(ep_offsets[j], bit_pointer + sum_offset, j)
-            if dq:
-                state = ep_states[j]
-            for g, ids in reset_groups:
-                _reset(g, ids)
-            nb = 0
-        block_row += 1
-        y_end = by + bh if by + bh < h else h
-        for bx in range(0, w, bw):
-            x_end = bx + bw if bx + bw < w else w
-            for y in range(by, y_end):
-                if row_skip is not None and row_skip[y]:
-                    # 6.5: the segment stays 0, nb is unchanged, the DQ state moves w times.
-                    if dq:
-                        state = skip_trans[state]
-                    continue
-                row = y * w
-                for x in range(bx, x_end):
-                    if nbins > max_bins:
-                        raise _too_many_bins(max_bins, engine)
-                    pos = row + x
-                    if tca:
-                        bv = base[pos]
-                    else:
-                        bv = 0
-                    nbins += 1
-                    # sig_flag (2.4)
-                    if hdsp_lookup and hist[pos]:
-                        c = sig_hdsp[state]
-                    elif bv:
-                        c = sig_tca[2 * state + (1 if bv > 1 or bv < -1 else 0)]
-                    else:
-                        c = sig[3 * state + (0 if nb == 0 else (1 if nb < 0 else 2))]
-                    if not dd(c):
-                        if dq:
-                            state = trans[state][0]
-                        nb = 0
-                        continue
-                    # sign_flag
-                    if not sign_coded:
-                        s = 1 if Z != 0 else 0
-                    elif bv:
-                        s = dd(sign_tca[0 if bv < 0 else 1])
-                        nbins += 1
-                    else:
-                        s = dd(sign[0 if nb == 0 else (1 if nb < 0 else 2)])
-                        nbins += 1
-                    q = 1
-                    if cb:
-                        limit = Z if s else S - 1 - Z
-                    else:
-                        limit = 0
-                    if not cb or limit > 1:
-                        # abs_level_greater_x[j]
-                        absb = bv if bv >= 0 else -bv
-                        j = 0
-                        while True:
-                            if bv:
-                                g = dd(gtx_tca[2 * j + (0 if absb >= j else 1)])
-                            else:
-                                g = dd(gtx[2 * j + s])
-                            q += g
-                            j += 1
-                            if not g or j >= N or (cb and q >= limit):
-                                break
-                        nbins += j
-                        if g and (not cb or q < limit):
-                            # abs_level_greater_x2 (exp-Golomb prefix) and abs_remainder
-                            rem_bits = 0
-                            j = 0
-                            while True:
-                                g = dd(gtx2[j])
-                                if g:
-                                    q += 1 << rem_bits
-                                    rem_bits += 1
-                                j += 1
-                                if not g or j > 30 or (cb and q + (1 << rem_bits) > limit):
-                                    break
-                            nbins += j + rem_bits
-                            if rem_bits:
-                                r = 0
-                                for _ in range(rem_bits):
-                                    r = (r << 1) | byp()
-                                q += r
-                    k = -q if s else q
-                    if dq:
-                        st = state
-                        state = trans[st][k & 1]
-                        if st & 1:
-                            k = 2 * k + (1 if k < 0 else -1)
-                        else:
-                            k = 2 * k
-                    if k > _INT32_MAX or k < _INT32_MIN:
-                        raise NNCError("decoded level %d does not fit in 32 bits" % k, engine.p, "int_param()")
-                    levels[pos] = k if value_of is None else value_of(k)
-                    nb = k
-    if nbins > max_bins:
-        raise _too_many_bins(max_bins, engine)
-    return levels
+    steps.hdsp = hdsp
+    steps.row_skip = row_skip
+    steps.set_ids = ids
+    steps.use_eps = use_eps
+    steps.nbins = nbins
 
 
 def _too_many_bins(max_bins, engine):
     return exceeded("max_bins_per_tensor", "the number of bins decoded for the tensor", max_bins, engine.p,
                     "quant_tensor()")
-

@@ -24,3 +24,8 @@ class NNCError(ValueError):
         # Messages are reworded by assigning exc.args; on MicroPython that sets a plain attribute
         # and the native exception keeps the old text, so str() reads args here (same on CPython).
         return str(self.args[0])
+
+
+class Incomplete(NNCError):
+    """A header parsed from the first bytes of an NNR unit needs more of them (streaming: wait for
+    more input and parse again). Never raised once the whole unit is there."""

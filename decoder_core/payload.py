@@ -119,6 +119,7 @@ class PayloadContext:
         self.quantization_parameter = quantization_parameter
         self.bases = None      # name -> previous integer tensor, for TCA (6.6)
         self.history = None    # name -> bytearray, for HDSP (6.7)
+        self.chain = None      # slice decoding (incremental.py): the chain state read and written per slice
         # CPython hooks (nnc_edge): ``output.levels(name, count)`` gives the int32 buffer a tensor is
         # decoded into (float32 values then overwrite it in place) and ``output.values(buffer,
         # typecode)`` what is returned for it; ``runner`` decodes block rows concurrently.

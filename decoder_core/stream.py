@@ -19,6 +19,7 @@ Pure Python for CPython and MicroPython (no numpy)::
 
 from .decoder import Decoder
 from .errors import NNCError
+from .incremental import SliceFramer
 from .limits import DEFAULT_MAX_UNIT_SIZE, exceeded  # noqa: F401 (DEFAULT_MAX_UNIT_SIZE re-exported)
 from .units import nnr_unit_size
 
@@ -39,7 +40,8 @@ class StreamDecoder:
     (or ``max_unit_size``, which overrides it) is refused before any memory is allocated for it.
     """
 
-    def __init__(self, topology=None, max_unit_size=None, decoder=None, limits=None):
+    def __init__(self, topology=None, max_unit_size=None, decoder=None, limits=None, slice_elements=None,
+                 chain=None, window=None):
         if decoder is None:
             decoder = Decoder(topology, limits=limits)
         elif limits is not None:
@@ -56,6 +58,10 @@ class StreamDecoder:
         self._size = 0             # nnr_unit_size of the current unit (0: at a unit boundary)
         self._fill = 0
         self._start = 0            # stream offset of the current unit
+        # Slice mode (decoder_core.incremental): payloads decode while they arrive.
+        self._slices = None
+        if slice_elements is not None:
+            self._slices = SliceFramer(decoder, slice_elements, window, chain)
 
     # --- state ----------------------------------------------------------------------------------
     @property
@@ -69,16 +75,22 @@ class StreamDecoder:
     @property
     def at_unit_boundary(self):
         """True when no byte of an incomplete unit is held."""
+        if self._slices is not None:
+            return self._slices.at_unit_boundary
         return self._head_len == 0 and self._size == 0
 
     @property
     def at_boundary(self):
         """True at a unit boundary with no partial-data sequence open: the stream may end here."""
+        if self._slices is not None:
+            return self._slices.at_boundary
         return self.at_unit_boundary and not self.decoder.in_partial_data
 
     @property
     def pending(self):
         """Bytes still needed to complete the current unit (at least 1 inside nnr_unit_size())."""
+        if self._slices is not None:
+            return self._slices.pending
         if self._size:
             return self._size - self._fill
         if self._head_len:
@@ -87,7 +99,10 @@ class StreamDecoder:
 
     # --- input ----------------------------------------------------------------------------------
     def feed(self, chunk):
-        """Add the next bytes of the stream; return the tensors whose last unit byte they carry."""
+        """Add the next bytes of the stream; return the tensors whose last unit byte they carry, or
+        in slice mode the slices (name, shape, start, values) that the chunk completed."""
+        if self._slices is not None:
+            return list(self.iter_feed(chunk))
         n = len(chunk)
         out = []
         if n == 0:
@@ -118,9 +133,26 @@ class StreamDecoder:
             mv = None  # MicroPython and CPython: do not keep the caller's buffer exported
         return out
 
+    def iter_feed(self, chunk):
+        """Slice mode: feed() as a generator, each slice handed out before the next is decoded (so
+        only one slice is in memory at a time). Iterate it to the end before feeding more."""
+        if self._slices is None:
+            raise ValueError("iter_feed() needs StreamDecoder(slice_elements=N)")
+        s = self._slices
+        try:
+            for item in s.iter_feed(chunk):
+                yield item
+        finally:
+            self.bytes = s.bytes
+            self.units = s.units
+            self.tensors = s.tensors
+
     def close(self):
         """End of the stream: raise NNCError unless it ended on a unit boundary with no open
         partial-data sequence. The decoder state for update chains is kept."""
+        if self._slices is not None:
+            self._slices.close()
+            return
         if not self.at_unit_boundary:
             if self._size:
                 msg = "stream ends inside an NNR unit: %d of its %d bytes arrived" % (self._fill, self._size)
@@ -137,6 +169,9 @@ class StreamDecoder:
     def reset(self):
         """Forget any incomplete unit and open partial-data sequence (e.g. an abandoned
         transfer); the next byte fed starts a new unit. Update-chain state is kept."""
+        if self._slices is not None:
+            self._slices.reset()
+            return
         self._drop()
         self._discard_partial()
 

@@ -127,6 +127,27 @@ def parse_unit(data, offset, end, state, depth=0):
     return unit
 
 
+def parse_unit_header(data, offset, available, state):
+    """Parse the nnr_unit_header() (6.3.2) of the unit at ``offset`` when only the bytes up to
+    ``available`` have arrived; raises errors.Incomplete when the header goes on past them.
+
+    For an NDU the result records its payload's bounds as parse_unit() does; streaming decodes the
+    payload from there as its bytes arrive.
+    """
+    size, size_bytes = nnr_unit_size(data, offset, available)
+    end = offset + size
+    reader = BitReader(data, offset, available if available < end else end)
+    reader.partial = available < end
+    reader.max_string_bytes = state.limits.max_string_bytes
+    reader.pos += size_bytes * 8
+    unit = Syntax(offset=offset, nnr_unit_size=size)
+    nnr_unit_header(reader, unit, state)
+    if unit.nnr_unit_type == NNR_NDU:
+        _ndu_payload_bounds(unit, reader.byte_offset(), end)
+        _advance_decomposition(unit.ndu, state)
+    return unit
+
+
 def nnr_unit_header(reader, unit, state):
     unit.nnr_unit_type = reader.u(6, "nnr_unit_type")
     unit.type_name = unit_type_name(unit.nnr_unit_type)
@@ -493,19 +514,23 @@ def nnr_unit_payload(reader, unit, state, depth):
         unit.quantization_data = _maybe_inflate(reader.bs("quantization_data"), unit.quantization_compression_format,
                                                 unit, "quantization_data")
     elif t == NNR_NDU:
-        unit.payload_start = reader.byte_offset()
-        unit.payload_end = reader.end
-        ndu = unit.ndu
-        if ndu.nnr_compressed_data_unit_payload_type == NNR_PT_RAW_FLOAT and ndu.get("TensorDimensions"):
-            need = 4 * _prod(ndu.TensorDimensions)
-            if unit.partial_data_counter == 0 and reader.end - unit.payload_start != need:
-                raise NNCError("NNR_PT_RAW_FLOAT payload has %d bytes, %d expected"
-                               % (reader.end - unit.payload_start, need), unit.payload_start, "raw_float32_parameter")
-        ndu.partial_data_counter = unit.partial_data_counter
-        _advance_decomposition(ndu, state)
+        _ndu_payload_bounds(unit, reader.byte_offset(), reader.end)
+        _advance_decomposition(unit.ndu, state)
     elif t == NNR_AGG:
         nnr_aggregate_unit_payload(reader, unit, state, depth)
     # NNR_STR has an empty payload; reserved and unspecified types are skipped by their size.
+
+
+def _ndu_payload_bounds(unit, start, end):
+    unit.payload_start = start
+    unit.payload_end = end
+    ndu = unit.ndu
+    if ndu.nnr_compressed_data_unit_payload_type == NNR_PT_RAW_FLOAT and ndu.get("TensorDimensions"):
+        need = 4 * _prod(ndu.TensorDimensions)
+        if unit.partial_data_counter == 0 and end - start != need:
+            raise NNCError("NNR_PT_RAW_FLOAT payload has %d bytes, %d expected" % (end - start, need), start,
+                           "raw_float32_parameter")
+    ndu.partial_data_counter = unit.partial_data_counter
 
 
 def _advance_decomposition(ndu, state):
