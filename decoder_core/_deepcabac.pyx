@@ -947,10 +947,11 @@ PARALLEL_MIN_COUNT = 1 << 15
 
 
 # --- reconstruction (7.3.6, supplement 4.3) ---------------------------------------------------------
-def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False):
-    """Same contract as payload.reconstruct; with in_place the float32 results overwrite ``levels``
-    (a writable buffer of 4-byte items), which is returned."""
-    from .payload import step_size
+def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False, out=None):
+    """Same contract as reconstruction.reconstruct; with in_place the float32 results overwrite
+    ``levels`` (a writable buffer of 4-byte items), which is returned; ``out`` receives them instead
+    of a new array."""
+    from .reconstruction import step_size
     cdef int64_t n, i, k, size
     cdef float s32, v
     cdef int32_t lv
@@ -970,9 +971,11 @@ def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, i
         dst = _writable_int32(levels, n)
         src = dst
     else:
-        values = zeros("f", n)
+        values = zeros("f", n) if out is None else out
         src = mv.cast("B")
         dst = memoryview(values).cast("B")
+        if dst.shape[0] != 4 * n:
+            raise ValueError("out must hold %d float32 items" % n)
     if n == 0:
         return values
     cdef const int32_t* l = <const int32_t*>&src[0]

@@ -7,13 +7,13 @@ use(name) switches at run time (tests run both). Both give bit-identical results
 
 The functions the payload decoder calls through this module:
     decode_tensor_levels(engine, coding, out=None) -> levels (int32, row-major; ``out`` if given)
-    reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False)
+    reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False, out=None)
     update_history(levels, history)
     tensor_steps: None, or the compiled position loop for streaming (deepcabac.TensorSteps's twin,
         made from one whose preamble() has run)
 """
 
-from . import deepcabac
+from . import deepcabac, reconstruction
 
 _compiled = None
 _compiled_error = None
@@ -27,12 +27,6 @@ decode_tensor_levels = None
 reconstruct = None
 update_history = None
 tensor_steps = None
-
-
-def _python_reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False):
-    # payload imports this module, so its reconstruct() is looked up at call time.
-    from .payload import reconstruct as impl
-    return impl(levels, qp, qp_density, codebook, zero_offset, where, in_place)
 
 
 def _python_update_history(levels, history):
@@ -56,7 +50,7 @@ def use(backend):
     global _name, decode_tensor_levels, reconstruct, update_history, tensor_steps
     if backend == "python":
         decode_tensor_levels = deepcabac.decode_tensor_levels
-        reconstruct = _python_reconstruct
+        reconstruct = reconstruction.reconstruct
         update_history = _python_update_history
         tensor_steps = None
     elif backend == "cython":

@@ -307,6 +307,8 @@ class TensorCoding:
         self.runner = None
         # Limits.max_bins_per_tensor: the most bins (context-coded and bypass) the tensor may take.
         self.max_bins = DEFAULT_MAX_BINS_PER_TENSOR
+        # Optional list of context objects TensorSteps reuses (incremental.SliceBuffers).
+        self.context_pool = None
 
 
 def decode_tensor_levels(engine, coding, out=None):
@@ -434,7 +436,16 @@ class TensorSteps:
 
         # Every context, in the order of shift_parameter_ids() (2.6), from the set ids it decoded.
         ids = self.set_ids
-        contexts = [_ctx(i) for i in ids]
+        pool = coding.context_pool
+        if pool is None:
+            contexts = [_ctx(i) for i in ids]
+        else:
+            # Slice decoding: the context objects of earlier tensors, set anew (fewer allocations
+            # per tensor on a small heap).
+            while len(pool) < len(ids):
+                pool.append(_ctx(0))
+            contexts = pool[:len(ids)]
+            _reset(contexts, ids)
         sizes = _context_groups(dq, N, tca, self.hdsp)
         k = 0
         groups = []

@@ -28,9 +28,8 @@ from . import backend
 from .compat import from_raw, zeros
 from .deepcabac import NEED_INPUT, WHOLE, ArithmeticDecoder, TensorCoding, TensorSteps, lookahead_bytes, preamble
 from .errors import Incomplete, NNCError
-from .payload import (
-    _block_roles, _entry_points, _prod, _split, level_values, step_size,
-)
+from .payload import _block_roles, _entry_points, _prod, _split
+from .reconstruction import level_values, step_size
 from .tables import NNR_CPT_DC, NNR_NDU, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT, NNR_PT_RAW_FLOAT
 from .units import nnr_unit_size, parse_unit_header
 
@@ -98,12 +97,75 @@ class _MemoryTensorState:
         self.chain.history[self.name] = self.new_hist
 
 
+class SliceBuffers:
+    """What slice decoding allocates once per stream instead of once per payload or tensor: the
+    input window and the contexts. And the arrays slices are decoded into: a new one per slice, or
+    with ``reuse`` (set by
+    StreamDecoder.iter_feed(chunk, reuse=True)) one array per typecode that the next slice of that
+    size overwrites, so that a consumer that writes each slice away holds one slice of memory
+    however many slices a chunk completes."""
+
+    def __init__(self):
+        self.reuse = False
+        self._kept = {}
+        self._window = None
+        # deepcabac.TensorSteps takes its context objects from here instead of making new ones.
+        self.contexts = []
+        self._step = None
+        self._value_of = None
+
+    def values_for(self, step):
+        """reconstruction.level_values(step), kept while tensors share their step size (most do): its
+        table of reconstructed values is then filled once per stream."""
+        if step != self._step:
+            self._value_of = None
+            self._value_of = level_values(step)
+            self._step = step
+        return self._value_of
+
+    def window(self, capacity):
+        """The payload input window, one for the life of the stream (payloads follow each other)."""
+        if capacity < _MIN_WINDOW:
+            capacity = _MIN_WINDOW
+        if self._window is None or len(self._window) != capacity:
+            self._window = bytearray(capacity)
+        return self._window
+
+    def get(self, typecode, n):
+        if not self.reuse:
+            return zeros(typecode, n)
+        kept = self._kept.get(typecode)
+        if kept is not None and len(kept) == n:
+            _clear(kept, typecode)
+            return kept
+        out = zeros(typecode, n)
+        if kept is None or len(kept) < n:
+            self._kept[typecode] = out  # keep the full-size one; a tensor's last slice may be shorter
+        return out
+
+
+_ZERO_RUN = 64
+
+
+def _clear(a, typecode):
+    # Slice assignment from a short run of zeros: a C copy per 64 elements, no array-sized temporary.
+    run = zeros(typecode, _ZERO_RUN)
+    n = len(a)
+    i = 0
+    while i + _ZERO_RUN <= n:
+        a[i:i + _ZERO_RUN] = run
+        i += _ZERO_RUN
+    while i < n:
+        a[i] = 0
+        i += 1
+
+
 class PayloadInput:
     """The bytes of one payload as they arrive, in a window of fixed size that the arithmetic
     decoder reads from. Bytes before the decoder's position are dropped to make room."""
 
-    def __init__(self, capacity):
-        self.buf = bytearray(capacity if capacity > _MIN_WINDOW else _MIN_WINDOW)
+    def __init__(self, buf):
+        self.buf = buf
         self.fill = 0          # bytes held in buf
         self.dropped = 0       # payload offset of buf[0]
         self.received = 0      # payload bytes that have arrived
@@ -125,7 +187,8 @@ class PayloadInput:
             self.skip -= k
             self.received += k
             return k
-        self._compact()
+        if len(self.buf) - self.fill < n:
+            self._compact()  # only when needed: each compaction copies what the window holds
         room = len(self.buf) - self.fill
         k = n if n < room else room
         if k:
@@ -191,8 +254,7 @@ def payload_slices(unit, ctx, inp, n):
         raise NNCError("tensor dimensions are neither in the NDU header nor given out of band", 0,
                        "tensor_dimensions")
     if pt == NNR_PT_RAW_FLOAT:
-        for item in _raw_float_slices(ndu, names, dims, inp, n):
-            yield item
+        yield from _raw_float_slices(ndu, names, dims, inp, n)
         return
     unary = ndu.get("cabac_unary_length_minus1")
     if unary is None:
@@ -213,9 +275,12 @@ def payload_slices(unit, ctx, inp, n):
     for name, part_dims, part_pt, codebook, zero, eps in parts:
         size = _prod(part_dims) if whole else n
         tensor = _tensor_slices(engine, inp, ctx, ndu, name, part_dims, unary, part_pt, codebook, zero, eps, size)
+        if not whole:
+            yield from tensor
+            continue
         for item in tensor:
-            if item is None or not whole:
-                yield item
+            if item is None:
+                yield None
                 continue
             # TensorSplit / AxisSwap (7.3.1) need the whole tensor: it is one slice here.
             for sub_name, sub_dims, values, _ in _split(ndu, names, dims, item[3], None, 0):
@@ -282,12 +347,13 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
     coding.tca = tca
     coding.history = ctx.profile == 1 and state is not None and state.has_history
     coding.max_bins = ctx.max_bins
+    coding.context_pool = ctx.slice_buffers.contexts
     qp = None if qp_value is None else qp_value + ctx.quantization_parameter
     compiled = backend.tensor_steps
     # Without the compiled backend, plain float tensors are decoded straight into their values: one
     # buffer per slice instead of levels and values.
     direct = compiled is None and state is None and pt != NNR_PT_INT and codebook is None
-    steps = TensorSteps(engine, coding, level_values(step_size(qp, ctx.qp_density)) if direct else None)
+    steps = TensorSteps(engine, coding, ctx.slice_buffers.values_for(step_size(qp, ctx.qp_density)) if direct else None)
     inp.lookahead = steps.lookahead
     inp.update()
     fast = None
@@ -301,7 +367,7 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
     lo = 0
     while lo < count:
         hi = steps.window_end(lo, n)
-        out = zeros("f" if direct else "i", hi - lo)
+        out = ctx.slice_buffers.get("f" if direct else "i", hi - lo)
         base = state.read_base(lo, hi) if tca else None
         hist = state.read_history(lo, hi) if state is not None else None
         lookup = hist if coding.history else None
@@ -320,7 +386,8 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
         if direct or pt == NNR_PT_INT:
             values = out
         else:
-            values = backend.reconstruct(out, qp, ctx.qp_density, codebook, zero, lo)
+            values = backend.reconstruct(out, qp, ctx.qp_density, codebook, zero, lo, False,
+                                         ctx.slice_buffers.get("f", hi - lo) if ctx.slice_buffers.reuse else None)
         out = None
         yield (name, shape, lo, values)
         values = None
@@ -383,6 +450,7 @@ class SliceFramer:
         self._input = None
         self._payload = None       # payload_slices() of the open payload (spans partial units)
         self._payload_at = 0       # stream offset of the payload's first byte, for messages
+        self.buffers = SliceBuffers()
 
     # --- state ----------------------------------------------------------------------------------
     @property
@@ -438,8 +506,10 @@ class SliceFramer:
     def feed(self, chunk):
         return list(self.iter_feed(chunk))
 
-    def iter_feed(self, chunk):
-        """Consume ``chunk``, yielding each slice as soon as it is decoded. Iterate to the end."""
+    def iter_feed(self, chunk, reuse=False):
+        """Consume ``chunk``, yielding each slice as soon as it is decoded. Iterate to the end.
+        With ``reuse`` a slice's array is overwritten by a later slice (see SliceBuffers)."""
+        self.buffers.reuse = reuse
         n = len(chunk)
         if n == 0:
             return
@@ -461,8 +531,7 @@ class SliceFramer:
                     self._got += take
                     self.bytes += take
                     pos += take
-                    for item in self._unit_bytes():
-                        yield item
+                    yield from self._unit_bytes()
                 else:
                     take = self._size - self._got
                     if take > n - pos:
@@ -479,8 +548,7 @@ class SliceFramer:
                     pos += k
                     self._got += k
                     self.bytes += k
-                    for item in self._payload_bytes():
-                        yield item
+                    yield from self._payload_bytes()
         except NNCError as exc:
             self._drop()
             _rebase(exc, self._start, 0)
@@ -524,16 +592,14 @@ class SliceFramer:
             if self._fill < len(self._buf) and self._got < self._size:
                 return
         if not self._ndu:
-            for item in self._whole_unit():
-                yield item
+            yield from self._whole_unit()
             return
         try:
             unit = parse_unit_header(self._buf, 0, self._fill, self.decoder.parser)
         except Incomplete:
             self._grow(2 * len(self._buf))
             return
-        for item in self._begin_payload(unit):
-            yield item
+        yield from self._begin_payload(unit)
 
     def _grow(self, size):
         if size > self._size:
@@ -574,7 +640,8 @@ class SliceFramer:
         if first:
             ctx = decoder.payload_context(unit)
             ctx.chain = self.chain if unit.parent_signalling else None
-            self._input = PayloadInput(self.window)
+            ctx.slice_buffers = self.buffers
+            self._input = PayloadInput(self.buffers.window(self.window))
             self._payload = payload_slices(unit, ctx, self._input, self.n)
             self._payload_at = self._start + start
         inp = self._input
@@ -588,15 +655,13 @@ class SliceFramer:
             if k != rest:
                 raise NNCError("payload window too small for the NDU header's trailing bytes", start,
                                "nnr_compressed_data_unit_payload")
-        for item in self._payload_bytes():
-            yield item
+        yield from self._payload_bytes()
 
     def _payload_bytes(self):
         inp = self._input
         inp.update()
         done = self._got == self._size
-        for item in self._run():
-            yield item
+        yield from self._run()
         if not done:
             return
         # The unit's last byte is in.
@@ -624,6 +689,7 @@ class SliceFramer:
                 if item[2] == 0:
                     self.tensors += 1
                 yield item
+                item = None  # the caller may drop the slice before the next one is decoded
         except NNCError as exc:
             _in_payload(exc, self._input, self._payload_at)
             raise

@@ -11,104 +11,11 @@ from . import backend
 from .deepcabac import ArithmeticDecoder, TensorCoding, check_codable, decode_tensor_values
 from .errors import NNCError
 from .limits import DEFAULT_MAX_BINS_PER_TENSOR
+from .reconstruction import level_values, reconstruct, step_size  # noqa: F401 (reconstruct: re-exported)
 from .tables import (
     NNR_CPT_BI, NNR_CPT_BN, NNR_CPT_DC, NNR_CPT_LS, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT,
     NNR_PT_RAW_FLOAT,
 )
-
-# Distinct levels whose reconstructed value reconstruct() keeps (about 30 KB on MicroPython).
-_RECONSTRUCT_CACHE = 1024
-
-
-def _f32(x):
-    a = array("f", [0.0])
-    a[0] = x
-    return a[0]
-
-
-def step_size(qp, qp_density):
-    """7.3.6 as corrected in supplement 4.1."""
-    mul = (1 << qp_density) + (qp & ((1 << qp_density) - 1))
-    exponent = (qp >> qp_density) - qp_density
-    if exponent > 1000:
-        return float("inf")
-    if exponent < -1100:
-        return 0.0
-    return mul * 2.0 ** exponent
-
-
-def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False):
-    """recParam = QuantParam (or Codebook[QuantParam + CbZeroOffset]) * stepSize, as float32.
-
-    NNCodec multiplies float32(QuantParam) by float32(stepSize) in float32 (uniform and DQ) and
-    Codebook values by stepSize in float64 (supplement 4.3); both are reproduced exactly here.
-    With ``in_place`` (CPython only) the float32 values overwrite the int32 ``levels`` buffer,
-    which is returned.
-    """
-    step = step_size(qp, qp_density)
-    if in_place:
-        return _reconstruct_in_place(levels, step, codebook, zero_offset, where)
-    n = len(levels)
-    if codebook is None:
-        values = array("f", levels)  # float32(QuantParam)
-        if _f32(step) != 1.0:
-            value_of = level_values(step)
-            for i in range(n):
-                values[i] = value_of(levels[i])
-        return values
-    return _codebook_values(levels, zeros("f", n), codebook, step, zero_offset, where)
-
-
-def level_values(step):
-    """value_of(QuantParam) = float32(QuantParam) * float32(stepSize), rounded once to float32: the
-    uniform reconstruction, for reconstruct() and for decoding straight into values
-    (deepcabac.decode_tensor_values)."""
-    s32 = _f32(step)
-    one = array("f", [0.0])
-    cache = {}
-
-    def value_of(level):
-        # Each distinct level's product (exact double product of two float32, rounded once on
-        # store) is formed once: MicroPython boxes every float it computes, so multiplying per
-        # element would allocate 32 bytes per parameter. Levels are few; the cache is bounded.
-        v = cache.get(level)
-        if v is None:
-            one[0] = level  # float32(QuantParam)
-            v = one[0] * s32
-            if len(cache) < _RECONSTRUCT_CACHE:
-                cache[level] = v
-        return v
-    return value_of
-
-
-def _codebook_values(levels, values, codebook, step, zero_offset, where):
-    """values[i] = Codebook[levels[i] + CbZeroOffset] * stepSize (float64 product, one rounding);
-    ``values`` may be a float32 view of the same memory as ``levels``."""
-    size = len(codebook)
-    scaled = [v * step for v in codebook]
-    for i in range(len(levels)):
-        k = levels[i] + zero_offset
-        if k < 0 or k >= size:
-            raise NNCError("level %d indexes outside a codebook of %d entries" % (levels[i], size), where,
-                           "QuantParam")
-        values[i] = scaled[k]
-    return values
-
-
-def _reconstruct_in_place(levels, step, codebook, zero_offset, where):
-    raw = memoryview(levels).cast("B")
-    ints = raw.cast("i")
-    floats = raw.cast("f")
-    if codebook is None:
-        one = array("f", [0.0])
-        s32 = _f32(step)
-        for i in range(len(ints)):
-            one[0] = ints[i]  # float32(QuantParam)
-            floats[i] = one[0] * s32
-        return levels
-    _codebook_values(ints, floats, codebook, step, zero_offset, where)
-    return levels
-
 
 class PayloadContext:
     """What payload decoding needs from the decoder state."""
@@ -120,6 +27,7 @@ class PayloadContext:
         self.bases = None      # name -> previous integer tensor, for TCA (6.6)
         self.history = None    # name -> bytearray, for HDSP (6.7)
         self.chain = None      # slice decoding (incremental.py): the chain state read and written per slice
+        self.slice_buffers = None  # slice decoding: where slices are decoded into (SliceBuffers)
         # CPython hooks (nnc_edge): ``output.levels(name, count)`` gives the int32 buffer a tensor is
         # decoded into (float32 values then overwrite it in place) and ``output.values(buffer,
         # typecode)`` what is returned for it; ``runner`` decodes block rows concurrently.

@@ -133,15 +133,16 @@ class StreamDecoder:
             mv = None  # MicroPython and CPython: do not keep the caller's buffer exported
         return out
 
-    def iter_feed(self, chunk):
-        """Slice mode: feed() as a generator, each slice handed out before the next is decoded (so
-        only one slice is in memory at a time). Iterate it to the end before feeding more."""
+    def iter_feed(self, chunk, reuse=False):
+        """Slice mode: feed() as a generator, each slice handed out before the next is decoded.
+        Iterate it to the end before feeding more. With ``reuse`` the slices of a tensor share one
+        array, which the next slice overwrites: use (write away, copy) each slice before taking the
+        next, and a chunk that completes many slices still holds one slice of memory."""
         if self._slices is None:
             raise ValueError("iter_feed() needs StreamDecoder(slice_elements=N)")
         s = self._slices
         try:
-            for item in s.iter_feed(chunk):
-                yield item
+            yield from s.iter_feed(chunk, reuse)
         finally:
             self.bytes = s.bytes
             self.units = s.units

@@ -164,3 +164,20 @@ def test_tca_without_its_base_is_refused(backend):
         dec.feed(read_vector(names[1]))
     assert "needs its previously decoded tensor" in str(info.value)
     assert decoder_core.NNCError is NNCError
+
+
+def test_iter_feed_reuse_overwrites_one_array_per_typecode(backend):
+    data = read_vector("p1_real_silero_vad")
+    ref = expected_tensors("p1_real_silero_vad")
+    dec = StreamDecoder(slice_elements=2048)
+    got = {}
+    arrays = set()
+    for i in range(0, len(data), 256):
+        for name, shape, start, values in dec.iter_feed(data[i:i + 256], reuse=True):
+            if len(values) == 2048:
+                arrays.add(id(values))
+            got.setdefault(name, []).append(np.frombuffer(values, dtype=np.float32).copy())
+    dec.close()
+    assert len(arrays) == 1  # every full-size slice came in the same array
+    for key in ref:
+        assert np.array_equal(np.concatenate(got[key]).view(np.uint32), ref[key].reshape(-1).view(np.uint32))
