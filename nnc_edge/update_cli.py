@@ -138,9 +138,10 @@ def _update_arguments(parser):
                      "refused; after decoding, the result must match the record's digest. Nothing is "
                      "written unless every update applies: OUT is replaced atomically (temporary file, "
                      "fsync, rename) or left exactly as it was. The decoder state a chain needs for its "
-                     "next update is kept beside OUT as OUT.<digest>.nncstate. From .safetensors to "
-                     ".safetensors the model is patched in a copy and never loaded: memory holds one "
-                     "decoded tensor and the chain's decoder state.",
+                     "next update is kept beside OUT as OUT.<digest>.nncstate. Updates are decoded in slices; "
+                     "from .safetensors to .safetensors the model is patched in a copy and the decoder "
+                     "state rewritten slice by slice, so memory holds neither the model nor a whole "
+                     "tensor.",
          examples=("nnc-edge apply --base model.safetensors update.nnc -o model.safetensors",
                    "nnc-edge apply --base m0.safetensors u1.nnc u2.nnc u3.nnc -o m3.safetensors"))
 def run_apply(args, updates=None):

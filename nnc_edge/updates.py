@@ -57,11 +57,12 @@ anything*, checks the record: the parent must be this model (else ``WrongBaseErr
 result is this model is ``RepeatedUpdateError``; a sequence number past the next one is
 ``MissingUpdateError``); an update that continues the decoder state needs that state
 (``MissingStateError``); an update without a record is refused (``UpdateError``) unless
-``allow_anonymous``. It then streams the update through ``nnc_edge.StreamDecoder`` and adds each
-decoded difference ``d`` to its float32 tensor ``w``: ``w[i] + d[i]`` (IEEE 754 binary32 addition,
-round to nearest even, numpy's float32 add) where ``d[i] != 0``, and ``w[i]`` bit for bit where
-``d[i] == 0``. The result's digest must equal the record's ``result`` (else ``CorruptUpdateError``).
-Only float32 tensors change; an update may not add, remove or reshape tensors.
+``allow_anonymous``. It then decodes the update while it streams in, in slices of at most 256 Ki
+elements (``decoder_core.StreamDecoder(slice_elements=...)``), and adds each decoded difference ``d``
+to its float32 tensor ``w``: ``w[i] + d[i]`` (IEEE 754 binary32 addition, round to nearest even,
+numpy's float32 add) where ``d[i] != 0``, and ``w[i]`` bit for bit where ``d[i] == 0``. The result's
+digest must equal the record's ``result`` (else ``CorruptUpdateError``). Only float32 tensors change;
+an update may not add, remove or reshape tensors.
 
 The output is written only after every update given has been checked and applied: the new decoder
 state first (``MODEL.<digest prefix>.nncstate``, see below), then the model file, each into a
@@ -75,13 +76,29 @@ chain decoded (6.6), and HDSP against the history of all of them (6.7). That *de
 survive between updates that arrive days apart, on both sides:
 
 * the device keeps it in a file beside the model, ``MODEL.<first 16 hex digits of the model's
-  digest>.nncstate``: an .npz with the chain's position (``sequence``, ``root``, the digest of the
-  model it belongs to) and, per parameter, the last integer tensor (int32) and the history (uint8).
-  Because its name contains the model's digest, a crash between writing it and replacing the model
-  leaves the old model with its own state file; stale state files are removed after the next update;
-* the host keeps a ``ChainState`` (``--residual STATE`` on the command line): the same position and
-  decoder state, plus the encoder's state (its previous integer tensor and ``put_node_depth`` per
-  parameter) and the residual for error feedback.
+  digest>.nncstate``. Because its name contains the model's digest, a crash between writing it and
+  replacing the model leaves the old model with its own state file; stale state files are removed
+  after the next update. With an output file, ``apply_update`` reads the old state file and writes
+  the new one a slice at a time while the update decodes (tensors the update leaves alone are
+  copied at the end), so the state is never in memory;
+* the host keeps a ``ChainState`` (``--residual STATE`` on the command line) in memory while it
+  encodes: the same position and decoder state, plus the encoder's state (``put_node_depth`` and
+  ``parameter_id`` per parameter) and the residual for error feedback, saved in the same format.
+
+A state file (version 2) holds raw arrays, so that saving it costs less than decoding the update it
+records (an earlier zlib-compressed .npz cost more; version 1 files are refused: apply the full
+model again). All integers are little-endian:
+
+* ``"NNCSTATE"``, u32 version (2), u64 header offset, u64 header length (28 bytes);
+* per tensor, its last integer tensor (int32, row-major) directly followed by its history (one
+  byte per element): 5 bytes per element, no padding;
+* on the host, the residual (float32) per tensor;
+* the header, UTF-8 JSON, last: the device writes tensors while the update decodes, before it knows
+  which the update holds. ``{"version": 2, "sequence", "root", "model" (hex digests),
+  "encoder_depths", "parameter_ids", "tensors": [{"name", "count", "offset", "crc": [CRC-32 of the
+  levels, of the history]}], "residual": [{"name", "shape", "offset", "crc"}]}``; the header ends
+  the file. A file that is truncated, damaged (CRC-32, checked as the data is read) or of another
+  version raises ``StateFileError`` (an NNCError) and changes nothing.
 
 Encoding (the host)
 -------------------
@@ -107,24 +124,27 @@ import os
 import re
 import shutil
 import struct
+import sys
+import zlib
 
 import numpy as np
 
+import decoder_core
 from decoder_core import NNCError
-from decoder_core.compat import from_raw
+from decoder_core.compat import from_raw, zeros
 from decoder_core.tables import NNR_AGG, NNR_MPS, NNR_NDU
 from decoder_core.units import ParserState, nnr_unit_size, parse_unit
 
 from . import modelio
-from .sinks import NpzSink, _commit, _discard, _temp_beside, open_sink
-from .streaming import DEFAULT_CHUNK_SIZE, StreamDecoder
+from .sinks import _commit, _temp_beside, open_sink
+from .streaming import DEFAULT_CHUNK_SIZE
 from .unitwriter import nnr_unit
 
 __all__ = [
     "UPDATE_INFO_UNIT_TYPE", "UpdateInfo", "ChainState", "model_digest", "update_topology", "read_update_info",
     "apply_update",
     "encode_update", "state_path", "UpdateError", "WrongBaseError", "MissingUpdateError", "RepeatedUpdateError",
-    "MissingStateError", "CorruptUpdateError",
+    "MissingStateError", "CorruptUpdateError", "StateFileError",
 ]
 
 UPDATE_INFO_UNIT_TYPE = 40   # Table 3: 32..63 are unspecified, skipped by conforming decoders
@@ -142,7 +162,11 @@ _DIGEST_DOMAIN = b"nnc-edge model sha256 v1\x00"
 # make the reader buffer without limit.
 MAX_LEADING_BYTES = 16 << 20
 STATE_SUFFIX = ".nncstate"
-_STATE_VERSION = 1
+_STATE_MAGIC = b"NNCSTATE"
+_STATE_VERSION = 2
+_STATE_PREAMBLE = struct.Struct("<8sIQQ")  # magic, version, header offset, header length
+# Bounded so a damaged preamble cannot make the reader allocate without limit.
+_MAX_STATE_HEADER = 64 << 20
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -164,6 +188,11 @@ class RepeatedUpdateError(WrongBaseError):
 
 class MissingStateError(UpdateError):
     """The update continues the decoder state of its predecessor, which is not available."""
+
+
+class StateFileError(NNCError):
+    """A chain-state file that cannot be used: damaged, truncated or of another version (the model is
+    left untouched)."""
 
 
 class CorruptUpdateError(UpdateError):
@@ -370,6 +399,18 @@ def read_update_info(update):
 
 
 # --- decoder and chain state ----------------------------------------------------------------------
+def _read_first(attribute):
+    """A ChainState property for a group of decoder state that may still be in its file."""
+    def get(self):
+        self._read_stored()
+        return getattr(self, attribute)
+
+    def set(self, value):
+        self._read_stored()
+        setattr(self, attribute, value)
+    return property(get, set)
+
+
 class ChainState:
     """Where a chain of updates stands, on the host or on the device.
 
@@ -378,18 +419,30 @@ class ChainState:
     decoder state of the chain (``bases``: name -> int32 array, ``history``: name -> uint8 array).
     On the host also what the encoder keeps beyond that (``encoder_depths``: put_node_depth, and
     ``parameter_ids`` per tensor; its TCA bases and history are the decoder's) and the error
-    feedback ``residual`` (name -> float32 array). Saved as an .npz (``save`` / ``load``).
+    feedback ``residual`` (name -> float32 array). ``save`` / ``load`` write and read a state file
+    (see the module docstring). A state returned by a file-to-file ``apply_update`` reads ``bases``
+    and ``history`` from its file on first use: the device never holds them.
     """
 
     def __init__(self, model, sequence=0, root=None):
         self.model = bytes(model)
         self.sequence = sequence
         self.root = bytes(root) if root is not None else bytes(model) if sequence == 0 else NO_DIGEST
-        self.bases = {}
-        self.history = {}
+        self._bases = {}
+        self._history = {}
+        self._stored = None  # the state file whose bases and history have not been read yet
         self.encoder_depths = {}
         self.parameter_ids = {}
         self.residual = {}
+
+    bases = _read_first("_bases")
+    history = _read_first("_history")
+
+    def _read_stored(self):
+        if self._stored is not None:
+            with _StateFile(self._stored) as stored:
+                self._bases, self._history = stored.read_tensors()
+            self._stored = None
 
     # -- the decoder state, to and from decoder_core.Decoder --
     def restore_decoder(self, core):
@@ -413,55 +466,27 @@ class ChainState:
 
     # -- files --
     def save(self, path):
-        """Write the state to ``path`` (an .npz, whatever its name) atomically."""
-        meta = {"version": _STATE_VERSION, "sequence": self.sequence, "root": self.root.hex(),
-                "model": self.model.hex(), "encoder_depths": self.encoder_depths,
-                "parameter_ids": self.parameter_ids}
-        with NpzSink(path, compress=True) as sink:
-            sink.write("meta", np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8))
-            for prefix, group in (("bases", self.bases), ("history", self.history), ("residual", self.residual)):
-                for name, array in group.items():
-                    sink.write(prefix + "/" + name, array)
+        """Write the state to ``path`` atomically (the layout in the module docstring)."""
+        if set(self.history) - set(self.bases):
+            raise ValueError("the chain state has a history but no integer tensor for %s"
+                             % ", ".join(sorted(set(self.history) - set(self.bases))[:5]))
+        writer = _StateWriter(None, path)
+        try:
+            for name, levels in self.bases.items():
+                hist = self.history.get(name)
+                writer.put(name, levels, np.zeros(np.size(levels), np.uint8) if hist is None else hist)
+            writer.save(path, self)
+        finally:
+            writer.close()
 
     @classmethod
-    def load(cls, path, core=None):
-        """Read a state written by ``save``; NNCError when it is not one. With ``core`` (a
-        decoder_core.Decoder) the TCA bases and HDSP history go straight into it, one member at a
-        time, instead of into ``bases`` / ``history`` (the device: never two copies of the state)."""
-        try:
-            npz = np.load(path, allow_pickle=False)
-        except OSError:
-            raise
-        except Exception as exc:
-            raise NNCError("%s is not an nnc-edge chain state: %s" % (path, exc))
-        try:
-            with npz:
-                if not hasattr(npz, "files") or "meta" not in npz.files:
-                    raise NNCError("%s is not an nnc-edge chain state (no meta)" % path)
-                meta = json.loads(bytes(npz["meta"]).decode("utf-8"))
-                if meta.get("version") != _STATE_VERSION:
-                    raise NNCError("%s: chain state version %r is not supported" % (path, meta.get("version")))
-                state = cls(bytes.fromhex(meta["model"]), int(meta["sequence"]), bytes.fromhex(meta["root"]))
-                state.encoder_depths = {k: int(v) for k, v in meta.get("encoder_depths", {}).items()}
-                state.parameter_ids = {k: int(v) for k, v in meta.get("parameter_ids", {}).items()}
-                groups = {"bases": state.bases, "history": state.history, "residual": state.residual}
-                if core is not None:
-                    core.bases.clear()
-                    core.history.clear()
-                for key in npz.files:
-                    if key == "meta":
-                        continue
-                    prefix, _, name = key.partition("/")
-                    if prefix not in groups or not name:
-                        raise NNCError("%s: unexpected member %r in a chain state" % (path, key))
-                    if core is not None and prefix != "residual":
-                        _restore(core, prefix, name, npz[key])
-                    else:
-                        groups[prefix][name] = npz[key]
-        except NNCError:
-            raise
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise NNCError("%s is not a valid nnc-edge chain state: %s" % (path, exc))
+    def load(cls, path):
+        """Read a state file written by ``save`` or by ``apply_update``, whole (the host's encoder
+        needs whole tensors); NNCError when it is not one or is damaged."""
+        with _StateFile(path) as stored:
+            state = stored.chain_state()
+            state._bases, state._history = stored.read_tensors()
+            state.residual = stored.read_residual()
         return state
 
 
@@ -472,6 +497,370 @@ def _restore(core, group, name, array):
         core.bases[name] = from_raw("i", memoryview(np.ascontiguousarray(array, dtype="<i4").reshape(-1)).cast("B"))
     else:
         core.history[name] = bytearray(memoryview(np.ascontiguousarray(array, dtype=np.uint8).reshape(-1)).cast("B"))
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _StateFile:
+    """A state file open for reading (the layout in the module docstring): ``meta`` (its header),
+    ``tensors`` (name -> (count, offset, CRC-32 of the levels, of the history)) and ``residual``
+    (name -> (shape, offset, CRC-32)). Data is read on demand, a window at a time if need be."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.f = open(self.path, "rb")
+        try:
+            self._read_header()
+        except BaseException:
+            self.f.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.f.close()
+
+    def _read_header(self):
+        path = self.path
+        size = os.fstat(self.f.fileno()).st_size
+        raw = self.f.read(_STATE_PREAMBLE.size)
+        if raw[:4] == b"PK\x03\x04":
+            raise StateFileError("%s is a chain state of an earlier nnc-edge (an .npz, state version 1), which "
+                                 "this version does not read: apply the full model again to start a new chain (on "
+                                 "the host: start a new chain state)" % path)
+        if len(raw) < _STATE_PREAMBLE.size or raw[:len(_STATE_MAGIC)] != _STATE_MAGIC:
+            raise StateFileError("%s is not an nnc-edge chain state" % path)
+        _, version, at, length = _STATE_PREAMBLE.unpack(raw)
+        if version != _STATE_VERSION:
+            raise StateFileError("%s: chain state version %d is not supported (%d is): apply the full model again "
+                                 "to start a new chain" % (path, version, _STATE_VERSION))
+        if not _STATE_PREAMBLE.size <= at <= size or length > _MAX_STATE_HEADER or at + length != size:
+            raise StateFileError("%s: the chain state is truncated or damaged: its header should take bytes "
+                                 "%d..%d, the file has %d bytes" % (path, at, at + length, size))
+        self.f.seek(at)
+        try:
+            meta = json.loads(self.f.read(length).decode("utf-8"))
+            self.meta = meta
+            if meta["version"] != _STATE_VERSION:
+                raise ValueError("header version %r" % (meta["version"],))
+            self.tensors = {}
+            for t in meta["tensors"]:
+                count, offset, crc = t["count"], t["offset"], t["crc"]
+                self._check_region(t["name"], count, offset, 5, at, self.tensors)
+                if len(crc) != 2 or not all(_is_count(c) for c in crc):
+                    raise ValueError("tensor %r: bad crc %r" % (t["name"], crc))
+                self.tensors[t["name"]] = (count, offset, crc[0], crc[1])
+            self.residual = {}
+            for r in meta["residual"]:
+                shape, offset = tuple(r["shape"]), r["offset"]
+                if not all(_is_count(d) for d in shape) or not _is_count(r["crc"]):
+                    raise ValueError("residual %r: bad shape %r or crc" % (r["name"], r["shape"]))
+                self._check_region(r["name"], int(np.prod(shape)), offset, 4, at, self.residual)
+                self.residual[r["name"]] = (shape, offset, r["crc"])
+            self.chain_state()  # checks the chain's position
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+            raise StateFileError("%s is not a valid nnc-edge chain state: %s" % (path, exc))
+
+    @staticmethod
+    def _check_region(name, count, offset, item_bytes, end, seen):
+        if not isinstance(name, str) or name in seen:
+            raise ValueError("tensor name %r missing or repeated" % (name,))
+        if not (_is_count(count) and _is_count(offset) and _STATE_PREAMBLE.size <= offset
+                and offset + item_bytes * count <= end):
+            raise ValueError("tensor %r: %r elements at byte %r lie outside the data" % (name, count, offset))
+
+    def chain_state(self):
+        """A ChainState with this file's position and encoder fields (its tensors not read)."""
+        meta = self.meta
+        sequence = meta["sequence"]
+        if not _is_count(sequence) or sequence >= 1 << 32:
+            raise ValueError("sequence %r" % (sequence,))
+        model, root = bytes.fromhex(meta["model"]), bytes.fromhex(meta["root"])
+        if len(model) != 32 or len(root) != 32:
+            raise ValueError("the model and root digests must have 32 bytes")
+        state = ChainState(model, sequence, root)
+        state.encoder_depths = {str(k): int(v) for k, v in meta["encoder_depths"].items()}
+        state.parameter_ids = {str(k): int(v) for k, v in meta["parameter_ids"].items()}
+        return state
+
+    def read(self, at, view):
+        """Fill the writable bytes ``view`` from byte ``at``."""
+        self.f.seek(at)
+        got = self.f.readinto(view)
+        if got != len(view):
+            raise StateFileError("%s: the chain state ends inside its data (byte %d)"
+                                 % (self.path, at + (got or 0)))
+
+    def read_checked(self, name, what, at, array, crc):
+        """Read a whole array (a numpy array or array.array) from byte ``at`` and check its CRC-32."""
+        view = memoryview(array).cast("B")
+        self.read(at, view)
+        _check_crc(self.path, name, what, zlib.crc32(view), crc)
+        return array
+
+    def read_tensors(self):
+        """(bases, history): name -> int32 / uint8 numpy arrays."""
+        bases, history = {}, {}
+        for name, (count, offset, crc_levels, crc_history) in self.tensors.items():
+            bases[name] = self.read_checked(name, "levels", offset, np.empty(count, np.int32), crc_levels)
+            history[name] = self.read_checked(name, "history", offset + 4 * count, np.empty(count, np.uint8),
+                                              crc_history)
+            if sys.byteorder != "little":
+                bases[name].byteswap(inplace=True)
+        return bases, history
+
+    def read_residual(self):
+        out = {}
+        for name, (shape, offset, crc) in self.residual.items():
+            out[name] = self.read_checked(name, "residual", offset, np.empty(shape, "<f4"), crc)
+        return out
+
+    def load_into(self, core):
+        """Put the decoder state into a decoder_core.Decoder (array('i') and bytearray, as it decodes
+        with), one tensor at a time: never two copies of the state."""
+        core.bases.clear()
+        core.history.clear()
+        for name, (count, offset, crc_levels, crc_history) in self.tensors.items():
+            levels = self.read_checked(name, "levels", offset, zeros("i", count), crc_levels)
+            if sys.byteorder != "little":
+                levels.byteswap()
+            core.bases[name] = levels
+            core.history[name] = self.read_checked(name, "history", offset + 4 * count, bytearray(count), crc_history)
+
+
+def _check_crc(path, name, what, got, expected):
+    if got != expected:
+        raise StateFileError("%s: the chain state of %r is damaged (the CRC-32 of its %s does not match): apply "
+                             "the full model again to start a new chain" % (path, name, what))
+
+
+_PARTS = ("levels", "history")
+
+
+def _crc_region(source, at, nbytes, copy=None):
+    """The CRC-32 of bytes at..at+nbytes of ``source`` (with read(at, view)), read a region at a time;
+    ``copy(done, view)`` is given each region too."""
+    buffer = bytearray(min(_REGION_BYTES, nbytes) or 1)
+    crc = 0
+    for done in range(0, nbytes, len(buffer)):
+        view = memoryview(buffer)[:min(len(buffer), nbytes - done)]
+        source.read(at + done, view)
+        crc = zlib.crc32(view, crc)
+        if copy is not None:
+            copy(done, view)
+    return crc
+
+
+def _le_bytes(array, dtype):
+    """The little-endian bytes of an array (numpy or array.array), without a copy where they are."""
+    return np.ascontiguousarray(array, dtype=dtype).reshape(-1).view(np.uint8)
+
+
+class _StateWriter:
+    """A state file written beside ``beside`` (the model file it goes with): the chain-state
+    interface of decoder_core.StreamDecoder(chain=...) over files.
+
+    The decoder reads each tensor's previous state (from ``old``, a _StateFile, or none) and
+    writes its new state a window at a time, so neither is ever whole in memory; the new state
+    goes into a temporary file, which ``save`` completes (the tensors the updates left alone,
+    copied from ``old``, then the header) and renames. ``close`` removes it unless saved.
+    """
+
+    def __init__(self, old, beside):
+        self.old = old
+        self.beside = os.fspath(beside)
+        self.tensors = {}  # name -> (count, offset, CRC-32 levels, CRC-32 history) in this file
+        self.file = self.tmp = None
+        self.end = _STATE_PREAMBLE.size
+        self.decoding = None  # the _TensorState of the tensor being decoded
+
+    def _allocate(self, nbytes):
+        if self.file is None:
+            self.file, self.tmp = _temp_beside(self.beside, STATE_SUFFIX + ".tmp")
+        at = self.end
+        self.end += nbytes
+        return at
+
+    def write(self, at, data):
+        f = self.file
+        f.seek(at)
+        try:
+            f.write(data)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc):
+        """An OSError of the temporary file as one that names the model file the state goes with."""
+        return OSError(exc.errno, "%s (writing the chain state)" % (exc.strerror or exc), self.beside)
+
+    # -- decoder_core's chain-state interface --
+    def open(self, name, count):
+        mine = self.tensors.get(name)
+        if mine is not None:
+            # Written by an earlier update of this call: read and overwritten in this file, window by window.
+            source, label, entry = self, self.beside, mine
+        elif self.old is not None and name in self.old.tensors:
+            source, label, entry = self.old, self.old.path, self.old.tensors[name]
+        else:
+            source = label = entry = None
+        in_place = mine is not None and mine[0] == count
+        offset = mine[1] if in_place else self._allocate(5 * count)
+        self.decoding = _TensorState(self, name, count, source, label, entry, offset, in_place)
+        return self.decoding
+
+    def read(self, at, view):
+        self.file.seek(at)
+        if self.file.readinto(view) != len(view):
+            raise RuntimeError("the temporary chain state beside %s is shorter than written" % self.beside)
+
+    def put(self, name, levels, history):
+        """Add one tensor's whole state (the host's in-memory state being saved)."""
+        levels = _le_bytes(levels, "<i4")
+        history = _le_bytes(history, np.uint8)
+        if 4 * history.size != levels.size:
+            raise ValueError("tensor %r: %d levels but a history of %d" % (name, levels.size // 4, history.size))
+        at = self._allocate(levels.size + history.size)
+        self.write(at, levels)
+        self.write(at + levels.size, history)
+        self.tensors[name] = (history.size, at, zlib.crc32(levels), zlib.crc32(history))
+
+    def save(self, path, state):
+        """Complete the file for the ChainState ``state`` (position, encoder fields and residual from
+        it, decoder state from the updates and ``old``), fsync it and rename it to ``path``."""
+        if self.file is None:
+            self._allocate(0)
+        if self.old is not None:
+            for name, entry in self.old.tensors.items():
+                if name not in self.tensors:
+                    self.tensors[name] = self._copy(name, entry)
+            # Read for the last time: closed before the rename and the removal of stale state files
+            # (some systems refuse to remove an open file).
+            self.old.close()
+            self.old = None
+        residual = {}
+        for name, array in state.residual.items():
+            raw = _le_bytes(array, "<f4")
+            at = self._allocate(raw.size)
+            self.write(at, raw)
+            residual[name] = {"name": name, "shape": list(np.shape(array)), "offset": at, "crc": zlib.crc32(raw)}
+        header = json.dumps({
+            "version": _STATE_VERSION, "sequence": state.sequence, "root": state.root.hex(), "model": state.model.hex(),
+            "encoder_depths": state.encoder_depths, "parameter_ids": state.parameter_ids,
+            "tensors": [{"name": name, "count": e[0], "offset": e[1], "crc": [e[2], e[3]]}
+                        for name, e in self.tensors.items()],
+            "residual": list(residual.values())}, sort_keys=True).encode("utf-8")
+        self.write(self.end, header)
+        self.write(0, _STATE_PREAMBLE.pack(_STATE_MAGIC, _STATE_VERSION, self.end, len(header)))
+        try:
+            _commit(self.file, self.tmp, path)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+        self.file = self.tmp = None
+
+    def _copy(self, name, entry):
+        """Copy a tensor the updates left alone from ``old``, checking its CRCs on the way."""
+        count, offset, crc_levels, crc_history = entry
+        at = self._allocate(5 * count)
+        crcs = []
+        for part, (first, nbytes) in enumerate(((0, 4 * count), (4 * count, count))):
+            crcs.append(_crc_region(self.old, offset + first, nbytes,
+                                    lambda done, view: self.write(at + first + done, view)))
+            _check_crc(self.old.path, name, _PARTS[part], crcs[-1], entry[2 + part])
+        return (count, at, crcs[0], crcs[1])
+
+    def check_open(self):
+        """After a decoding error: raise StateFileError if the previous state of the tensor being
+        decoded is damaged (then that, not the update, is what failed)."""
+        if self.decoding is not None:
+            self.decoding.verify()
+
+    def close(self):
+        """Remove the temporary file unless saved; close ``old``."""
+        _remove_temp(self.file, self.tmp)
+        self.file = self.tmp = None
+        if self.old is not None:
+            self.old.close()
+
+
+class _TensorState:
+    """One tensor's state while the decoder reads the previous one and writes the new one (the
+    handle decoder_core's chain-state interface asks for; see _StateWriter)."""
+
+    def __init__(self, writer, name, count, source, label, entry, offset, in_place):
+        self.writer = writer
+        self.name = name
+        self.count = count
+        self.source = source            # what holds the previous state (a _StateFile or the writer), or None
+        self.label = label
+        self.entry = entry              # its (count, offset, CRC-32 levels, CRC-32 history) there
+        self.base_count = None if entry is None else entry[0]
+        self.has_history = entry is not None and entry[0] == count
+        self.offset = offset            # where the new state goes in the writer's file
+        self.in_place = in_place        # ... over the previous one
+        self.written = 0
+        self.crcs = [0, 0]
+        # Per part (levels, history): (positions read in order from 0, their CRC-32); None: read out of order.
+        self.checked = [(0, 0), (0, 0)]
+
+    def read_base(self, lo, hi):
+        out = zeros("i", hi - lo)
+        self._read(0, lo, hi, memoryview(out).cast("B"))
+        if sys.byteorder != "little":
+            out.byteswap()
+        return out
+
+    def read_history(self, lo, hi):
+        out = bytearray(hi - lo)
+        if self.has_history:
+            self._read(1, lo, hi, out)
+        return out
+
+    def _read(self, part, lo, hi, view):
+        if self.in_place and lo < self.written:
+            raise RuntimeError("the decoder read positions %d..%d of the state of %r after writing them"
+                               % (lo, hi, self.name))
+        count, offset = self.entry[0], self.entry[1]
+        self.source.read(offset + (4 * lo if part == 0 else 4 * count + lo), view)
+        done = self.checked[part]
+        self.checked[part] = (hi, zlib.crc32(view, done[1])) if done is not None and done[0] == lo else None
+
+    def write(self, lo, levels, history):
+        if lo != self.written:
+            raise RuntimeError("the state of %r was written at %d, after %d positions" % (self.name, lo, self.written))
+        raw = _le_bytes(levels, "<i4")
+        self.writer.write(self.offset + 4 * lo, raw)
+        self.writer.write(self.offset + 4 * self.count + lo, history)
+        self.crcs = [zlib.crc32(raw, self.crcs[0]), zlib.crc32(history, self.crcs[1])]
+        self.written = lo + len(history)
+
+    def done(self):
+        if self.written != self.count:
+            raise RuntimeError("the state of %r is complete after %d of %d positions" % (self.name, self.written,
+                                                                                         self.count))
+        if self.entry is not None and not self.in_place:
+            # What the decoder used of the previous state must be what was saved.
+            if None in self.checked:
+                self.verify()  # read out of order: check all of it
+            for part, done in enumerate(self.checked):
+                if done is not None and done[0] == self.entry[0]:
+                    _check_crc(self.label, self.name, _PARTS[part], done[1], self.entry[2 + part])
+        self.writer.tensors[self.name] = (self.count, self.offset, self.crcs[0], self.crcs[1])
+        self.writer.decoding = None
+
+    def verify(self):
+        """Check the previous state whole against its CRCs (StateFileError if damaged)."""
+        if self.entry is None or self.in_place:
+            return  # nothing read, or this call's own data, partly overwritten
+        count, offset = self.entry[0], self.entry[1]
+        for part, (first, nbytes) in enumerate(((0, 4 * count), (4 * count, count))):
+            _check_crc(self.label, self.name, _PARTS[part], _crc_region(self.source, offset + first, nbytes),
+                       self.entry[2 + part])
 
 
 def state_path(model_path, digest):
@@ -491,20 +880,33 @@ def _state_files(model_path):
     return [os.path.join(directory, n) for n in names if pattern.match(n)]
 
 
-def load_device_state(model_path, digest, core=None):
-    """The ChainState kept beside the model file for the model with ``digest``, or None. With
-    ``core`` its decoder state is loaded into that decoder_core.Decoder (see ChainState.load)."""
+def _device_state(model_path, digest):
+    """The state file kept beside the model file for the model with ``digest``, open (a _StateFile),
+    or None."""
     path = state_path(model_path, digest)
     if not os.path.exists(path):
         return None
-    state = ChainState.load(path, core)
-    if state.model == digest:
-        return state
-    if core is not None:
-        core.bases.clear()
-        core.history.clear()
+    stored = _StateFile(path)
+    if bytes.fromhex(stored.meta["model"]) == digest:
+        return stored
+    stored.close()
     return None
 
+
+def _remove_temp(f, tmp):
+    """Close and remove a temporary file on a failure path: removed even when close() fails (a full
+    disk fails the flush that close() does)."""
+    try:
+        if f is not None:
+            f.close()
+    except OSError:
+        pass  # the failure being handled is what the caller reports
+    finally:
+        if tmp is not None:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
 
 # --- applying -------------------------------------------------------------------------------------
 def add_difference(weights, difference, in_place=False):
@@ -560,8 +962,8 @@ def _span(first, last):
     return "%d" % first if first == last else "%d..%d" % (first, last)
 
 
-# What one read or write of a model file moves: the file-to-file path's memory beyond the decoded
-# difference of one tensor and the decoder state.
+# What one read or write of a model file moves, and the slice size the update is decoded in: the
+# file-to-file path's memory beyond the decoder's own.
 _REGION_BYTES = 1 << 20
 
 
@@ -584,12 +986,15 @@ class _MemoryModel:
     def digest(self):
         return model_digest(self.tensors)
 
-    def add(self, name, diff):
-        self.tensors[name] = add_difference(self.tensors[name], diff)
+    def add(self, name, start, diff):
+        if start == 0:
+            # A new array: the caller's dict keeps its own.
+            self.tensors[name] = np.array(self.tensors[name], dtype=np.float32, copy=True)
+        add_difference(self.tensors[name].reshape(-1)[start:start + diff.size], diff, in_place=True)
 
-    def save(self, state):
-        """Write the model and its decoder state ``state``; returns the tensors."""
-        write_model(self.output, self.tensors, state, self.metadata)
+    def save(self, state, save_state):
+        """Write the model, and its decoder state ``state`` with ``save_state(path)``; returns the tensors."""
+        _with_state(self.output, state, _model_writer(self.output, self.tensors, self.metadata), save_state)
         return self.tensors
 
     def close(self):
@@ -649,22 +1054,26 @@ class _FileModel:
         if self._file.readinto(view) != len(view):
             raise modelio.ModelFormatError("%s: the file ends inside the tensor data" % self._file.name)
 
-    def add(self, name, diff):
+    def add(self, name, start, diff):
+        """Add the difference of the elements ``start ..`` of a tensor, region by region of the
+        tensor (regions where it is all zero are neither read nor written)."""
         if self._copy is None:
             self._make_copy()
         begin = self._layout[name][0]
-        flat = diff.reshape(-1)
         step = len(self._buffer) // 4
-        for first in range(0, flat.size, step):
-            d = flat[first:first + step]
-            if not d.any():
-                continue  # nothing changes in this region: neither read nor written
-            raw = memoryview(self._buffer)[:4 * d.size]
-            at = begin + 4 * first
-            self._read(at, raw)
-            add_difference(self._buffer[:4 * d.size].view("<f4"), d, in_place=True)
-            self._copy.seek(self._start + at)
-            self._copy.write(raw)
+        end = start + diff.size
+        first = start
+        while first < end:
+            last = min(end, (first // step + 1) * step)
+            d = diff[first - start:last - start]
+            if d.any():
+                raw = memoryview(self._buffer)[:4 * d.size]
+                at = begin + 4 * first
+                self._read(at, raw)
+                add_difference(self._buffer[:4 * d.size].view("<f4"), d, in_place=True)
+                self._copy.seek(self._start + at)
+                self._copy.write(raw)
+            first = last
         self._digest = None
 
     def _make_copy(self):
@@ -675,11 +1084,11 @@ class _FileModel:
         shutil.copyfileobj(self._base, self._copy, _REGION_BYTES)
         self._file, self._start = self._copy, len(header)
 
-    def save(self, state):
-        """Write the decoder state ``state``, then fsync the copy and rename it onto the output (made
-        now if nothing changed: the output still gets the model and its metadata); returns the
-        output's tensors as read-only memmaps."""
-        _with_state(self.output, state, self._rename)
+    def save(self, state, save_state):
+        """Write the decoder state ``state`` (``save_state(path)``), then fsync the copy and rename it
+        onto the output (made now if nothing changed: the output still gets the model and its
+        metadata); returns the output's tensors as read-only memmaps."""
+        _with_state(self.output, state, self._rename, save_state)
         return self._arrays()
 
     def _rename(self):
@@ -691,7 +1100,7 @@ class _FileModel:
 
     def close(self):
         self._base.close()
-        _discard(self._copy, self._tmp)
+        _remove_temp(self._copy, self._tmp)
         self._copy = self._tmp = None
 
     def _arrays(self):
@@ -706,20 +1115,39 @@ class _FileModel:
 
 class _Applier:
     """Applies updates one after the other to a model (a _MemoryModel or _FileModel), with one decoder
-    for the chain. Without ``state``, the decoder state is read from the state file beside the model
-    file ``state_beside`` (if given) straight into the decoder."""
+    for the chain, which decodes each update in slices of at most _REGION_BYTES / 4 elements.
 
-    def __init__(self, model, state, chunk_size, threads, allow_anonymous, limits=None, state_beside=None):
+    The decoder state comes from ``state`` (a ChainState) or, without it, from the state file beside
+    the model file ``state_beside`` (if given). With ``output`` and no ``state`` it stays in files:
+    read from the old state file and written to the new one a slice at a time (_StateWriter);
+    otherwise it is in memory.
+    """
+
+    def __init__(self, model, state, chunk_size, allow_anonymous, limits=None, state_beside=None, output=None):
         self.model = model
         self.digest = model.digest()
         self.chunk_size = chunk_size
         self.allow_anonymous = allow_anonymous
-        self.decoder = StreamDecoder(update_topology(model.shapes()), threads=threads, limits=limits)
-        core = self.decoder._core.decoder
-        if state is None and state_beside is not None:
-            state = load_device_state(state_beside, self.digest, core)
-        elif state is not None and state.model == self.digest:
-            state.restore_decoder(core)
+        self.writer = None
+        given = state
+        stored = _device_state(state_beside, self.digest) if given is None and state_beside is not None else None
+        try:
+            if stored is not None:
+                state = stored.chain_state()
+            if output is not None and given is None:
+                self.writer = _StateWriter(stored, output)  # which closes ``stored`` from now on
+            self.decoder = decoder_core.StreamDecoder(update_topology(model.shapes()), limits=limits,
+                                                      slice_elements=max(1, _REGION_BYTES // 4), chain=self.writer)
+            if self.writer is None and stored is not None:
+                stored.load_into(self.decoder.decoder)
+            elif self.writer is None and state is not None and state.model == self.digest:
+                state.restore_decoder(self.decoder.decoder)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if stored is not None and self.writer is None:
+                stored.close()
         self.state = state if state is not None and state.model == self.digest else None
 
     def apply(self, update):
@@ -729,11 +1157,16 @@ class _Applier:
             _check_record(info, self.digest, self.state, label, self.allow_anonymous)
             seen = set()
             try:
-                for name, diff in self._decode(prefix, f):
-                    self._add(name, diff, seen, label)
+                for name, shape, start, values in self._slices(prefix, f):
+                    if start == 0:
+                        self._check(name, shape, values, seen, label)
+                    self.model.add(name, start, np.frombuffer(values, dtype=np.float32))
+                    values = None  # not held while the next slice decodes
             except NNCError as exc:
-                if isinstance(exc, UpdateError):
+                if isinstance(exc, (UpdateError, StateFileError)):
                     raise
+                if self.writer is not None:
+                    self.writer.check_open()
                 exc.args = ("%s: %s" % (label, exc.args[0]),)
                 raise
         finally:
@@ -752,42 +1185,51 @@ class _Applier:
         self.state = state
         return info
 
-    def _decode(self, prefix, f):
+    def _slices(self, prefix, f):
+        """The update's slices (name, shape, start, values), each handed on before the next is decoded."""
         dec = self.decoder
-        try:
-            for item in dec.feed(prefix):
+        for item in dec.iter_feed(prefix):
+            yield item
+        while True:
+            chunk = f.read(self.chunk_size)
+            if not chunk:
+                break
+            for item in dec.iter_feed(chunk):
                 yield item
-            while True:
-                chunk = f.read(self.chunk_size)
-                if not chunk:
-                    break
-                for item in dec.feed(chunk):
-                    yield item
-            dec.close()
-        finally:
-            dec.release_threads()
+        dec.close()
 
-    def _add(self, name, diff, seen, label):
+    def _check(self, name, shape, values, seen, label):
+        """The checks on a tensor of the update, at its first slice."""
         if name in seen:
             raise CorruptUpdateError("%s: tensor %r occurs twice in the update" % (label, name))
         seen.add(name)
         spec = self.model.spec(name)
         if spec is None:
             raise CorruptUpdateError("%s: the update changes tensor %r, which the model does not have" % (label, name))
-        shape, dtype = spec
-        if tuple(shape) != diff.shape:
+        model_shape, dtype = spec
+        if tuple(model_shape) != tuple(shape):
             raise CorruptUpdateError("%s: the update's %r has shape %s, the model's %s"
-                                     % (label, name, list(diff.shape), list(shape)))
-        if dtype != np.float32 or diff.dtype != np.float32:
+                                     % (label, name, list(shape), list(model_shape)))
+        if dtype != np.float32 or values.typecode != "f":
             raise CorruptUpdateError("%s: tensor %r: only float32 tensors can be updated (model %s, update %s)"
-                                     % (label, name, dtype, diff.dtype))
-        self.model.add(name, diff)
+                                     % (label, name, dtype, "float32" if values.typecode == "f" else "int32"))
 
     def finish_state(self):
-        """The ChainState after the last update, with the decoder state it left: the decoder's own
-        arrays (no copy; this decoder decodes nothing after)."""
-        self.state.capture_decoder(self.decoder._core.decoder, copy=False)
-        return self.state
+        """(the ChainState after the last update, the function that saves it to a path). In memory
+        the state takes the decoder's own arrays (no copy; this decoder decodes nothing after)."""
+        state = self.state if self.state is not None else ChainState(self.digest)
+        if self.writer is None:
+            state.capture_decoder(self.decoder.decoder, copy=False)
+            return state, state.save
+
+        def save(path):
+            self.writer.save(path, state)
+            state._stored = path  # read from there if ever asked for
+        return state, save
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
 
 
 def apply_update(base, updates, output=None, *, state=None, allow_anonymous=False, chunk_size=DEFAULT_CHUNK_SIZE,
@@ -803,13 +1245,16 @@ def apply_update(base, updates, output=None, *, state=None, allow_anonymous=Fals
     any refusal raises an UpdateError subclass (see the module docstring), a bad bitstream NNCError.
     Nothing is written unless every update succeeds. ``allow_anonymous`` applies updates without a
     record (e.g. written by NNCodec) unchecked. ``limits`` (decoder_core.Limits) bounds what a hostile
-    update may make the decoder allocate.
+    update may make the decoder allocate. ``threads`` is accepted for compatibility: updates are
+    decoded in slices, on one thread.
 
+    Updates are decoded in slices of at most 256 Ki elements, each added to the model as it comes.
     From a .safetensors file to a .safetensors file the model is never loaded: the base is copied
-    beside ``output`` and each changed tensor is patched there a megabyte at a time, so memory holds
-    the decoder state and one decoded difference, not the model. The result is then a dict of
-    read-only arrays mapped from ``output``; otherwise a dict of arrays in memory. Returns the model,
-    or (model, ChainState) with ``return_state``.
+    beside ``output`` and each slice patched there, and with ``output`` (and no ``state``) the
+    decoder state is read from the old state file and written to the new one a slice at a time, so
+    memory holds neither the model nor a whole tensor. The result is then a dict of read-only
+    arrays mapped from ``output``; otherwise a dict of arrays in memory. Returns the model, or
+    (model, ChainState) with ``return_state``.
     """
     return _apply(base, updates, output, state=state, allow_anonymous=allow_anonymous, chunk_size=chunk_size,
                   threads=threads, limits=limits, return_state=return_state)
@@ -834,22 +1279,24 @@ def _apply(base, updates, output, state=None, allow_anonymous=False, chunk_size=
         model = _MemoryModel(base, output, metadata)
     else:
         raise TypeError("base is a model file path or a dict of arrays, not %s" % type(base).__name__)
+    applier = None
     try:
-        applier = _Applier(model, state, chunk_size, threads, allow_anonymous, limits, state_beside)
+        applier = _Applier(model, state, chunk_size, allow_anonymous, limits, state_beside, output)
         for update in updates:
             applier.apply(update)
-        new_state = applier.finish_state()
-        tensors = model.tensors if output is None else model.save(new_state)
+        new_state, save_state = applier.finish_state()
+        tensors = model.tensors if output is None else model.save(new_state, save_state)
     finally:
+        if applier is not None:
+            applier.close()
         model.close()
     if return_state:
         return tensors, new_state
     return tensors
 
 
-def write_model(path, tensors, state=None, metadata=None):
-    """Write a model file atomically and, with ``state``, its decoder-state file first (see the module
-    docstring), then remove the model's decoder-state files for other digests."""
+def _model_writer(path, tensors, metadata):
+    """A function that writes a model file atomically (see write_model)."""
     path = os.fspath(path)
     if metadata is not None and modelio.format_of(path) != "safetensors":
         metadata = None
@@ -859,20 +1306,26 @@ def write_model(path, tensors, state=None, metadata=None):
         with open_sink(path, **options) as sink:
             for name, array in tensors.items():
                 sink.write(name, array)
+    return write
 
-    _with_state(path, state, write)
+
+def write_model(path, tensors, state=None, metadata=None):
+    """Write a model file atomically and, with ``state``, its decoder-state file first (see the module
+    docstring), then remove the model's decoder-state files for other digests."""
+    _with_state(path, state, _model_writer(path, tensors, metadata))
 
 
-def _with_state(model_path, state, write):
+def _with_state(model_path, state, write, save_state=None):
     """write() the model file model_path with its decoder-state file ``state`` (None: none) written
-    first. Then remove the state files beside it for other digests; if write() fails, remove the
-    state file just made instead (unless one for that digest was there before)."""
+    first, by ``save_state(path)`` (default ``state.save``). Then remove the state files beside it
+    for other digests; if write() fails, remove the state file just made instead (unless one for
+    that digest was there before)."""
     if state is None:
         write()
         return
     keep = state_path(model_path, state.model)
     existed = os.path.exists(keep)
-    state.save(keep)
+    (save_state or state.save)(keep)
     try:
         write()
     except BaseException:
@@ -1106,4 +1559,4 @@ def write_file(path, data):
         _commit(f, tmp, path)
         f = tmp = None
     finally:
-        _discard(f, tmp)
+        _remove_temp(f, tmp)

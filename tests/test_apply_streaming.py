@@ -155,3 +155,34 @@ def test_a_result_that_breaks_its_promise_is_not_written(short_chain, tmp_path, 
     with pytest.raises(CorruptUpdateError, match="decoded to a model with digest"):
         apply_update(model, short_chain.updates[0], model)
     assert (file_sha256(model), listing(tmp_path)) == before
+
+
+def test_apply_never_holds_a_whole_tensor(tmp_path, monkeypatch):
+    """File to file, the largest allocation is a slice, not the tensor: neither the model's tensor nor
+    its difference nor its decoder state (TCA levels, HDSP history) is ever whole in memory."""
+    import tracemalloc
+
+    rng = np.random.default_rng(3)
+    base = {"big": rng.normal(0, 0.05, (1024, 1024)).astype(np.float32), "small": np.ones(10, np.float32)}
+    chain = updates.ChainState(model_digest(base))
+    views, steps = [base], []
+    for _ in range(2):  # the second update codes against the first one's levels (TCA) and history
+        w = views[-1]
+        new = {k: v + (rng.random(v.shape) < 0.05) * rng.normal(0, 0.01, v.shape).astype(np.float32)
+               for k, v in w.items()}
+        data, view = updates.encode_update(w, new, residual=chain, return_model=True)
+        steps.append(data)
+        views.append(view)
+    assert updates.read_update_info(steps[1]).continues_state
+    model = str(tmp_path / "model.safetensors")
+    modelio.save(model, base)
+    monkeypatch.setattr(updates, "_REGION_BYTES", 64 << 10)  # slices of 16 Ki elements: 1/64 of the tensor
+    for step, data in enumerate(steps, 1):
+        tracemalloc.start()
+        try:
+            new = apply_update(model, data, model)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < base["big"].nbytes // 4, (step, peak)
+        assert_same_model(new, views[step])
