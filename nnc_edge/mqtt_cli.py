@@ -16,6 +16,8 @@ import sys
 
 from decoder_core import NNCError
 
+from transports.chain_record import default_state_dir
+
 from . import modelio
 from .cli import EXIT_INVALID, EXIT_IO, CommandError, arguments, command, read_input
 
@@ -110,7 +112,10 @@ def _connection_error(settings, exc):
                      "into partial-data units), then the retained status PREFIX/NAME/status announcing the new "
                      "version. A bitstream with an update record (nnc-edge update) is published as an update "
                      "of the current version, any other as a full model (--kind overrides). A .safetensors or "
-                     ".npz model is encoded first. Lost connections are retried with backoff.",
+                     ".npz model is encoded first. Lost connections are retried with backoff. This host's "
+                     "record of the chain (--state-dir) keeps version numbers from going backwards, refuses an "
+                     "update that does not continue the chain (published already, or made from another model), "
+                     "and publishes the chain again when the broker has lost it.",
          examples=("nnc-edge publish model.nnc --broker mqtt://localhost --model kws",
                    "nnc-edge publish update.nnc --broker mqtts://broker.example:8883 --cafile ca.crt -u host "
                    "--model kws",
@@ -128,15 +133,19 @@ def _publish(args):
     data, kind = _publication(args.input, args.kind)
     if args.max_message_bytes < mqtt.MIN_MESSAGE_BYTES:
         raise CommandError("--max-message-bytes must be at least %d" % mqtt.MIN_MESSAGE_BYTES, EXIT_INVALID)
+    from transports.chain_record import ChainRecord
     from .keys_cli import publisher_signing
+    record = ChainRecord(args.state_dir, args.prefix, args.model)
     publisher = mqtt.Publisher(settings, args.model, prefix=args.prefix, max_message_bytes=args.max_message_bytes,
-                               retries=args.retries, **publisher_signing(args))
+                               retries=args.retries, record=record, **publisher_signing(args))
     try:
         status = asyncio.run(publisher.publish(data, UPDATE if kind == "update" else FULL, seq=args.seq))
     except NNCError as exc:
         raise CommandError("%s: %s" % (args.input, exc), EXIT_INVALID)
     except (ValueError, mqtt.PublishError) as exc:
-        raise CommandError(str(exc), EXIT_INVALID)
+        raise CommandError("%s: %s" % (args.input, exc), EXIT_INVALID)
+    except OSError as exc:
+        raise CommandError("the publisher's record in %s: %s" % (args.state_dir, exc.strerror or exc))
     except Exception as exc:  # aiomqtt.MqttError: a broker we cannot reach or that refuses us
         if mqtt.is_mqtt_error(exc):
             raise _connection_error(settings, exc)
@@ -189,6 +198,11 @@ def _publish_arguments(parser):
                         help="largest MQTT payload (default %(default)d; 4096 or less for microcontroller clients)")
     parser.add_argument("--retries", type=int, default=5, metavar="N",
                         help="reconnect attempts after a lost connection (default %(default)d)")
+    parser.add_argument("--state-dir", default=default_state_dir(), metavar="DIR",
+                        help="where this host keeps its record of each model's published chain (version numbers, "
+                             "digests, a copy of each bitstream), so that versions never go backwards and a chain "
+                             "the broker lost is published again (default: $XDG_STATE_HOME/nnc-edge, else "
+                             "~/.local/state/nnc-edge; now %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     add_broker_arguments(parser)
 

@@ -381,11 +381,12 @@ def test_publish_and_receive_commands(broker, tmp_path, capsys):
         paths.append(tmp_path / ("step%d.nnc" % i))
         paths[-1].write_bytes(data)
     out = tmp_path / "device"
+    host = ["--state-dir", str(tmp_path / "host")]
     assert cli.main(["publish", str(paths[0]), "--broker", broker.url, "--model", "cli",
-                     "--max-message-bytes", "2048"]) == 0
+                     "--max-message-bytes", "2048"] + host) == 0
     assert "full 1" in capsys.readouterr().out
     # An update: the bitstream has an update record.
-    assert cli.main(["publish", str(paths[1]), "--broker", broker.url, "--model", "cli"]) == 0
+    assert cli.main(["publish", str(paths[1]), "--broker", broker.url, "--model", "cli"] + host) == 0
     assert "update 2" in capsys.readouterr().out
     receive = [sys.executable, "-m", "nnc_edge", "receive", "--broker", broker.url, "--model", "cli", "--out", str(out),
                "--once", "--timeout", str(WAIT)]
@@ -395,10 +396,10 @@ def test_publish_and_receive_commands(broker, tmp_path, capsys):
     assert_model(out / "model.safetensors", steps[1][2])
     # Bad usage and a broker that refuses us.
     assert cli.main(["publish", str(paths[0]), "--broker", "mqtt://127.0.0.1:1", "--model", "cli",
-                     "--retries", "0"]) == 1
+                     "--retries", "0"] + host) == 1
     assert "broker mqtt://127.0.0.1:1" in capsys.readouterr().err
-    assert cli.main(["publish", str(paths[0]), "--broker", broker.url, "--model", "a/b"]) == 2
-    assert cli.main(["publish", str(paths[1]), "--broker", broker.url, "--model", "cli-new"]) == 2
+    assert cli.main(["publish", str(paths[0]), "--broker", broker.url, "--model", "a/b"] + host) == 2
+    assert cli.main(["publish", str(paths[1]), "--broker", broker.url, "--model", "cli-new"] + host) == 2
     assert "publish a full model first" in capsys.readouterr().err
 
 

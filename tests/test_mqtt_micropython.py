@@ -50,6 +50,11 @@ try:
     parse(b"NM\x02" + bytes(100))
 except NNCError as exc:
     print("REFUSED", exc.element)
+for hostile in (b"[" * 60000, b"{" * 70000):
+    try:
+        parse_status(hostile, "kws")
+    except NNCError as exc:
+        print("REFUSED", str(exc).split(" (")[0])
 """
 
 
@@ -81,3 +86,5 @@ def test_envelopes_reassembled_and_decoded_on_micropython(tmp_path, conformance_
     assert [line for line in lines if line.startswith("TENSOR")] == want
     assert "DONE 2 %d" % sum(map(len, bodies)) in lines
     assert "REFUSED envelope version" in lines
+    assert "REFUSED status nests deeper than 4 levels" in lines  # no recursion into the stack
+    assert "REFUSED status of 70000 bytes is larger than the limit of 65536" in lines

@@ -221,7 +221,7 @@ def test_assembly_refuses_corruption(conformance_dir):
     other = _publication(data, seq=2)[1]
     with pytest.raises(NNCError):
         Assembly(envs[0]).add(other[1])
-    small = Assembly(envs[0], max_buffered=len(envs[2].body) + len(envs[3].body) - 1)
+    small = Assembly(envs[0], max_buffered=envelope.held_size(envs[2]) + envelope.held_size(envs[3]) - 1)
     small.add(envs[2])
     with pytest.raises(NNCError) as info:
         small.add(envs[3])
@@ -382,12 +382,13 @@ def test_receiver_refuses_corrupt_data_and_keeps_the_model(tmp_path, caplog):
     assert rx.store.version[0] == 1 and _file_bytes(rx.store.path) == before
 
 
-def test_receiver_with_another_parent_fetches_the_full_model(tmp_path, caplog):
+def test_receiver_refuses_an_update_of_another_parent_and_keeps_its_model(tmp_path, caplog):
     host = Host()
     rx = _receiver(tmp_path)
     seq, payloads = host.full(_model(1))
     rx.on_status(host.status())
     _deliver(rx, seq, payloads)
+    before = os.stat(rx.store.path)
     other = Host()
     other.full(_model(9))
     seq, payloads = other.update(_model(3, 0.01))  # update 2 of another history
@@ -395,7 +396,12 @@ def test_receiver_with_another_parent_fetches_the_full_model(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="nnc_edge.mqtt"):
         _deliver(rx, seq, payloads)
     assert "refused update 2" in caplog.text and rx.store.version[0] == 1
-    assert rx.subscription() == "nnc/kws/seq/1/+"  # the full model, then the chain after it
+    # The device has the version the status announces: fetching its full model again would only
+    # rewrite the same file. Another publication of version 2 is still taken.
+    assert rx.subscription() == "nnc/kws/seq/2/+" and not rx.diverged
+    seq, payloads = host.update(_model(3, 0.01))
+    _deliver(rx, seq, payloads)
+    assert rx.store.version == host.version and os.stat(rx.store.path).st_ino != before.st_ino
 
 
 def test_receiver_ignores_leftovers_of_another_publication(tmp_path, caplog):

@@ -37,6 +37,9 @@ The status of a model is a retained JSON object (see ``status_payload``)::
 ``seq``/``digest`` is the current version, ``full_seq`` the last full model; the retained chain is
 ``full_seq`` .. ``seq`` and ``counts`` gives each one's number of messages. ``pending`` is
 ``{"seq", "digest", "count"}`` while a publication is under way (or was interrupted).
+
+Everything here reads what anyone who may publish to the broker sends: sizes are checked before
+anything is allocated, and text from a message goes into errors through ``excerpt`` only.
 """
 
 import hashlib
@@ -60,6 +63,32 @@ MAX_TOTAL = 0xFFFFFFFF
 MAX_MODEL_NAME_BYTES = 64
 # Out-of-order messages held while waiting for an earlier one (the rest arrives by redelivery).
 DEFAULT_MAX_BUFFERED = 16 << 20
+# What a held message costs beyond its bytes: the Envelope object and its fields (measured on
+# CPython: about 400 bytes), so that even empty messages count against max_buffered.
+HELD_OVERHEAD = 512
+# A status lists one message count per publication since the last full model: 64 KiB is some
+# 9,000 of them. It nests two levels ({"counts": [...], "pending": {...}}).
+MAX_STATUS_BYTES = 64 << 10
+MAX_STATUS_DEPTH = 4
+EXCERPT_CHARS = 40
+_HEX = "0123456789abcdefABCDEF"
+
+
+def excerpt(value, limit=EXCERPT_CHARS, quote=True):
+    """``repr(value)`` (with ``quote=False``, a string itself) for a message, cut to about ``limit``
+    characters: names, topics and values that came from the network can be megabytes long."""
+    if isinstance(value, str):
+        n, text, unit = len(value), value[:limit], "characters"
+        if quote:
+            text = repr(text)
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        n, text, unit = len(value), repr(bytes(value[:limit])), "bytes"
+    else:
+        text = repr(value)
+        n, text, unit = len(text), text[:limit], "characters"
+    if n <= limit:
+        return text
+    return "%s... (%d %s)" % (text, n, unit)
 
 
 def digest_hex(digest):
@@ -68,11 +97,13 @@ def digest_hex(digest):
 
 def digest_from_hex(text, element="digest"):
     if not isinstance(text, str) or len(text) != 2 * DIGEST_BYTES:
-        raise NNCError("%s must be %d hex digits" % (element, 2 * DIGEST_BYTES), None, element)
-    try:
-        return bytes(int(text[i:i + 2], 16) for i in range(0, len(text), 2))
-    except ValueError:
-        raise NNCError("%s is not hexadecimal" % element, None, element)
+        raise NNCError("%s must be %d hex digits, not %s" % (element, 2 * DIGEST_BYTES, excerpt(text)), None,
+                       element)
+    # Checked digit by digit: int(..., 16) also takes "+f", " f" and other Unicode digits.
+    for c in text:
+        if c not in _HEX:
+            raise NNCError("%s is not hexadecimal: %s" % (element, excerpt(text)), None, element)
+    return bytes(int(text[i:i + 2], 16) for i in range(0, len(text), 2))
 
 
 def check_model_name(model):
@@ -84,7 +115,8 @@ def check_model_name(model):
         raise ValueError("the model name is %d bytes, at most %d allowed" % (len(raw), MAX_MODEL_NAME_BYTES))
     for c in "/+#\x00":
         if c in model:
-            raise ValueError("the model name %r contains %r, which cannot be in an MQTT topic level" % (model, c))
+            raise ValueError("the model name %s contains %r, which cannot be in an MQTT topic level"
+                             % (excerpt(model), c))
     return raw
 
 
@@ -151,8 +183,8 @@ def parse(payload):
     kind = UPDATE if flags & FLAG_UPDATE else FULL
     if seq == 0:
         _bad("seq 0 is reserved (no model)", 4, "seq")
-    if kind == UPDATE and parent_seq >= seq:
-        _bad("update %d names parent %d, which is not older" % (seq, parent_seq), 8, "parent_seq")
+    if kind == UPDATE and not 0 < parent_seq < seq:
+        _bad("update %d names parent %d, which is not an older version" % (seq, parent_seq), 8, "parent_seq")
     if kind == FULL and (parent_seq or parent_digest != NO_DIGEST):
         _bad("a full model has no parent", 8, "parent_seq")
     if count == 0 or index >= count:
@@ -248,24 +280,61 @@ class Status:
 def _int_field(obj, name, low=0, high=0xFFFFFFFF):
     value = obj.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise NNCError("status %s must be an integer in %d .. %d, not %r" % (name, low, high, value), None,
+        raise NNCError("status %s must be an integer in %d .. %d, not %s" % (name, low, high, excerpt(value)), None,
                        "status " + name)
     return value
 
 
-def parse_status(payload, model=None):
-    """The Status in a retained status payload; NNCError when it is malformed or for another model."""
+def _check_nesting(text, limit):
+    """NNCError when brackets outside strings nest deeper than ``limit``: json.loads recurses once
+    per level, and b"[" * 100000 would exhaust the stack (RecursionError) before failing."""
+    depth = 0
+    in_string = escaped = False
+    for c in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c == "[" or c == "{":
+            depth += 1
+            if depth > limit:
+                raise NNCError("status nests deeper than %d levels" % limit, None, "status")
+        elif c == "]" or c == "}":
+            depth -= 1
+
+
+def _status_object(payload):
+    if len(payload) > MAX_STATUS_BYTES:
+        raise NNCError("status of %d bytes is larger than the limit of %d" % (len(payload), MAX_STATUS_BYTES),
+                       None, "status")
     try:
-        obj = json.loads(bytes(payload).decode("utf-8"))
-    except (ValueError, UnicodeError):
-        raise NNCError("status is not UTF-8 JSON", None, "status")
+        text = bytes(payload).decode("utf-8")
+    except UnicodeError:
+        raise NNCError("status is not UTF-8", None, "status")
+    _check_nesting(text, MAX_STATUS_DEPTH)
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise NNCError("status is not JSON", None, "status")
     if not isinstance(obj, dict):
         raise NNCError("status is not a JSON object", None, "status")
+    return obj
+
+
+def parse_status(payload, model=None):
+    """The Status in a retained status payload; NNCError when it is malformed, larger than
+    MAX_STATUS_BYTES, or for another model."""
+    obj = _status_object(payload)
     if obj.get("v") != 1:
-        raise NNCError("status version %r is not supported" % (obj.get("v"),), None, "status v")
+        raise NNCError("status version %s is not supported" % excerpt(obj.get("v")), None, "status v")
     name = obj.get("model")
     if not isinstance(name, str) or (model is not None and name != model):
-        raise NNCError("status is for model %r, not %r" % (name, model), None, "status model")
+        raise NNCError("status is for model %s, not %s" % (excerpt(name), excerpt(model)), None, "status model")
     seq = _int_field(obj, "seq")
     status = Status(name, seq)
     if seq:
@@ -290,12 +359,18 @@ def parse_status(payload, model=None):
 
 
 # --- reassembly -----------------------------------------------------------------------------------
+def held_size(env):
+    """The memory a message kept for later costs: all its bytes, and the object holding them."""
+    return HEADER_BYTES + len(env.model) + len(env.ext) + len(env.body) + HELD_OVERHEAD
+
+
 class Assembly:
     """Puts the messages of one publication back in order, each exactly once.
 
     ``add(envelope)`` returns the bodies that are now next in order (possibly none: a gap before
     it, or a duplicate); later messages are held until the gap is filled, up to ``max_buffered``
-    bytes. When ``complete``, ``check()`` compares the digest of everything released with the
+    bytes, counting each held message whole (header, model name, extension, body) plus
+    HELD_OVERHEAD. When ``complete``, ``check()`` compares the digest of everything released with the
     envelope's. ``last_progress`` is set by the caller (a clock reading) when a message helped.
     """
 
@@ -326,16 +401,17 @@ class Assembly:
             self.duplicates += 1
             return []
         if env.index > self.next:
-            if self.held_bytes + len(env.body) > self.max_buffered:
+            size = held_size(env)
+            if self.held_bytes + size > self.max_buffered:
                 raise NNCError("more than %d bytes of messages after missing message %d"
                                % (self.max_buffered, self.next), env.offset, "envelope index")
             self.held[env.index] = env
-            self.held_bytes += len(env.body)
+            self.held_bytes += size
             return []
         out = [self._release(env)]
         while self.next in self.held:
             env = self.held.pop(self.next)
-            self.held_bytes -= len(env.body)
+            self.held_bytes -= held_size(env)
             out.append(self._release(env))
         return out
 

@@ -15,28 +15,36 @@ that was offline catches up by itself. Publishing a new full model clears the ol
 
 Publisher (``Publisher.publish``): reads the retained status, numbers the bitstream ``seq + 1``
 (an update names the current version as its parent), announces it as ``pending`` in the status,
-publishes its messages, then the status with the new version. Interrupted by a lost connection,
-it reconnects with exponential backoff and publishes the whole publication again (retained
-messages are simply overwritten, receivers drop duplicates).
+publishes its messages, then the status with the new version. Interrupted by a lost connection
+(noticed at once, not after the acknowledgement timeout), it reconnects with exponential backoff
+and publishes the whole publication again (retained messages are simply overwritten, receivers
+drop duplicates). With the host's own record of the chain (``transports.chain_record``) it never
+numbers a version below what it published before, refuses an update that does not continue the
+chain, and publishes the chain again when the broker has lost it.
 
 Receiver (``Receiver`` + ``run_receiver``): subscribes to the status and to exactly one data
 topic, ``P/M/seq/T/+`` for the version T it needs next: the one after its own, or the last full
-model when its version is not on the announced chain (never had a model, was offline across a
-new full model, or an update's parent is not its model). Retained messages arrive at once on
+model when its version is not on the announced chain (never had a model, or was offline across a
+new full model). Retained messages arrive at once on
 subscribing, live ones as they are published (so a full model streams into the decoder while it
 is being published). Messages are put back in order and applied once. After ``gap_timeout``
 seconds without the missing message the data topic is subscribed again (the broker re-sends the
 retained copies); after another ``gap_timeout`` the publication is abandoned. Only a complete
 publication whose SHA-256 digest matches changes the model, atomically; anything else leaves the
-previous model as it was and is logged (logger ``nnc_edge.mqtt``).
+previous model as it was and is logged (logger ``nnc_edge.mqtt``). A refusal never moves the
+device to an older version (see ``Receiver``).
 """
 
 import asyncio
+import contextlib
+import errno
+import hashlib
 import logging
 import os
 import random
 import time
 import uuid
+from collections import OrderedDict, deque
 from urllib.parse import unquote, urlsplit
 
 from decoder_core import NNCError
@@ -56,6 +64,11 @@ MIN_MESSAGE_BYTES = 256
 DEFAULT_GAP_TIMEOUT = 30.0
 DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883
+# How many refused publications a device remembers, and how many events and applied publications
+# it keeps for inspection: bounded, since each refusal may come from an attacker.
+MAX_REMEMBERED = 256
+MAX_EVENTS = 100
+MAX_REASON_CHARS = 400
 
 
 # --- connection settings ------------------------------------------------------------------------
@@ -132,14 +145,30 @@ class Topics:
         return "%s/seq/%d/+" % (self.base, seq)
 
     def parse_data(self, topic):
-        """(seq, index) of a data topic, or None."""
+        """(seq, index) of a data topic, or None unless both are written as the publisher writes them."""
         head = self.base + "/seq/"
         if not topic.startswith(head):
             return None
         parts = topic[len(head):].split("/")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        if len(parts) != 2:
             return None
-        return int(parts[0]), int(parts[1])
+        seq = _topic_number(parts[0], 0xFFFFFFFF)
+        index = _topic_number(parts[1], envelope.MAX_COUNT - 1)
+        if seq is None or index is None:
+            return None
+        return seq, index
+
+
+def _topic_number(text, largest):
+    """The number a topic level spells in ASCII digits without leading zeros, None for anything else
+    (str.isdigit() also takes "²", which int() refuses, and int() takes " 7" and "7_0")."""
+    if not text or len(text) > len(str(largest)) or (text[0] == "0" and text != "0"):
+        return None
+    for c in text:
+        if not "0" <= c <= "9":
+            return None
+    value = int(text)
+    return value if value <= largest else None
 
 
 def backoff_delays(initial=1.0, maximum=60.0):
@@ -254,10 +283,17 @@ class PublishError(Exception):
 
 
 class Publisher:
-    """Publishes bitstreams of one model; see the module docstring for the protocol."""
+    """Publishes bitstreams of one model; see the module docstring for the protocol.
+
+    With a ``record`` (transports.chain_record.ChainRecord: the host's own record of the chain it
+    published), versions are numbered after both the record and the broker's status, never at or
+    below what was published before; an update whose update record does not continue the chain
+    (published already, or made from another model) is refused; and a chain the broker has lost
+    is published again before the new version."""
 
     def __init__(self, settings, model, prefix=DEFAULT_PREFIX, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
-                 retries=5, window=16, status_timeout=5.0, backoff=(1.0, 30.0), sign=None, ext_bytes=0):
+                 retries=5, window=16, status_timeout=5.0, backoff=(1.0, 30.0), sign=None, ext_bytes=0,
+                 record=None):
         """``sign(model, seq, parent_digest, digest) -> bytes`` makes the envelopes' extension field
         (e.g. a signature over the publication), for which ``ext_bytes`` are kept free in each message."""
         self.settings = settings
@@ -272,6 +308,7 @@ class Publisher:
         self.window = window
         self.status_timeout = status_timeout
         self.backoff = backoff
+        self.record = record
         self.bytes_sent = 0  # payload bytes of every PUBLISH, retries included
         self.wire_bytes = 0  # the same PUBLISH packets whole (MQTT 3.1.1 framing, QoS 1)
 
@@ -288,39 +325,66 @@ class Publisher:
 
         ``kind`` is FULL or UPDATE (an update applies to the current version). ``seq`` defaults to
         the current version + 1; a given one must be larger (and exactly that for an update).
+        Raises PublishError for a publication that cannot be made, aiomqtt.MqttError when the
+        broker stays out of reach (a lost connection fails the attempt at once; ``retries`` more
+        are made after a backoff).
         """
         if kind not in (FULL, UPDATE):
             raise ValueError("kind must be %r or %r" % (FULL, UPDATE))
-        bodies = self.bodies(bitstream)
-        plan = None
+        job = _Job(self.bodies(bitstream), kind, seq)
+        if self.record is None:
+            return await self._publish(job)
+        from . import chain_record
+        try:
+            with self.record.locked():
+                self.record.load()
+                if kind == UPDATE:
+                    job.info = _update_info(bitstream)
+                status = await self._publish(job)
+                self.record.add(chain_record.Version(status.seq, kind, status.digest, job.result, status.counts[-1]))
+                return status
+        except chain_record.RecordError as exc:
+            raise PublishError(str(exc))
+
+    async def _publish(self, job):
         delays = backoff_delays(*self.backoff)
-        for attempt in range(self.retries + 1):
-            client = None
-            try:
-                async with self.settings.client("pub", self.window) as client:
-                    status = await read_status(client, self.topics, self.model, self.status_timeout)
-                    if plan is None:
-                        plan = self._plan(status, bodies, kind, seq)
-                    elif status.seq == plan.seq and status.digest == plan.digest:
-                        log.info("%s was published before the connection was lost", plan.describe())
-                        await self._clear(client, plan.stale)
-                        return plan.status
-                    elif status.seq != plan.parent_status.seq or status.digest != plan.parent_status.digest:
-                        if plan.kind == FULL and status.seq < plan.seq:
-                            # E.g. a broker restarted without persistence: a full model needs no chain.
-                            plan = self._plan(status, bodies, FULL, plan.seq)
-                        else:
-                            raise PublishError("the status changed while reconnecting (now version %d): the broker "
-                                               "lost it, or another publisher is active" % status.seq)
-                    await self._send(client, plan)
-                    return plan.status
-            except Exception as exc:  # aiomqtt.MqttError, without importing aiomqtt at module level
-                _forget_disconnect(client)
-                if not is_mqtt_error(exc) or attempt == self.retries:
-                    raise
-                delay = next(delays)
-                log.warning("publishing %s: %s; retrying in %.1f s", "model %s" % self.model, exc, delay)
-                await asyncio.sleep(delay)
+        with _quiet_socket_races(asyncio.get_running_loop()):
+            for attempt in range(self.retries + 1):
+                client = None
+                try:
+                    async with self.settings.client("pub", self.window) as client:
+                        return await _unless_disconnected(client, self._attempt(client, job))
+                except Exception as exc:  # aiomqtt.MqttError, without importing aiomqtt at module level
+                    _forget_disconnect(client)
+                    if not is_mqtt_error(exc) or attempt == self.retries:
+                        raise
+                    delay = next(delays)
+                    log.warning("publishing %s: %s; retrying in %.1f s", "model %s" % self.model, exc, delay)
+                    await asyncio.sleep(delay)
+
+    async def _attempt(self, client, job):
+        status = await read_status(client, self.topics, self.model, self.status_timeout)
+        plan = job.plan
+        if plan is not None and (status.seq, status.digest) == (plan.seq, plan.digest):
+            log.info("%s was published before the connection was lost", plan.describe())
+            await self._clear(client, plan.stale)
+            return plan.status
+        if self.record is not None:
+            status = await self._restore(client, status, job.kind)
+        if plan is None:
+            plan = job.plan = self._plan(status, job.bodies, job.kind, job.seq)
+            if self.record is not None:
+                job.result = self._check_continues(plan, job)
+                self.record.keep(plan.digest, b"".join(job.bodies))  # the bytes the digest is of
+        elif (status.seq, status.digest) != (plan.parent_status.seq, plan.parent_status.digest):
+            if plan.kind == FULL and status.seq < plan.seq:
+                # E.g. a broker restarted without persistence: a full model needs no chain.
+                plan = job.plan = self._plan(status, job.bodies, FULL, plan.seq)
+            else:
+                raise PublishError("the status changed while reconnecting (now version %d): the broker "
+                                   "lost it, or another publisher is active" % status.seq)
+        await self._send(client, plan)
+        return plan.status
 
     def _plan(self, status, bodies, kind, seq):
         if seq is None:
@@ -334,14 +398,13 @@ class Publisher:
             if seq != status.seq + 1:
                 raise PublishError("an update to version %d must be version %d, not %d"
                                    % (status.seq, status.seq + 1, seq))
-            digest, payloads = envelope.messages(self.model, UPDATE, seq, bodies, status.seq, status.digest,
-                                                 self._ext(seq, status.digest))
+            digest, payloads = self._messages(UPDATE, seq, bodies, status.seq, status.digest)
+            if digest == status.digest:
+                raise _published_already(status.seq)
             new = Status(self.model, seq, digest, status.full_seq, status.counts + [len(payloads)])
         else:
-            digest, payloads = envelope.messages(self.model, FULL, seq, bodies, ext=self._ext(seq, NO_DIGEST))
+            digest, payloads = self._messages(FULL, seq, bodies)
             new = Status(self.model, seq, digest, seq, [len(payloads)])
-        if max(map(len, payloads)) > self.max_message_bytes:
-            raise ValueError("the extension field is larger than the %d bytes kept for it" % self.ext_bytes)
         plan = _Plan(kind, seq, digest, payloads, status, new)
         # Retained messages nobody will need again: the old chain once a full model replaces it,
         # and what is left of an interrupted publication beyond this one's messages.
@@ -354,11 +417,122 @@ class Publisher:
         plan.stale = stale
         return plan
 
+    def _messages(self, kind, seq, bodies, parent_seq=0, parent_digest=NO_DIGEST):
+        """(digest, payloads) of a publication, with the extension ``sign`` makes."""
+        digest, payloads = envelope.messages(self.model, kind, seq, bodies, parent_seq, parent_digest,
+                                             self._ext(seq, parent_digest))
+        if max(map(len, payloads)) > self.max_message_bytes:
+            raise ValueError("the extension field is larger than the %d bytes kept for it" % self.ext_bytes)
+        return digest, payloads
+
     def _ext(self, seq, parent_digest):
         if self.sign is None:
             return b""
         return lambda digest: self.sign(self.model, seq, parent_digest, digest)
 
+    # --- the host's record ---------------------------------------------------------------------
+    async def _restore(self, client, status, kind):
+        """The status to publish after, given the broker's and the record's: the broker's when they
+        agree, the record's (published again for an update to build on) when the broker lost it."""
+        rec = self.record
+        if status.seq > rec.seq:
+            if rec.seq:
+                log.warning("model %s: the broker announces version %d, newer than this host's record %s (version "
+                            "%d): another publisher was here; continuing from the broker's version", self.model,
+                            status.seq, rec, rec.seq)
+            rec.adopt(status)
+            return status
+        mine = rec.find(status.seq) if status.seq else None
+        if mine is not None and mine.digest not in (None, status.digest):
+            raise PublishError("the broker announces version %d (%s), which is not the version %d this host "
+                               "published (record %s): another publisher is active, or the record is not this "
+                               "broker's" % (status.seq, digest_hex(status.digest)[:12], status.seq, rec))
+        if status.seq == rec.seq:
+            return status
+        if kind == FULL:
+            # A full model needs no chain: numbered after the record, it replaces the lost one.
+            log.warning("model %s: the broker has lost versions %d .. %d (it announces %s)", self.model,
+                        status.seq + 1, rec.seq, "version %d" % status.seq if status.seq else "nothing")
+            return rec.status()
+        return await self._republish(client, status)
+
+    async def _republish(self, client, status):
+        rec = self.record
+        missing = rec.missing_bitstreams()
+        if missing:
+            raise PublishError("the broker has lost versions %d .. %d of model %s, and this host has no copy of "
+                               "version%s %s to publish them again: publish a full model"
+                               % (status.seq + 1, rec.seq, self.model, "s" if len(missing) > 1 else "",
+                                  _ranges(missing)))
+        log.warning("model %s: the broker has lost versions %d .. %d: publishing versions %d .. %d again from %s",
+                    self.model, status.seq + 1, rec.seq, rec.versions[0].seq, rec.seq, rec.directory)
+        parent = (0, NO_DIGEST)
+        for v in rec.versions:
+            data = rec.bitstream(v)
+            if hashlib.sha256(data).digest() != v.digest:
+                raise PublishError("the copy of version %d in %s is damaged: publish a full model"
+                                   % (v.seq, rec.directory))
+            digest, payloads = self._messages(v.kind, v.seq, self.bodies(data), *parent)
+            if digest != v.digest:  # devices know each version by its digest: the units must stay as they were
+                raise PublishError("version %d cannot be published again in messages of at most %d bytes: its NNR "
+                                   "units were cut for larger ones (use the --max-message-bytes it was published "
+                                   "with)" % (v.seq, self.max_message_bytes))
+            await self._put_all(client, [(self.topics.data(v.seq, i), p) for i, p in enumerate(payloads)])
+            v.count = len(payloads)
+            parent = (v.seq, v.digest)
+        restored = rec.status()
+        await self._put(client, self.topics.status, restored.payload())
+        return restored
+
+    def _check_continues(self, plan, job):
+        """For an update, the digest of the model it makes (from its update record; None without one).
+        PublishError unless the record says it applies to the current version's model."""
+        if plan.kind == FULL:
+            return None
+        rec = self.record
+        for v in rec.versions:
+            if v.digest == plan.digest:
+                raise _published_already(v.seq)
+        info = job.info
+        if info is None:
+            log.warning("model %s: the update carries no update record: whether it applies to version %d "
+                        "cannot be checked", self.model, plan.parent_status.seq)
+            return None
+        current = self._model_digest(rec.top)
+        if current is None:
+            log.warning("model %s: the model of version %d is not known to this host (record %s): whether the "
+                        "update applies to it cannot be checked", self.model, rec.seq, rec)
+        elif info.result == current:
+            raise _published_already(rec.seq, " (it makes that version's model)")
+        elif info.parent != current:
+            raise PublishError("this update (record: update %d) applies to %s, not to the model of the current "
+                               "version %d (%s): make it from that model (nnc-edge update --base)"
+                               % (info.sequence, self._describe_model(info.parent), rec.seq,
+                                  digest_hex(current)[:12]))
+        return info.result
+
+    def _describe_model(self, digest):
+        for v in self.record.versions:
+            if v.model == digest:
+                return "the model of version %d (%s)" % (v.seq, digest_hex(digest)[:12])
+        return "a model this host has not published (%s)" % digest_hex(digest)[:12]
+
+    def _model_digest(self, version):
+        """The digest of the model a version makes: recorded, or read once from its kept bitstream
+        (a full model decoded, an update's record) and recorded."""
+        if version.model is None and self.record.has_bitstream(version.digest):
+            data = self.record.bitstream(version)
+            if version.kind == FULL:
+                from nnc_edge import decode
+                from nnc_edge.updates import model_digest
+                version.model = model_digest(decode(data))
+            else:
+                info = _update_info(data)
+                version.model = info.result if info is not None else None
+            self.record.save()
+        return version.model
+
+    # --- sending -------------------------------------------------------------------------------
     async def _send(self, client, plan):
         pending = Status(self.model, plan.parent_status.seq, plan.parent_status.digest, plan.parent_status.full_seq,
                          plan.parent_status.counts, (plan.seq, plan.digest, len(plan.payloads)))
@@ -395,6 +569,29 @@ class Publisher:
                 await asyncio.gather(*inflight, return_exceptions=True)
 
 
+class _Job:
+    """One call of Publisher.publish: the bitstream's message bodies, and, once known, its plan, its
+    update record (``info``) and the digest of the model it makes (``result``)."""
+
+    def __init__(self, bodies, kind, seq):
+        self.bodies = bodies
+        self.kind = kind
+        self.seq = seq
+        self.plan = None
+        self.info = None
+        self.result = None
+
+
+def _published_already(seq, how=""):
+    return PublishError("this update was published already, as version %d%s: devices have applied it, and would "
+                        "refuse it again" % (seq, how))
+
+
+def _update_info(bitstream):
+    from nnc_edge.updates import read_update_info
+    return read_update_info(bytes(bitstream))
+
+
 class _Plan:
     def __init__(self, kind, seq, digest, payloads, parent_status, status):
         self.kind = kind
@@ -427,6 +624,59 @@ def _forget_disconnect(client):
     future = getattr(client, "_disconnected", None)
     if future is not None and future.done() and not future.cancelled():
         future.exception()
+
+
+async def _unless_disconnected(client, coro):
+    """Await ``coro``, but raise aiomqtt.MqttError as soon as the connection drops: aiomqtt's
+    publish waits for the acknowledgement (``timeout``, 20 s by default), not for the disconnect,
+    and devices whose gap timeout is shorter would give the publication up meanwhile."""
+    import aiomqtt
+    work = asyncio.ensure_future(coro)
+    lost = client._disconnected  # aiomqtt's own iterator of messages races the same future
+    try:
+        await asyncio.wait((work, lost), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    if not work.cancelled():
+        return work.result()
+    cause = lost.exception() if lost.done() and not lost.cancelled() else None
+    raise aiomqtt.MqttError("the connection to the broker was lost%s" % (": %s" % cause if cause else "")) from cause
+
+
+@contextlib.contextmanager
+def _quiet_socket_races(loop):
+    """Drop one harmless asyncio error while in the block: aiomqtt registers paho's socket with the
+    event loop through call_soon_threadsafe, and when paho closed the socket in between (a lost
+    connection), asyncio logs "Exception in callback ... add_writer(...)" with a traceback for
+    "Bad file descriptor". Other errors go to the handler that was there before."""
+    previous = loop.get_exception_handler()
+    if getattr(previous, "quiet_socket_races", False):
+        yield
+        return
+
+    def handler(loop, context):
+        if _socket_race(context):
+            log.debug("ignored: %s", context.get("message"))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+    handler.quiet_socket_races = True
+    loop.set_exception_handler(handler)
+    try:
+        yield
+    finally:
+        if loop.get_exception_handler() is handler:
+            loop.set_exception_handler(previous)
+
+
+def _socket_race(context):
+    exc = context.get("exception")
+    callback = getattr(context.get("handle"), "_callback", None)
+    closed = (isinstance(exc, OSError) and exc.errno == errno.EBADF) or isinstance(exc, ValueError)  # fd -1
+    return closed and getattr(callback, "__name__", None) in ("add_reader", "add_writer")
 
 
 def is_mqtt_error(exc):
@@ -579,10 +829,17 @@ class Receiver:
     """The device's side of the protocol, independent of the MQTT connection (``run_receiver``
     drives it): feed it the messages of the status topic and of ``subscription()``.
 
-    ``applied`` lists (seq, kind, bytes, seconds from first message to model written) per
-    publication applied; ``events`` the reasons for everything refused or abandoned.
+    ``applied`` lists (seq, kind, bytes, seconds from first message to model written) of the last
+    publications applied; ``events`` the last reasons for what was refused or abandoned.
     ``verify(envelope)`` (e.g. a signature check of the extension field) runs on the first message
     of each publication, before anything of it is used; an NNCError from it refuses the publication.
+
+    Anyone who can publish to the broker can send anything: whatever one message makes go wrong is
+    logged and the message dropped (``handle``), and what is remembered about refused messages is
+    bounded (MAX_REMEMBERED publications, MAX_EVENTS events). A refusal never moves the device to an
+    older version: it keeps its model until a publication it can apply arrives (a new full model,
+    or another publication of the next version), and says so every ``gap_timeout`` while the status
+    announces a version it does not have.
     """
 
     def __init__(self, store, prefix=DEFAULT_PREFIX, gap_timeout=DEFAULT_GAP_TIMEOUT,
@@ -600,20 +857,22 @@ class Receiver:
         self.on_current = on_current
         self.status = None
         self.target = None
-        self.diverged = False     # the device's version is not on the publisher's chain
+        self.diverged = False     # the status shows that the device's version is not on the publisher's chain
         self.resubscribe = False  # subscribe to the target again to have its retained messages re-sent
         self.subscribed = None    # the data topic filter run_receiver has subscribed to (acknowledged)
         self.connected = False    # run_receiver is connected and subscribed to the status
-        self.refused = set()      # digests of publications whose content was refused
-        # (digest, ext) of publications verify() refused: an unsigned or forged copy of a bitstream
-        # must not make the device ignore the genuine signed publication of the same bytes.
-        self.unverified = set()
-        self.deferred = {}        # digest -> clock: failed here (disk, model file), not retried before
+        self.refused = _Bounded(MAX_REMEMBERED)     # _identity() of publications refused for good
+        # Those verify() refused: an unsigned or forged copy of a bitstream must not make the device
+        # ignore the genuine signed publication of the same bytes (its extension differs).
+        self.unverified = _Bounded(MAX_REMEMBERED)
+        self.deferred = _Bounded(MAX_REMEMBERED)    # digest -> clock: failed here (disk, ...), left alone until
+        self.blocked = None       # (seq, digest, reason) of the last publication refused
+        self.behind_since = None  # clock reading: since then the device lags the status and nothing arrives
         self.assembly = None
         self.writer = None
         self.started = None
-        self.applied = []
-        self.events = []
+        self.applied = _Recent(maxlen=MAX_EVENTS)
+        self.events = _Recent(maxlen=MAX_EVENTS)
         self.target = self._next_target()
 
     @property
@@ -663,12 +922,42 @@ class Receiver:
 
     # --- input ---------------------------------------------------------------------------------
     async def handle(self, topic, payload):
-        if topic == self.topics.status:
-            self.on_status(payload)
-            return
-        where = self.topics.parse_data(topic)
-        if where is not None:
-            await self.on_data(where[0], where[1], payload)
+        """Act on one message of the status or data topic. Whatever goes wrong is logged and the
+        message dropped: no topic, status or envelope may end the service. (Cancellation and
+        KeyboardInterrupt are not Exceptions: they still stop it.)"""
+        try:
+            if topic == self.topics.status:
+                self.on_status(payload)
+                return
+            where = self.topics.parse_data(topic)
+            if where is not None:
+                await self.on_data(where[0], where[1], payload)
+        except Exception as exc:
+            self._unexpected("the message on %s" % envelope.excerpt(topic, 120, quote=False), exc)
+
+    def tick(self):
+        """Act on a gap: after ``gap_timeout`` seconds without progress, subscribe again so that the
+        broker re-sends the retained messages; after another ``gap_timeout``, abandon. Retry
+        publications that failed for a local reason once their pause is over, and report a
+        device that cannot reach the announced version."""
+        try:
+            now = self.clock()
+            self._retry_deferred(now)
+            self._check_gap(now)
+            self._report_lag(now)
+        except Exception as exc:
+            self._unexpected("the gap check", exc)
+
+    def _unexpected(self, what, exc):
+        # A bug, or an input nobody foresaw: the traceback is for the report; the publication being
+        # assembled may be half-fed to its writer, so it is dropped (and retried after a pause).
+        log.error("model %s: %s raised %s: %s; ignored", self.model, what, type(exc).__name__, _reason(exc),
+                  exc_info=exc)
+        self.events.append("%s raised %s" % (what, type(exc).__name__))
+        try:
+            self._abandon("%s raised %s" % (what, type(exc).__name__), refuse=None)
+        except Exception:  # the writer's cleanup failed too; the assembly is dropped all the same
+            log.exception("model %s: dropping the publication being assembled failed", self.model)
 
     def on_status(self, payload):
         if not payload:
@@ -677,7 +966,7 @@ class Receiver:
             try:
                 self.status = envelope.parse_status(payload, self.model)
             except NNCError as exc:
-                self._event("warning", "ignored status of model %s: %s" % (self.model, exc))
+                self._event("warning", "ignored status of model %s: %s" % (self.model, _reason(exc)))
                 return
         a = self.assembly
         if a is not None:
@@ -703,14 +992,16 @@ class Receiver:
         try:
             env = envelope.parse(payload)
         except NNCError as exc:
-            self._event("warning", "ignored message %s: %s" % (self.topics.data(seq, index), exc))
+            self._event("warning", "ignored message %s: %s" % (self.topics.data(seq, index), _reason(exc)))
             return
         if env.model != self.model or env.seq != seq or env.index != index:
-            self._event("warning", "ignored message %s: its envelope says model %r, version %d, message %d"
-                        % (self.topics.data(seq, index), env.model, env.seq, env.index))
+            self._event("warning", "ignored message %s: its envelope says model %s, version %d, message %d"
+                        % (self.topics.data(seq, index), envelope.excerpt(env.model), env.seq, env.index))
             return
-        if (seq != self.target or env.digest in self.refused or (env.digest, env.ext) in self.unverified
-                or self.clock() < self.deferred.get(env.digest, 0)):
+        if seq != self.target or self.clock() < self.deferred.get(env.digest, 0):
+            return
+        identity = _identity(env)
+        if identity in self.refused or identity in self.unverified:
             return
         announced = self._announced(seq)
         if announced is not None and announced != env.digest:
@@ -727,7 +1018,7 @@ class Receiver:
             try:
                 self.writer = self.store.begin(env)
             except (OSError, ValueError) as exc:
-                self._abandon("cannot start writing %s: %s" % (self.store.path, exc), refuse=None)
+                self._abandon("cannot start writing %s: %s" % (self.store.path, _reason(exc)), refuse=None)
                 return
         confirmed = False  # the bytes received are those the digest names
         try:
@@ -745,13 +1036,11 @@ class Receiver:
             # genuine envelope: refusing their digest would make the device ignore the real publication.
             # Not refused for good, then retried after a pause: the retained copies that come again on
             # resubscribing could be the same bad ones, which must not make a busy loop.
-            self._abandon(str(exc), refuse=True if confirmed or self.verify is None else None)
-            if _needs_full_model(exc):
-                self.diverged = True
-                self._retarget()
+            self._abandon(_reason(exc), refuse=True if confirmed or self.verify is None else None)
             return
         except (OSError, ValueError) as exc:  # a full disk, an unreadable model file, ...
-            self._abandon("%s: %s (retrying in %g s)" % (type(exc).__name__, exc, self.gap_timeout), refuse=None)
+            self._abandon("%s: %s (retrying in %g s)" % (type(exc).__name__, _reason(exc), self.gap_timeout),
+                          refuse=None)
             return
         if a.complete:
             self._done(a)
@@ -761,35 +1050,40 @@ class Receiver:
             try:
                 self.verify(env)
             except NNCError as exc:
-                self.unverified.add((env.digest, bytes(env.ext)))
+                self.unverified.add(_identity(env))
                 self._event("warning", "model %s: refused %s: %s; the model stays at %s"
-                            % (self.model, env.describe(), exc, self.store.describe()))
+                            % (self.model, env.describe(), _reason(exc), self.store.describe()))
                 return False
         if env.kind == UPDATE:
             if self.store.version is not None and not os.path.exists(self.store.path):
                 self._event("warning", "model %s: %s has gone: fetching the full model" % (self.model, self.store.path))
                 self.store.version = None
-            cur = self.store.version
-            if cur != (env.parent_seq, env.parent_digest):
-                self.refused.add(env.digest)
-                self._event("warning", "model %s: refused %s: it applies to version %d (%s), the device has %s; "
-                            "fetching the full model" % (self.model, env.describe(), env.parent_seq,
-                                                         digest_hex(env.parent_digest)[:12], self.store.describe()))
-                self.diverged = True
                 self._retarget()
                 return False
+            cur = self.store.version
+            if cur != (env.parent_seq, env.parent_digest):
+                self._refuse(env, "it applies to version %d (%s), the device has %s"
+                             % (env.parent_seq, digest_hex(env.parent_digest)[:12], self.store.describe()))
+                return False
             if env.total > self.max_update_bytes:
-                self.refused.add(env.digest)
-                self._event("warning", "model %s: refused %s: %d bytes, more than the limit of %d"
-                            % (self.model, env.describe(), env.total, self.max_update_bytes))
+                self._refuse(env, "%d bytes, more than the limit of %d" % (env.total, self.max_update_bytes))
                 return False
         return True
+
+    def _refuse(self, env, reason, verb="refused"):
+        """Refuse a publication for good for what it is: it is not retried, and the device stays at
+        its version (going to an older full model would be a step back)."""
+        self.refused.add(_identity(env))
+        self.blocked = (env.seq, env.digest, reason)
+        self._event("warning", "model %s: %s %s: %s; the model stays at %s"
+                    % (self.model, verb, env.describe(), reason, self.store.describe()))
 
     def _done(self, a):
         env = a.first
         seconds = self.clock() - self.started
         tensors = self.writer.tensors
         self.assembly = self.writer = None
+        self.blocked = None
         if env.kind == FULL:
             self.diverged = False
         self.applied.append((env.seq, env.kind, env.total, seconds))
@@ -804,27 +1098,61 @@ class Receiver:
             self.on_applied(env)
         self._check_current()
 
-    def tick(self):
-        """Act on a gap: after ``gap_timeout`` seconds without progress, subscribe again so that the
-        broker re-sends the retained messages; after another ``gap_timeout``, abandon. Retry
-        publications that failed for a local reason once their pause is over."""
-        now = self.clock()
+    # --- the clock -----------------------------------------------------------------------------
+    def _retry_deferred(self, now):
         for digest in [d for d, until in self.deferred.items() if now >= until]:
             del self.deferred[digest]
             self.resubscribe = True
+
+    def _check_gap(self, now):
         a = self.assembly
-        if a is None or self.clock() - a.last_progress <= self.gap_timeout:
+        if a is None or now - a.last_progress <= self.gap_timeout:
             return
         missing = "messages %s of %d missing for %.1f s" % (_ranges(a.missing()), a.first.count,
-                                                           self.clock() - a.last_progress)
+                                                           now - a.last_progress)
         if not a.refetched:
             a.refetched = True
-            a.last_progress = self.clock()
+            a.last_progress = now
             self.resubscribe = True
             log.info("model %s: %s: %s; asking the broker for them again", self.model, a.first.describe(), missing)
         else:
             self._abandon(missing, refuse=False)
 
+    def _report_lag(self, now):
+        """Every ``gap_timeout`` without progress while the status announces a version the device
+        does not have: say which, and why it is not coming."""
+        if self.assembly is not None or not self._lagging():
+            self.behind_since = None
+            return
+        if self.behind_since is None:
+            self.behind_since = now
+            return
+        if now - self.behind_since < self.gap_timeout:
+            return
+        if self._blocked_on_target():
+            why = "version %d was refused (%s); waiting for another publication of it or a new full model" \
+                  % (self.blocked[0], self.blocked[2])
+        else:
+            why = "nothing usable of version %s has arrived for %.0f s" % (self.target, now - self.behind_since)
+        self.behind_since = now
+        self._event("warning", "model %s: the status announces version %d, but the device stays at %s: %s"
+                    % (self.model, self.status.seq, self.store.describe(), why))
+
+    def _blocked_on_target(self):
+        # A refused publication explains the lag unless the status names another one for its version.
+        if self.blocked is None or self.blocked[0] != self.target:
+            return False
+        announced = self._announced(self.target)
+        return announced is None or announced == self.blocked[1]
+
+    def _lagging(self):
+        st = self.status
+        if st is None or not st.seq:
+            return False
+        cur = self.store.version
+        return cur is None or cur[0] < st.seq or (cur[0] == st.seq and cur[1] != st.digest)
+
+    # --- giving up -----------------------------------------------------------------------------
     def _abandon(self, reason, refuse):
         """Drop the publication being assembled. ``refuse``: True for good (its content is bad),
         None for ``gap_timeout`` seconds (a local failure), False not at all: its retained messages
@@ -832,12 +1160,14 @@ class Receiver:
         a = self.assembly
         if a is None:
             return
-        if self.writer is not None:
-            self.writer.abort()
+        writer = self.writer
         self.assembly = self.writer = None
+        if writer is not None:
+            writer.abort()
         if refuse:
-            self.refused.add(a.first.digest)
-        elif refuse is None:
+            self._refuse(a.first, reason, "abandoned")
+            return
+        if refuse is None:
             self.deferred[a.first.digest] = self.clock() + self.gap_timeout
         else:
             self.resubscribe = True
@@ -849,11 +1179,44 @@ class Receiver:
         getattr(log, level)(message)
 
 
-def _needs_full_model(exc):
-    """True for an update refused because the model is not the one it applies to (by content, or
-    without the decoder state its chain needs): only the full model and its chain can help."""
-    from nnc_edge import updates
-    return isinstance(exc, (updates.WrongBaseError, updates.MissingStateError))
+def _reason(exc):
+    # Errors may quote what a message carried (a tensor name, a record): cut for the log.
+    return envelope.excerpt(str(exc), MAX_REASON_CHARS, quote=False)
+
+
+def _identity(env):
+    """What Envelope.same_publication compares, the extension (up to 64 KiB) by its digest: a refusal
+    is of what the envelope says, and a copy that says anything else (another parent, count, total or
+    signature with the same bitstream digest) may be the genuine publication."""
+    return (env.kind, env.seq, env.parent_seq, env.parent_digest, env.count, env.total, env.digest,
+            hashlib.sha256(bytes(env.ext)).digest())
+
+
+class _Recent(deque):
+    """A ring buffer (deque with maxlen) that can also be sliced, like the list it replaces."""
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return list(self)[index]
+        return deque.__getitem__(self, index)
+
+
+class _Bounded(OrderedDict):
+    """A dict (or, with ``add``, a set) of at most ``limit`` keys: adding to a full one forgets the
+    oldest. Forgetting a refusal costs only checking that publication again."""
+
+    def __init__(self, limit):
+        OrderedDict.__init__(self)
+        self.limit = limit
+
+    def __setitem__(self, key, value):
+        OrderedDict.__setitem__(self, key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+    def add(self, key):
+        self[key] = True
 
 
 def _ranges(indices):
@@ -870,8 +1233,13 @@ async def run_receiver(settings, receiver, stop=None, backoff=(1.0, 60.0), tick=
     """Keep the receiver connected until ``stop`` (an asyncio.Event) is set: subscribe to the status
     and to the receiver's data topic, hand it every message, and reconnect after a lost connection
     with exponential backoff."""
-    import aiomqtt
     stop = stop or asyncio.Event()
+    with _quiet_socket_races(asyncio.get_running_loop()):
+        await _keep_connected(settings, receiver, stop, backoff, tick)
+
+
+async def _keep_connected(settings, receiver, stop, backoff, tick):
+    import aiomqtt
     delays = backoff_delays(*backoff)
     while not stop.is_set():
         client = None
