@@ -9,10 +9,14 @@ row-major elements: (name, shape, start, values).
 
 What stays in memory does not depend on the size of a tensor or of a unit: the window, one slice of
 levels and values, the contexts, and the row-skip flags of the current tensor (one byte per row).
-Layouts whose elements are not produced in row-major order come out whole: a tensor coded with a
-topology_tensor_dimension_mapping() (TensorSplit / AxisSwap of several topology elements), and the
-NDUs inside an aggregate unit (NNR_AGG), which is decoded once it has arrived whole. A block scan
-(scan_order > 0) produces whole block rows (4 << scan_order rows), so its slices may hold a block row.
+Three layouts cost more:
+- a block scan (scan_order > 0) produces whole block rows (4 << scan_order rows): a slice may hold
+  a block row, whatever N;
+- a tensor coded with a topology_tensor_dimension_mapping() (TensorSplit / AxisSwap of several
+  topology elements in one NDU) is only known in row-major order once whole: it comes out as one
+  slice per element, and memory follows that tensor;
+- an aggregate unit (NNR_AGG) and every unit other than an NDU is held whole until its last byte
+  (NDUs inside an aggregate unit then come out in slices like any other): memory follows that unit.
 
 Update chains read and write their state per slice through a chain state (MemoryChainState here,
 files elsewhere), so that the TCA base and HDSP history of a tensor need not be in memory either.
@@ -609,22 +613,29 @@ class SliceFramer:
         self._buf = buf
 
     def _whole_unit(self):
+        """A unit other than an NDU, read whole: parameter sets, topology, and aggregate units,
+        whose NDUs are decoded here from the buffered unit, in slices and through the chain state
+        like any other."""
         buf = self._buf
         size = self._size
         self._buf = None
         self._size = 0
-        tensors = self.decoder.decode_unit(buf, 0, size)
-        buf = None
+        jobs = self.decoder.plan_unit(buf, 0, size)
         self.units += 1
-        n = self.n
-        for name, dims, values, _ in tensors:
-            self.tensors += 1
-            shape = tuple(dims)
-            total = len(values)
-            if total == 0:
-                yield (name, shape, 0, values)
-            for lo in range(0, total, n):
-                yield (name, shape, lo, values[lo:lo + n])
+        for job in jobs:
+            self._payload_at = self._start + job.start
+            self._input = PayloadInput(memoryview(job.data)[job.start:job.end])
+            self._input.fill = self._input.received = self._input.total = job.end - job.start
+            self._payload = payload_slices(job.unit, self._context(job.unit, job.ctx), self._input, self.n)
+            yield from self._run()
+            if self._payload is not None:
+                raise NNCError("payload decoding stopped before the end of its data", self._payload_at,
+                               "nnr_compressed_data_unit_payload")
+
+    def _context(self, unit, ctx):
+        ctx.chain = self.chain if unit.parent_signalling else None
+        ctx.slice_buffers = self.buffers
+        return ctx
 
     def _begin_payload(self, unit):
         decoder = self.decoder
@@ -638,9 +649,7 @@ class SliceFramer:
                 decoder._interrupted(unit)
             first = True
         if first:
-            ctx = decoder.payload_context(unit)
-            ctx.chain = self.chain if unit.parent_signalling else None
-            ctx.slice_buffers = self.buffers
+            ctx = self._context(unit, decoder.payload_context(unit))
             self._input = PayloadInput(self.buffers.window(self.window))
             self._payload = payload_slices(unit, ctx, self._input, self.n)
             self._payload_at = self._start + start

@@ -181,3 +181,33 @@ def test_iter_feed_reuse_overwrites_one_array_per_typecode(backend):
     assert len(arrays) == 1  # every full-size slice came in the same array
     for key in ref:
         assert np.array_equal(np.concatenate(got[key]).view(np.uint32), ref[key].reshape(-1).view(np.uint32))
+
+
+def _in_aggregate(data, first, last):
+    """``data`` with its units first..last-1 moved into one NNR_AGG unit."""
+    from decoder_core.decoder import unit_spans
+    from nnc_edge import unitwriter
+    spans = list(unit_spans(data))
+    agg = unitwriter.aggregate_unit([data[s:e] for s, e in spans[first:last]])
+    return data[:spans[first][0]] + agg + data[spans[last - 1][1]:]
+
+
+def test_aggregate_units_come_out_in_slices(backend):
+    stream = _in_aggregate(read_vector("p1_model_dict"), 3, 5)
+    got = collect(StreamDecoder(slice_elements=7), stream, 100, 7)
+    assert_same(got, expected_tensors("p1_model_dict"), "agg")
+
+
+def test_aggregate_units_of_a_chain_use_the_chain_state(backend):
+    # The NDUs of every step inside an NNR_AGG: their TCA bases and history still go through the
+    # chain object (a file-backed one on a device), not the decoder's own dicts.
+    names = [c for c in CASES if c[0].startswith("p1_tca")][0][1]
+    chain = MemoryChainState()
+    dec = StreamDecoder(slice_elements=50, chain=chain)
+    for name in names:
+        data = read_vector(name)
+        from decoder_core.decoder import unit_spans
+        units = len(list(unit_spans(data)))
+        got = collect(dec, _in_aggregate(data, units - 2, units), 64, 50)
+        assert_same(got, expected_tensors(name), name)
+    assert chain.bases and not dec.decoder.bases
