@@ -470,28 +470,41 @@ class TensorSteps:
         hi = self.hi
         base = self.base
         hist = self.hist
-        safe = engine.safe
         state = 0
         nb = 0
-        dd = engine.decode_decision
-        byp = engine.decode_bypass
         trans = StateTransTab
         # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
         skip_trans = list(range(8))
         for _ in range(w % 4 if w % 4 else 4):
             skip_trans = [trans[s][0] for s in skip_trans]
+        # The engine's registers live in locals here (supplement 1.10's scaled form, as in
+        # ArithmeticDecoder): a bytecode interpreter looks up an attribute or a global by name and a
+        # local by index, and this loop runs for every parameter. They go back into the engine at
+        # every yield and wherever engine methods run.
+        lps_tab = RangeTabLps
+        renorm = _RENORM
+        curve = CurveTab
+        data = engine.data
+        p = engine.p
+        end = engine.end
+        safe = engine.safe
+        rng = engine.range
+        value = engine.value
+        bn = engine.bits_needed
         block_row = 0
         for by in range(0, h, bh):
             if by > 0 and use_eps:
                 j = ep_first + block_row - 1
                 if j >= len(ep_bits):
-                    raise NNCError("entry point %d missing from the NDU header" % j, engine.p, "cabac_offset_list")
+                    raise NNCError("entry point %d missing from the NDU header" % j, p, "cabac_offset_list")
                 sum_offset += ep_bits[j]
                 pointer = bit_pointer + sum_offset
+                engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
                 for status in _reach_entry_point(engine, pointer, j):
                     yield status
                 engine.set_entry_point(ep_offsets[j], pointer, j)
-                safe = engine.safe
+                p, end, safe = engine.p, engine.end, engine.safe
+                rng, value, bn = engine.range, engine.value, engine.bits_needed
                 if dq:
                     state = ep_states[j]
                 _reset(contexts, ids)
@@ -510,84 +523,144 @@ class TensorSteps:
                     row = y * w
                     for x in range(bx, x_end):
                         pos = row + x
-                        while pos >= hi:
-                            # Only in a raster scan: windows may end anywhere.
-                            self.nbins = nbins
-                            yield WINDOW_DONE
-                            out = self.out
-                            lo = self.lo
-                            hi = self.hi
-                            base = self.base
-                            hist = self.hist
-                        if engine.p > safe:
+                        if pos >= hi or p > safe:
+                            engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
+                            while pos >= hi:
+                                # Only in a raster scan: windows may end anywhere.
+                                self.nbins = nbins
+                                yield WINDOW_DONE
+                                out = self.out
+                                lo = self.lo
+                                hi = self.hi
+                                base = self.base
+                                hist = self.hist
                             while engine.p > engine.safe:
                                 yield NEED_INPUT
-                            safe = engine.safe
+                            data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
                         if nbins > max_bins:
                             raise _too_many_bins(max_bins, engine)
                         if tca:
                             bv = base[pos - lo]
                         else:
                             bv = 0
-                        nbins += 1
-                        # sig_flag (2.4)
+                        # sig_flag (2.4), then sign_flag, abs_level_greater_x[j] and
+                        # abs_level_greater_x2[j] (2.2): one decision site for all of them, phase
+                        # ``ph`` says which bin it is, and each phase picks the next context.
                         if hdsp_lookup and hist[pos - lo]:
                             c = sig_hdsp[state]
                         elif bv:
                             c = sig_tca[2 * state + (1 if bv > 1 or bv < -1 else 0)]
                         else:
                             c = sig[3 * state + (0 if nb == 0 else (1 if nb < 0 else 2))]
-                        if not dd(c):
+                        ph = 0
+                        while True:
+                            # 1.5-1.7: decode_decision(c)
+                            s0 = c[0]
+                            s1 = c[1]
+                            pq = 16 * s0 + s1
+                            t = pq >> 7
+                            lps = lps_tab[(rng & 0xE0) + (t if t >= 0 else -t)]
+                            rng -= lps
+                            t = rng << 7
+                            if value < t:
+                                b = 1 if pq >= 0 else 0
+                                if rng < 256:
+                                    rng <<= 1
+                                    value <<= 1
+                                    bn += 1
+                                    if bn == 0:
+                                        if p >= end:
+                                            raise _past_end(p)
+                                        bn = -8
+                                        value += data[p]
+                                        p += 1
+                            else:
+                                b = 0 if pq >= 0 else 1
+                                t = renorm[lps]
+                                value = (value - (rng << 7)) << t
+                                rng = lps << t
+                                bn += t
+                                if bn >= 0:
+                                    if p >= end:
+                                        raise _past_end(p)
+                                    value += data[p] << bn
+                                    p += 1
+                                    bn -= 8
+                            if b:
+                                c[0] = s0 + (curve[16 + (s0 >> 3)] >> c[2])
+                                c[1] = s1 + (curve[16 + (s1 >> 7)] >> c[3])
+                            else:
+                                c[0] = s0 - (curve[16 + ((-s0) >> 3)] >> c[2])
+                                c[1] = s1 - (curve[16 + ((-s1) >> 7)] >> c[3])
+                            nbins += 1
+                            if ph == 0:
+                                # sig_flag
+                                if not b:
+                                    break
+                                if sign_coded:
+                                    c = sign_tca[0 if bv < 0 else 1] if bv else sign[0 if nb == 0 else (1 if nb < 0 else 2)]
+                                    ph = 1
+                                    continue
+                                s = 1 if Z != 0 else 0
+                            elif ph == 1:
+                                s = b
+                            elif ph == 2:
+                                q += b
+                                j += 1
+                                if b and j < N and not (cb and q >= limit):
+                                    c = gtx_tca[2 * j + (0 if absb >= j else 1)] if bv else gtx[2 * j + s]
+                                    continue
+                                if b and (not cb or q < limit):
+                                    ph = 3
+                                    j = 0
+                                    c = gtx2[0]
+                                    continue
+                                break
+                            else:
+                                if b:
+                                    q += 1 << rem_bits
+                                    rem_bits += 1
+                                j += 1
+                                if b and j <= 30 and not (cb and q + (1 << rem_bits) > limit):
+                                    c = gtx2[j]
+                                    continue
+                                break
+                            # The sign is known: the magnitude's bins follow.
+                            ph = 1
+                            q = 1
+                            rem_bits = 0
+                            limit = (Z if s else S - 1 - Z) if cb else 0
+                            if cb and limit <= 1:
+                                break
+                            absb = bv if bv >= 0 else -bv
+                            j = 0
+                            c = gtx_tca[0 if absb >= 0 else 1] if bv else gtx[s]
+                            ph = 2
+                        if ph == 0:
                             if dq:
                                 state = trans[state][0]
                             nb = 0
                             continue
-                        # sign_flag
-                        if not sign_coded:
-                            s = 1 if Z != 0 else 0
-                        elif bv:
-                            s = dd(sign_tca[0 if bv < 0 else 1])
-                            nbins += 1
-                        else:
-                            s = dd(sign[0 if nb == 0 else (1 if nb < 0 else 2)])
-                            nbins += 1
-                        q = 1
-                        if cb:
-                            limit = Z if s else S - 1 - Z
-                        else:
-                            limit = 0
-                        if not cb or limit > 1:
-                            # abs_level_greater_x[j]
-                            absb = bv if bv >= 0 else -bv
-                            j = 0
-                            while True:
-                                if bv:
-                                    g = dd(gtx_tca[2 * j + (0 if absb >= j else 1)])
+                        if ph == 3 and rem_bits:
+                            # abs_remainder: rem_bits bypass bins (1.8)
+                            nbins += rem_bits
+                            r = 0
+                            t = rng << 7
+                            for _ in range(rem_bits):
+                                value <<= 1
+                                bn += 1
+                                if bn >= 0:
+                                    if p >= end:
+                                        raise _past_end(p)
+                                    bn = -8
+                                    value += data[p]
+                                    p += 1
+                                if value >= t:
+                                    value -= t
+                                    r = (r << 1) | 1
                                 else:
-                                    g = dd(gtx[2 * j + s])
-                                q += g
-                                j += 1
-                                if not g or j >= N or (cb and q >= limit):
-                                    break
-                            nbins += j
-                            if g and (not cb or q < limit):
-                                # abs_level_greater_x2 (exp-Golomb prefix) and abs_remainder
-                                rem_bits = 0
-                                j = 0
-                                while True:
-                                    g = dd(gtx2[j])
-                                    if g:
-                                        q += 1 << rem_bits
-                                        rem_bits += 1
-                                    j += 1
-                                    if not g or j > 30 or (cb and q + (1 << rem_bits) > limit):
-                                        break
-                                nbins += j + rem_bits
-                                if rem_bits:
-                                    r = 0
-                                    for _ in range(rem_bits):
-                                        r = (r << 1) | byp()
-                                    q += r
+                                    r <<= 1
+                            q += r
                         k = -q if s else q
                         if dq:
                             st = state
@@ -597,10 +670,11 @@ class TensorSteps:
                             else:
                                 k = 2 * k
                         if k > _INT32_MAX or k < _INT32_MIN:
-                            raise NNCError("decoded level %d does not fit in 32 bits" % k, engine.p, "int_param()")
+                            raise NNCError("decoded level %d does not fit in 32 bits" % k, p, "int_param()")
                         out[pos - lo] = k if value_of is None else value_of(k)
                         nb = k
             if block_scan and y_end * w >= hi and y_end < h:
+                engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
                 self.nbins = nbins
                 yield WINDOW_DONE
                 out = self.out
@@ -608,12 +682,18 @@ class TensorSteps:
                 hi = self.hi
                 base = self.base
                 hist = self.hist
+                data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
+        engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
         if nbins > max_bins:
             raise _too_many_bins(max_bins, engine)
         self.nbins = nbins
         while True:
             # The last windows (after skipped rows, several may be left).
             yield WINDOW_DONE
+
+
+def _past_end(p):
+    return NNCError("arithmetic-coded data runs past the end of the NNR unit", p, "ae(v)")
 
 
 def _reach_entry_point(engine, pointer, j):
