@@ -1,35 +1,46 @@
-"""Peak memory of streaming decoding: MiniLM from a file into a .safetensors sink, against NNCodec.
+"""Peak memory and time of ``nnc-edge decode --stream``: whole tensors against slices, and NNCodec.
 
-    python benchmarks/stream_memory.py [--reference-venv /tmp/refvenv] [--chunk-size 65536]
+    python benchmarks/stream_memory.py [--reference-venv /tmp/refvenv] [--chunk-size 65536] [--repeat 3]
 
-Every measurement runs in a fresh process. The baseline is the process's RSS after its imports;
-the peak RSS is reset to it (Linux: /proc/self/clear_refs) and read back (VmHWM) after decoding,
-so "growth" is what decoding added at its worst moment. Measured:
+Every measurement runs in a fresh process. The baseline is the process's RSS after ``import
+nnc_edge``; the peak RSS is reset to it (Linux: /proc/self/clear_refs) and read back (VmHWM) after
+the command, so "growth" is what the command added at its worst moment, including the modules the
+command line imports (column "cli": the RSS they add before decoding starts). Measured, each
+``--repeat`` times (the table shows the run with the least wall time; wall and CPU seconds are of
+``nnc_edge.cli.main``, after the imports):
 
-- nnc-edge: nnc_edge.iter_decode(path) into nnc_edge.sinks.SafetensorsSink, for the MiniLM stream
-  (benchmarks/_minilm.py, NNCodec qp -32 with DQ) and for a model twice as large (the same NDUs
-  twice, the second copy renamed with nnc_edge.unitwriter), to show the growth follows the largest
-  tensor, not the model;
-- NNCodec 2.1.3 ``nnc.decompress(path)`` on the same two streams, in the reference venv;
-- ``import nnc_edge``: RSS of a fresh interpreter after the import.
+- ``nnc-edge decode IN -o OUT.safetensors --stream --slice-elements 0``: today's whole-unit path,
+  each tensor whole once its NNR unit is complete;
+- ``nnc-edge decode IN -o OUT.safetensors --stream``: slice mode (nnc_edge.streaming
+  DEFAULT_SLICE_ELEMENTS per slice), each slice written straight into the sink;
+- NNCodec 2.1.3 ``nnc.decompress(path)`` in the reference venv (its baseline: after its imports);
 
-Target (issue 5): growth <= 1.5 x the largest tensor (44.7 MiB for MiniLM) + 16 MiB; import < 60 MB.
+for two streams: MiniLM (benchmarks/_minilm.py, NNCodec qp -32 with DQ) and a synthetic MiniLM
+whose word embeddings are [120000, 384], 4 x the largest tensor, by np.resize of the real table,
+encoded by nnc_edge.encode (qp -32, DQ, no raw floats, so that NNCodec decodes it too).
+
+Targets (issue 15): slice mode grows peak RSS by at most 24 MB over ``import nnc_edge`` for both
+streams, and takes at most 10 % more time than the whole-unit path. The two paths' outputs are
+checked to be byte-identical, and MiniLM's to equal nnc_edge.decode.
 
 Recorded on the development machine (x86_64, CPython 3.11.7, Cython backend, 2 cores shared with
-other jobs, so the times vary):
+other jobs: wall times vary by a factor of 2, CPU times by about 10 %), ``--repeat 5``:
 
-    stream:   all-minilm-l6-v2_qp-32_dq_scan0_v2.nnc (13.4 MiB); x2: all-minilm-l6-v2_qp-32_dq_scan0_v2_x2.nnc (26.7 MiB)
-    largest tensor: embeddings.word_embeddings.weight [30522, 384] float32, 44.7 MiB
-    target: peak RSS growth <= 1.5 x 44.7 MiB + 16 MiB = 83.1 MiB
+    MiniLM:    all-minilm-l6-v2_qp-32_dq_scan0_v2.nnc (13.4 MiB); largest tensor embeddings.word_embeddings.weight [30522, 384] float32, 44.7 MiB
+    MiniLM 4x: minilm-embeddings-120000x384_qp-32_dq_v1.nnc (33.5 MiB); largest tensor embeddings.word_embeddings.weight [120000, 384] float32, 175.8 MiB
+    targets: slice mode peak RSS growth <= 24 MB (22.9 MiB) over import nnc_edge; time <= 1.10 x whole tensors
 
-    decoder                          model      tensors  baseline      peak    growth x tensor     time
-    nnc-edge stream -> .safetensors  MiniLM         104  29.7 MiB  81.3 MiB  51.6 MiB     1.15   3.70 s
-    NNCodec 2.1.3 decompress         MiniLM         104 411.3 MiB 600.4 MiB 189.1 MiB     4.23   4.74 s
-    nnc-edge stream -> .safetensors  MiniLM x2      208  29.6 MiB  81.7 MiB  52.1 MiB     1.17   6.90 s
-    NNCodec 2.1.3 decompress         MiniLM x2      208 411.8 MiB 788.1 MiB 376.2 MiB     8.41  12.39 s
+    decoder                            model      tensors  baseline       cli       peak     growth     wall      cpu
+    nnc-edge --stream, whole tensors   MiniLM         104  30.2 MiB  14.8 MiB   96.7 MiB   66.4 MiB   3.72 s   1.72 s
+    nnc-edge --stream, slices          MiniLM         104  30.3 MiB  14.7 MiB   47.1 MiB   16.8 MiB   3.58 s   1.60 s
+    NNCodec 2.1.3 decompress           MiniLM         104 411.2 MiB   0.0 MiB  599.4 MiB  188.2 MiB   5.03 s   2.16 s
+    nnc-edge --stream, whole tensors   MiniLM 4x      104  30.3 MiB  14.8 MiB  247.8 MiB  217.5 MiB   8.86 s   4.39 s
+    nnc-edge --stream, slices          MiniLM 4x      104  30.3 MiB  14.8 MiB   46.2 MiB   15.9 MiB   7.28 s   4.04 s
+    NNCodec 2.1.3 decompress           MiniLM 4x      104 410.5 MiB   0.0 MiB  881.5 MiB  471.0 MiB   8.75 s   5.64 s
 
-    nnc-edge growth: 52.1 MiB at most -> within the target of 83.1 MiB
-    import nnc_edge: RSS 28.8 MiB (bare interpreter 13.4 MiB) -> under 60 MB
+    MiniLM:    slice mode grows 16.8 MiB (14.7 MiB of it the command line's imports) -> within the target; time 0.96 x whole tensors (wall), 0.93 x (cpu) -> within
+    MiniLM 4x: slice mode grows 15.9 MiB (14.8 MiB of it the command line's imports) -> within the target; time 0.82 x whole tensors (wall), 0.92 x (cpu) -> within
+    import nnc_edge: RSS 30.2 MiB (bare interpreter 10.7 MiB)
 """
 
 import argparse
@@ -67,27 +78,22 @@ def _reset_peak():
 
 _OURS = _PROBE + r"""
 import json, sys, time
-sys.path.insert(0, sys.argv[4])
+sys.path.insert(0, sys.argv[1])
 import nnc_edge
-from nnc_edge.sinks import SafetensorsSink
-src, dst, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
-largest = [0, None, None]
-
-def watch(items):
-    for item in items:
-        if item[1].nbytes > largest[0]:
-            largest[:] = [item[1].nbytes, item[0], list(item[1].shape)]
-        yield item
-        item = None
-
 base = _status("VmRSS")
 reset = _reset_peak()
+from nnc_edge import cli
+cli.build_parser()  # imports every subcommand's module, as the command does first
+imports = _status("VmRSS")
+cpu = time.process_time()
 start = time.perf_counter()
-with SafetensorsSink(dst) as sink:
-    count = sink.write_all(watch(nnc_edge.iter_decode(src, chunk)))
+status = cli.main(sys.argv[2:])
 elapsed = time.perf_counter() - start
-print(json.dumps({"base": base, "peak": _status("VmHWM"), "reset": reset, "seconds": elapsed,
-                  "tensors": count, "largest": largest}))
+cpu = time.process_time() - cpu
+if status:
+    raise SystemExit("nnc-edge %s exited with %d" % (" ".join(sys.argv[2:]), status))
+print(json.dumps({"base": base, "imports": imports, "peak": _status("VmHWM"), "reset": reset, "seconds": elapsed,
+                  "cpu": cpu}))
 """
 
 _NNCODEC = _PROBE + r"""
@@ -95,11 +101,13 @@ import json, sys, time
 from nncodec import nnc
 base = _status("VmRSS")
 reset = _reset_peak()
+cpu = time.process_time()
 start = time.perf_counter()
 params = nnc.decompress(sys.argv[1])
 elapsed = time.perf_counter() - start
-print(json.dumps({"base": base, "peak": _status("VmHWM"), "reset": reset, "seconds": elapsed,
-                  "tensors": len(params), "parameters": int(sum(v.size for v in params.values()))}))
+cpu = time.process_time() - cpu
+print(json.dumps({"base": base, "imports": base, "peak": _status("VmHWM"), "reset": reset, "seconds": elapsed,
+                  "cpu": cpu, "tensors": len(params)}))
 """
 
 _IMPORT = _PROBE + r"""
@@ -110,6 +118,11 @@ import nnc_edge
 print(json.dumps({"bare": bare, "rss": _status("VmRSS"), "peak": _status("VmHWM")}))
 """
 
+TARGET_GROWTH = 24e6   # bytes: "24 MB"
+TARGET_SLOWDOWN = 1.10
+LARGE_ROWS = 120000
+EMBEDDINGS = "embeddings.word_embeddings.weight"
+
 
 def run_child(python, code, *args):
     out = subprocess.run([python, "-c", code] + [str(a) for a in args], check=True, stdout=subprocess.PIPE,
@@ -117,39 +130,22 @@ def run_child(python, code, *args):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def doubled_stream(path):
-    """The MiniLM stream with its NDUs repeated under the names "copy2.<name>": one bitstream
-    (STR, MPS, TPL, 2 x 104 NDUs) of a model twice as large. Cached next to the original."""
-    out = os.path.splitext(path)[0] + "_x2.nnc"
+def large_stream():
+    """MiniLM with its word embeddings resized to [LARGE_ROWS, 384] (rows repeated), encoded by
+    nnc_edge.encode with MiniLM's recipe (qp -32, DQ); raw floats off so that NNCodec 2.1.3 decodes
+    it. Cached next to the MiniLM stream."""
+    out = os.path.join(_minilm.cache_dir(), "minilm-embeddings-%dx384_qp%d_dq_v1.nnc" % (LARGE_ROWS, _minilm.QP))
     if os.path.exists(out):
         return out
-    from decoder_core.tables import NNR_NDU
-    from decoder_core.units import ParserState, parse_unit
-    from nnc_edge import unitwriter
+    import numpy as np
+    import nnc_edge
+    from nnc_edge import modelio
 
-    with open(path, "rb") as f:
-        data = f.read()
-    state = ParserState()
-    head, ndus, renamed = [], [], []
-    offset = 0
-    while offset < len(data):
-        unit = parse_unit(data, offset, len(data), state)
-        raw = data[offset:offset + unit.nnr_unit_size]
-        if unit.nnr_unit_type != NNR_NDU:
-            head.append(raw)
-        else:
-            ndu = unit.ndu
-            if ndu.get("nnr_multiple_topology_elements_present_flag") or unit.partial_data_counter:
-                raise RuntimeError("unexpected NDU layout at byte %d" % offset)
-            ndus.append(raw)
-            ndu.topology_elem_id = "copy2." + ndu.topology_elem_id
-            header = unitwriter.compressed_data_unit_header(ndu, general_profile_idc=unit.general_profile_idc,
-                                                            mps=state.mps)
-            renamed.append(unitwriter.nnr_unit(NNR_NDU, header, data[unit.payload_start:unit.payload_end]))
-        offset += unit.nnr_unit_size
+    model = modelio.load(_minilm.minilm_weights())
+    model[EMBEDDINGS] = np.resize(model[EMBEDDINGS], (LARGE_ROWS, model[EMBEDDINGS].shape[1]))
+    data = nnc_edge.encode(model, qp=_minilm.QP, dq=True, raw_float=False)
     with open(out + ".part", "wb") as f:
-        for raw in head + ndus + renamed:
-            f.write(raw)
+        f.write(data)
     os.replace(out + ".part", out)
     return out
 
@@ -158,67 +154,97 @@ def mib(n):
     return n / MIB
 
 
+def best(runs):
+    """The run with the least wall time: the one least disturbed by other jobs on the machine."""
+    return min(runs, key=lambda r: r["seconds"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-venv", default=_minilm.DEFAULT_VENV,
                         help="NNCodec 2.1.3 venv, for encoding the stream and for the comparison (default %(default)s)")
     parser.add_argument("--chunk-size", type=int, default=1 << 16, help="bytes per read (default %(default)d)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each nnc-edge measurement (default %(default)d)")
     args = parser.parse_args()
 
-    single = _minilm.minilm_stream(0, args.reference_venv)
-    double = doubled_stream(single)
+    streams = [("MiniLM", _minilm.minilm_stream(0, args.reference_venv)), ("MiniLM 4x", large_stream())]
     reference = _minilm.reference_python(args.reference_venv)
     work = tempfile.mkdtemp(prefix="nnc-edge-stream-memory-")
+    modes = (("whole tensors", ["--slice-elements", "0"]), ("slices", []))
 
     rows = []
-    largest = None
-    for label, path in (("MiniLM", single), ("MiniLM x2", double)):
-        ours = run_child(sys.executable, _OURS, path, os.path.join(work, "out.safetensors"), args.chunk_size, REPO)
-        if label == "MiniLM":
-            largest = ours["largest"]
-            check_output(path, os.path.join(work, "out.safetensors"))
-        os.remove(os.path.join(work, "out.safetensors"))
-        rows.append(("nnc-edge stream -> .safetensors", label, path, ours))
+    largest = {}
+    for label, path in streams:
+        measured = []
+        for index, (mode, extra) in enumerate(modes):
+            out = os.path.join(work, "%d.safetensors" % index)
+            command = ["decode", path, "-o", out, "--stream", "-q", "--chunk-size", args.chunk_size] + extra
+            runs = [run_child(sys.executable, _OURS, REPO, *command) for _ in range(args.repeat)]
+            measured.append((mode, best(runs), out))
+        largest[label], count = check_outputs(path, [out for _, _, out in measured], label == "MiniLM")
+        for mode, r, out in measured:
+            r["tensors"] = count
+            rows.append(("nnc-edge --stream, " + mode, label, r))
+            os.remove(out)
         if reference is not None:
-            rows.append(("NNCodec 2.1.3 decompress", label, path, run_child(reference, _NNCODEC, path)))
+            rows.append(("NNCodec 2.1.3 decompress", label, run_child(reference, _NNCODEC, path)))
     os.rmdir(work)
     imp = run_child(sys.executable, _IMPORT, REPO)
 
-    nbytes, name, shape = largest
-    target = 1.5 * nbytes + 16 * MIB
-    print("stream:   %s (%.1f MiB); x2: %s (%.1f MiB)" % (os.path.basename(single), mib(os.path.getsize(single)),
-                                                        os.path.basename(double), mib(os.path.getsize(double))))
-    print("largest tensor: %s %s float32, %.1f MiB" % (name, shape, mib(nbytes)))
-    print("target: peak RSS growth <= 1.5 x %.1f MiB + 16 MiB = %.1f MiB" % (mib(nbytes), mib(target)))
+    for label, path in streams:
+        name, shape, nbytes = largest[label]
+        print("%-10s %s (%.1f MiB); largest tensor %s %s float32, %.1f MiB"
+              % (label + ":", os.path.basename(path), mib(os.path.getsize(path)), name, shape, mib(nbytes)))
+    print("targets: slice mode peak RSS growth <= 24 MB (%.1f MiB) over import nnc_edge; time <= %.2f x whole tensors"
+          % (mib(TARGET_GROWTH), TARGET_SLOWDOWN))
     print()
-    print("%-32s %-10s %7s %9s %9s %9s %8s %8s" % ("decoder", "model", "tensors", "baseline", "peak", "growth",
-                                                     "x tensor", "time"))
-    for who, label, path, r in rows:
-        growth = r["peak"] - r["base"]
-        print("%-32s %-10s %7d %5.1f MiB %5.1f MiB %5.1f MiB %8.2f %6.2f s%s"
-              % (who, label, r["tensors"], mib(r["base"]), mib(r["peak"]), mib(growth), growth / float(nbytes),
-                 r["seconds"], "" if r["reset"] else "  (peak not reset: includes imports)"))
+    print("%-34s %-10s %7s %9s %9s %10s %10s %8s %8s" % ("decoder", "model", "tensors", "baseline", "cli", "peak",
+                                                        "growth", "wall", "cpu"))
+    for who, label, r in rows:
+        print("%-34s %-10s %7d %5.1f MiB %5.1f MiB %6.1f MiB %6.1f MiB %6.2f s %6.2f s%s"
+              % (who, label, r["tensors"], mib(r["base"]), mib(r["imports"] - r["base"]), mib(r["peak"]),
+                 mib(r["peak"] - r["base"]), r["seconds"], r["cpu"],
+                 "" if r["reset"] else "  (peak not reset: includes imports)"))
     if reference is None:
         print("(NNCodec not measured: no reference venv at %s)" % args.reference_venv)
-    ours = [r for who, _, _, r in rows if who.startswith("nnc-edge")]
-    worst = max(r["peak"] - r["base"] for r in ours)
     print()
-    print("nnc-edge growth: %.1f MiB at most -> %s the target of %.1f MiB"
-          % (mib(worst), "within" if worst <= target else "OVER", mib(target)))
-    print("import nnc_edge: RSS %.1f MiB (bare interpreter %.1f MiB) -> %s 60 MB"
-          % (mib(imp["rss"]), mib(imp["bare"]), "under" if imp["rss"] < 60e6 else "OVER"))
+    ours = {(who, label): r for who, label, r in rows if who.startswith("nnc-edge")}
+    for label, _ in streams:
+        whole = ours[("nnc-edge --stream, whole tensors", label)]
+        sliced = ours[("nnc-edge --stream, slices", label)]
+        growth = sliced["peak"] - sliced["base"]
+        print("%-10s slice mode grows %.1f MiB (%.1f MiB of it the command line's imports) -> %s the target; "
+              "time %.2f x whole tensors (wall), %.2f x (cpu) -> %s"
+              % (label + ":", mib(growth), mib(sliced["imports"] - sliced["base"]),
+                 "within" if growth <= TARGET_GROWTH else "OVER", sliced["seconds"] / whole["seconds"],
+                 sliced["cpu"] / whole["cpu"],
+                 "within" if sliced["seconds"] <= TARGET_SLOWDOWN * whole["seconds"] else "OVER"))
+    print("import nnc_edge: RSS %.1f MiB (bare interpreter %.1f MiB)" % (mib(imp["rss"]), mib(imp["bare"])))
 
 
-def check_output(stream, written):
-    """The streamed file holds exactly what the whole-buffer decoder returns (not timed or measured)."""
+def check_outputs(stream, written, compare_decode):
+    """Both paths wrote the same bytes, and (for MiniLM) what the whole-buffer decoder returns.
+    Returns ((name, shape, bytes) of the largest tensor, number of tensors); not timed or measured."""
     import numpy as np
     import nnc_edge
     from nnc_edge import modelio
 
-    want = nnc_edge.decode(stream)
-    got = modelio.load(written)
-    if list(got) != list(want) or not all(np.array_equal(got[k], want[k]) for k in want):
-        raise SystemExit("streamed output differs from nnc_edge.decode")
+    first = _read(written[0])
+    if any(_read(path) != first for path in written[1:]):
+        raise SystemExit("%s: the slice mode wrote other bytes than the whole-unit path" % stream)
+    shapes = modelio.tensor_shapes(written[0])
+    name = max(shapes, key=lambda k: int(np.prod(shapes[k])))
+    if compare_decode:
+        want = nnc_edge.decode(stream)
+        got = modelio.load(written[0])
+        if list(got) != list(want) or not all(np.array_equal(got[k], want[k]) for k in want):
+            raise SystemExit("streamed output differs from nnc_edge.decode")
+    return (name, list(shapes[name]), 4 * int(np.prod(shapes[name]))), len(shapes)
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 if __name__ == "__main__":

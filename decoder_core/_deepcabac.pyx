@@ -199,7 +199,8 @@ ctypedef struct Cursor:
 
 
 cdef inline int64_t _bit_pointer(const Eng* e) noexcept nogil:
-    return 8 * (e.p - e.start) + e.bn + 1
+    # In 64 bits: 8 * a Py_ssize_t overflows past 256 MiB where it has 32 (armhf).
+    return 8 * (<int64_t>e.p - e.start) + e.bn + 1
 
 
 cdef inline void _cursor_at(Cursor* cur, const Plan* P, int64_t r) noexcept nogil:
@@ -310,7 +311,9 @@ cdef int _decode_span(Plan* P, Eng* eng, Ctx* ctx, Cursor* cur, int64_t r_end, i
                     # no block row and are skipped.
                     tb = e.start + (pointer >> 3)
                     if e.p < tb:
-                        e.p = tb
+                        # tb may lie past what a 32-bit Py_ssize_t holds (the segment end still unknown):
+                        # such a position is never reached, just as a 64-bit one would not be.
+                        e.p = <Py_ssize_t>(tb if tb < PY_SSIZE_T_MAX else PY_SSIZE_T_MAX)
                     if tb > safe:
                         status = SPAN_INPUT
                         break
@@ -532,7 +535,9 @@ cdef list _plan_entry_points(Plan* P, coding, int64_t pointer):
     if not P.use_eps:
         return pointers
     ep_offsets, ep_states, ep_bits, ep_first = coding.entry_points
-    n_rows = P.rows - 1
+    # Only the entry points the header lists are stored: the height of the tensor must not size these
+    # arrays (n_rows * 8 also wraps a 32-bit size_t).
+    n_rows = max(0, min(P.rows - 1, len(ep_bits) - ep_first))
     P.ep_offset = <uint32_t*>malloc(n_rows * sizeof(uint32_t) + 1)
     P.ep_state = <uint8_t*>malloc(n_rows + 1)
     P.ep_pointer = <int64_t*>malloc(n_rows * sizeof(int64_t) + 1)
@@ -678,7 +683,9 @@ cdef const uint8_t[::1] _load_engine(Eng* e, engine):
     e.value = engine.value
     e.bn = engine.bits_needed
     e.err = E_OK
-    if e.end > data.shape[0] or e.p < 0 or e.p > e.end:
+    # p may lie past end: streaming moved it to an entry point whose bytes have not arrived (no
+    # byte is read there before they have; _fetch checks end).
+    if e.end > data.shape[0] or e.p < 0 or e.start > e.p:
         raise ValueError("engine position outside its data")
     return data
 
@@ -747,7 +754,7 @@ cdef _Tensor _prepare(engine, coding, int64_t count, int64_t h, int64_t w, level
                     break
     _plan(P, coding, count, h, w, tca, hdsp, keep)
     P.out = <int32_t*>&out[0] if count else NULL
-    P.seg_bits = 8 * (e.end - e.start)
+    P.seg_bits = 8 * (<int64_t>e.end - e.start)
     if row_skip is not None:
         keep.append(row_skip)
         P.row_skip = <uint8_t*><char*>row_skip
@@ -947,6 +954,8 @@ PARALLEL_MIN_COUNT = 1 << 15
 
 
 # --- reconstruction (7.3.6, supplement 4.3) ---------------------------------------------------------
+_last_codebook = None  # (codebook, step, its float32 values): see reconstruct()
+
 def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, in_place=False, out=None):
     """Same contract as reconstruction.reconstruct; with in_place the float32 results overwrite
     ``levels`` (a writable buffer of 4-byte items), which is returned; ``out`` receives them instead
@@ -988,10 +997,17 @@ def reconstruct(levels, qp, qp_density, codebook=None, zero_offset=0, where=0, i
                 v = (<float>lv) * s32    # float32(QuantParam) * float32(stepSize), rounded once
                 memcpy(&f[i], &v, 4)
         return values
-    # Codebook values are scaled in float64 and rounded once to float32 (supplement 4.3).
-    scaled = zeros("f", len(codebook))
-    for i in range(len(codebook)):
-        scaled[i] = codebook[i] * step
+    # Codebook values are scaled in float64 and rounded once to float32 (supplement 4.3), once per
+    # codebook and step: slice decoding reconstructs a tensor in many calls.
+    global _last_codebook
+    last = _last_codebook
+    if last is not None and last[0] is codebook and last[1] == step and len(last[2]) == len(codebook):
+        scaled = last[2]
+    else:
+        scaled = zeros("f", len(codebook))
+        for i in range(len(codebook)):
+            scaled[i] = codebook[i] * step
+        _last_codebook = (codebook, step, scaled)  # one assignment: threads see a whole entry
     size = len(codebook)
     table_v = scaled
     table = &table_v[0] if size else NULL

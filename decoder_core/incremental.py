@@ -276,9 +276,20 @@ def payload_slices(unit, ctx, inp, n):
         name = names[0] if len(names) == 1 else "|".join(names)
         parts = [(name, dims, pt, codebook, zero, _entry_points(ndu, 0))]
     whole = len(names) > 1 and pt != NNR_PT_BLOCK
+    # An NNR_PT_BLOCK decodes its 1-D parts (LS, batch-norm, bias) before the weight, but lists the
+    # weight first (7.3.5): the 1-D parts (one value per row) are held back and follow the weight,
+    # so that the tensors come in the order the whole-unit decoder returns them.
+    held = []
     for name, part_dims, part_pt, codebook, zero, eps in parts:
         size = _prod(part_dims) if whole else n
         tensor = _tensor_slices(engine, inp, ctx, ndu, name, part_dims, unary, part_pt, codebook, zero, eps, size)
+        if pt == NNR_PT_BLOCK and part_pt != NNR_PT_BLOCK:
+            for item in tensor:
+                if item is None:
+                    yield None
+                else:
+                    held.append((item[0], item[1], item[2], item[3][:]))  # a copy: slice arrays may be reused
+            continue
         if not whole:
             yield from tensor
             continue
@@ -289,6 +300,11 @@ def payload_slices(unit, ctx, inp, n):
             # TensorSplit / AxisSwap (7.3.1) need the whole tensor: it is one slice here.
             for sub_name, sub_dims, values, _ in _split(ndu, names, dims, item[3], None, 0):
                 yield (sub_name, tuple(sub_dims), 0, values)
+    for name in names:
+        for item in held:
+            if item[0] == name:
+                yield item
+    held = None
     while not inp.complete:
         yield None
     engine.terminate_cabac()
@@ -454,6 +470,7 @@ class SliceFramer:
         self._input = None
         self._payload = None       # payload_slices() of the open payload (spans partial units)
         self._payload_at = 0       # stream offset of the payload's first byte, for messages
+        self._payload_names = ()   # and its tensors
         self.buffers = SliceBuffers()
 
     # --- state ----------------------------------------------------------------------------------
@@ -482,7 +499,7 @@ class SliceFramer:
                 msg = "stream ends inside nnr_unit_size() (%d byte(s) of it arrived)" % self._head_len
                 element = "nnr_unit_size"
             else:
-                msg = "stream ends inside a partial-data sequence for %s" % ", ".join(self._unit.names)
+                msg = "stream ends inside a partial-data sequence for %s" % ", ".join(self._payload_names)
                 element = "partial_data_counter"
             offset = self._start
             self.reset()
@@ -653,6 +670,7 @@ class SliceFramer:
             self._input = PayloadInput(self.buffers.window(self.window))
             self._payload = payload_slices(unit, ctx, self._input, self.n)
             self._payload_at = self._start + start
+            self._payload_names = unit.names
         inp = self._input
         if counter <= 1:
             inp.total = inp.received + (self._size - start)

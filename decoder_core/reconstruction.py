@@ -82,11 +82,23 @@ def level_values(step):
     return value_of
 
 
+_last_codebook = [None]  # (codebook, step, values): slice decoding reconstructs a tensor in many calls
+
+
+def _scaled_codebook(codebook, step):
+    last = _last_codebook[0]
+    if last is not None and last[0] is codebook and last[1] == step and len(last[2]) == len(codebook):
+        return last[2]
+    scaled = [v * step for v in codebook]
+    _last_codebook[0] = (codebook, step, scaled)
+    return scaled
+
+
 def _codebook_values(levels, values, codebook, step, zero_offset, where):
     """values[i] = Codebook[levels[i] + CbZeroOffset] * stepSize (float64 product, one rounding);
     ``values`` may be a float32 view of the same memory as ``levels``."""
     size = len(codebook)
-    scaled = [v * step for v in codebook]
+    scaled = _scaled_codebook(codebook, step)
     for i in range(len(levels)):
         k = levels[i] + zero_offset
         if k < 0 or k >= size:

@@ -1,7 +1,8 @@
 """``nnc-edge decode --stream``: the streaming path of the decode command (registered via cli.EXTENSIONS).
 
-Tensors go from the input file through the streaming decoder into a sink one at a time, so memory
-follows the largest tensor, not the model. On a terminal, stderr shows a progress line (units,
+Tensors go from the input file through the streaming decoder's slice mode into a sink, slice by
+slice, so memory depends on neither the model nor its largest tensor (``--slice-elements 0``: whole
+tensors, as they come out of their NNR units). On a terminal, stderr shows a progress line (units,
 tensors, bytes, bytes/s); it is quiet when stderr is not a TTY.
 """
 
@@ -14,7 +15,7 @@ from decoder_core import NNCError
 from . import modelio
 from .cli import CommandError, EXIT_INVALID, alternative, arguments, invalid, output_paths, topology_of
 from .sinks import open_sink
-from .streaming import DEFAULT_CHUNK_SIZE, StreamDecoder, iter_decode
+from .streaming import DEFAULT_CHUNK_SIZE, DEFAULT_SLICE_ELEMENTS, StreamDecoder, iter_decode
 
 
 class ProgressLine:
@@ -54,21 +55,26 @@ def _size(n):
 
 
 def _counted(items, counts):
+    """Count tensors and parameters of whole tensors (name, array) or slices (name, shape, start, array)."""
     for item in items:
-        counts[0] += 1
-        counts[1] += item[1].size
+        if len(item) == 2 or item[2] == 0:
+            counts[0] += 1
+        counts[1] += item[-1].size
         yield item
-        item = None  # not kept alive while the next tensor decodes
+        item = None  # not kept alive while the next tensor or slice decodes
 
 
 @arguments("decode")
 def _stream_arguments(parser):
     parser.add_argument("--stream", action="store_true",
-                        help="decode while reading: each tensor is written to the output as soon as its NNR "
-                             "unit is complete, so memory follows the largest tensor, not the model; shows "
-                             "progress on a terminal")
+                        help="decode while reading: tensors are decoded while their bytes arrive and written to "
+                             "the output in slices, so memory depends on neither the model nor its largest "
+                             "tensor; shows progress on a terminal")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
                         help="with --stream: bytes read per step (default %(default)d)")
+    parser.add_argument("--slice-elements", type=int, default=DEFAULT_SLICE_ELEMENTS, metavar="N",
+                        help="with --stream: elements per slice (default %(default)d); 0 writes whole tensors, "
+                             "each once its NNR unit is complete (memory then follows the largest tensor)")
 
 
 @alternative("decode", "stream")
@@ -77,10 +83,14 @@ def run_decode_stream(args):
         raise CommandError("-o/--output is required", EXIT_INVALID)
     if args.chunk_size < 1:
         raise CommandError("--chunk-size must be positive", EXIT_INVALID)
+    if args.slice_elements < 0:
+        raise CommandError("--slice-elements must be 0 (whole tensors) or positive, not %d" % args.slice_elements,
+                           EXIT_INVALID)
     outputs = output_paths(args.inputs, args.output, args.format)
     if len(outputs) > 1 or outputs[0] != args.output:
         os.makedirs(args.output, exist_ok=True)
-    decoder = StreamDecoder(topology_of(args.topology))  # one state for the whole chain, as in plain decode
+    # One state for the whole chain, as in plain decode.
+    decoder = StreamDecoder(topology_of(args.topology), slice_elements=args.slice_elements or None)
     show = not args.quiet and sys.stderr.isatty()
     for path, out in zip(args.inputs, outputs):
         try:

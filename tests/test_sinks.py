@@ -175,3 +175,146 @@ def test_cli_decode_stream_truncated_input(tmp_path, capsys):
     assert "stream ends inside an NNR unit" in capsys.readouterr().err
     assert _listing(tmp_path) == ["bad.nnc"]
     assert cli.main(["decode", str(tmp_path / "missing.nnc"), "-o", str(out), "--stream"]) == cli.EXIT_IO
+
+
+# --- slices (the slice mode of nnc_edge.streaming) -------------------------------------------------------
+def _write(path, items, **options):
+    with open_sink(path, **options) as sink:
+        sink.write_all(items)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("suffix, options", [(".safetensors", {}), (".npz", {}), (".npz", {"compress": True})],
+                         ids=["safetensors", "npz", "npz-deflated"])
+@pytest.mark.parametrize("case", ["p1_real_silero_vad", "p1_int_3d", "p1_entrypoints_scan2"])
+def test_sinks_from_slices_are_byte_identical_to_sinks_from_whole_tensors(tmp_path, case, suffix, options):
+    path = os.path.join(CONFORMANCE, case + ".nnc")
+    whole = _write(tmp_path / ("whole" + suffix), nnc_edge.iter_decode(path), **options)
+    for n in (1000, 4096):
+        sliced = _write(tmp_path / ("sliced" + suffix), nnc_edge.iter_decode(path, 3000, slice_elements=n), **options)
+        assert sliced == whole, n
+    if not options:
+        modelio.save(tmp_path / ("saved" + suffix), dict(_want(case)))
+        assert whole == (tmp_path / ("saved" + suffix)).read_bytes()
+    assert_same(list(modelio.load(tmp_path / ("sliced" + suffix)).items()), _want(case))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_slices_by_hand_of_every_kind_of_tensor(tmp_path, suffix):
+    tensors = {"w": np.arange(35, dtype=np.float32).reshape(5, 7), "empty": np.zeros((0, 3), np.float32),
+               "scalar": np.float32(2.5), "steps": np.arange(9, dtype=np.int64), "mask": np.array([True, False])}
+    whole = _write(tmp_path / ("whole" + suffix), tensors.items())
+
+    def slices():
+        for name, array in tensors.items():
+            flat = np.asarray(array).reshape(-1)
+            yield name, np.shape(array), 0, flat[:4]
+            for start in range(4, flat.size, 4):
+                yield name, np.shape(array), start, flat[start:start + 4]
+
+    assert _write(tmp_path / ("sliced" + suffix), slices()) == whole
+    modelio.save(tmp_path / ("saved" + suffix), tensors)
+    assert (tmp_path / ("saved" + suffix)).read_bytes() == whole
+
+
+def test_slices_out_of_place_are_refused_and_nothing_is_left(tmp_path):
+    w = np.arange(12, dtype=np.float32)
+    bad_sequences = [
+        [("w", (3, 4), 4, w[4:8])],                                  # the first slice not at 0
+        [("w", (3, 4), 0, w[:4]), ("w", (3, 4), 8, w[8:])],          # a gap
+        [("w", (3, 4), 0, w[:4]), ("v", (2,), 0, w[:2])],            # another tensor before w is complete
+        [("w", (3, 4), 0, w[:8]), ("w", (3, 4), 8, w[:8])],          # beyond the tensor's end
+        [("w", (3, 4), 0, w[:4]), ("w", (3, 4), 4, w[4:8].astype(np.int32))],  # another dtype
+    ]
+    for suffix in (".safetensors", ".npz"):
+        for items in bad_sequences:
+            with pytest.raises(ValueError) as info:
+                with open_sink(tmp_path / ("x" + suffix)) as sink:
+                    sink.write_all(items)
+            assert "'w'" in str(info.value) and "x" + suffix in str(info.value)
+            assert _listing(tmp_path) == []
+        # A tensor still incomplete when the sink commits: refused, and the sink is discarded.
+        sink = open_sink(tmp_path / ("x" + suffix))
+        sink.write_slice("w", (3, 4), 0, w[:4])
+        with pytest.raises(ValueError) as info:
+            sink.close()
+        assert "incomplete: 4 of its 12 elements" in str(info.value)
+        assert _listing(tmp_path) == []
+
+
+def _cut_in_largest_unit(case):
+    from test_stream import unit_spans
+    data = _read(case)
+    start, end, _ = max(unit_spans(data), key=lambda span: span[1] - span[0])
+    return data[:(start + end) // 2]
+
+
+def _corrupt_end(case):
+    data = bytearray(_read(case))
+    data[-1] = 0  # terminate_cabac() fails when the last byte arrives, after the tensor's slices
+    data[-2] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+@pytest.mark.parametrize("bad", ["truncated", "corrupt"])
+def test_failed_slice_stream_leaves_target_untouched_and_no_temp_files(tmp_path, suffix, bad):
+    data = _cut_in_largest_unit("p1_real_silero_vad") if bad == "truncated" else _corrupt_end("p1_large_2d")
+    target = tmp_path / ("model" + suffix)
+    for existing in (None, b"old model"):
+        if existing is not None:
+            target.write_bytes(existing)
+        written = []
+
+        def counted(items):
+            for item in items:
+                written.append(item[3].size)
+                yield item
+
+        with pytest.raises(NNCError):
+            with open_sink(target) as sink:
+                sink.write_all(counted(nnc_edge.iter_decode(io.BytesIO(data), 1000, slice_elements=64)))
+        assert written  # slices were in the file before the stream failed
+        if existing is None:
+            assert _listing(tmp_path) == []
+        else:
+            assert target.read_bytes() == existing and _listing(tmp_path) == [target.name]
+
+
+def test_callback_sink_takes_slices():
+    model = {name: np.zeros_like(a) for name, a in _want()}
+    events = []
+
+    def load_slice(name, shape, start, array):
+        assert model[name].shape == shape
+        model[name].reshape(-1)[start:start + array.size] = array
+
+    with CallbackSink(None, on_close=lambda: events.append("close"), on_slice=load_slice) as sink:
+        sink.write_all(nnc_edge.iter_decode(SILERO, 8192, slice_elements=1000))
+    assert events == ["close"]
+    assert_same(list(model.items()), _want())
+    with pytest.raises(ValueError) as info:
+        CallbackSink(lambda name, array: None).write_slice("w", (2,), 0, np.zeros(2, np.float32))
+    assert "no on_slice" in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_cli_decode_stream_writes_what_decode_writes(tmp_path, suffix):
+    want = tmp_path / ("decode" + suffix)
+    assert cli.main(["decode", SILERO, "-o", str(want), "-q"]) == 0
+    for extra in ([], ["--slice-elements", "0"], ["--slice-elements", "7", "--chunk-size", "999"]):
+        out = tmp_path / ("stream" + suffix)
+        assert cli.main(["decode", SILERO, "-o", str(out), "--stream", "-q"] + extra) == 0
+        assert out.read_bytes() == want.read_bytes(), extra
+
+
+def test_cli_decode_stream_corrupt_input_keeps_the_old_output(tmp_path, capsys):
+    bad = tmp_path / "bad.nnc"
+    bad.write_bytes(_corrupt_end("p1_large_2d"))
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"old model")
+    assert cli.main(["decode", str(bad), "-o", str(out), "--stream", "--slice-elements", "64"]) == cli.EXIT_INVALID
+    assert "bad.nnc" in capsys.readouterr().err
+    assert out.read_bytes() == b"old model" and _listing(tmp_path) == ["bad.nnc", "model.safetensors"]
+    assert cli.main(["decode", SILERO, "-o", str(out), "--stream", "--slice-elements", "-1"]) == cli.EXIT_INVALID
+    assert "--slice-elements must be 0" in capsys.readouterr().err

@@ -4,8 +4,9 @@ Every input is a conformance vector changed by one mutator (bit flips, byte edit
 of two vectors, unit reordering, nnr_unit_size edits, NDU / MPS / NNR_STR header fields re-encoded with
 extreme values by nnc_edge.unitwriter, partial-data counters, aggregate units) and fed to one target:
 ``decoder_core.decode`` (a Decoder), ``decoder_core.StreamDecoder.feed`` in chunks of random sizes, or
-``nnc_edge.decode`` / ``nnc_edge.StreamDecoder`` (numpy, one or two threads), on the compiled backend
-or, for a share of the inputs and only the vectors under SMALL_VECTOR_BYTES, the pure-Python one.
+``nnc_edge.decode`` / ``nnc_edge.StreamDecoder`` (numpy, one or two threads), each stream decoder also
+in slice mode (``slice_elements`` one of SLICE_ELEMENTS), on the compiled backend or, for a share of
+the inputs and only the vectors under SMALL_VECTOR_BYTES, the pure-Python one.
 
 Each input must decode or raise NNCError; anything else is a *crash*. Each is timed (CPU time of the
 process, all threads) and its memory measured: the tracemalloc peak above the level before it (on
@@ -52,6 +53,9 @@ MEMORY_LIMIT = 64 << 20
 SMALL_VECTOR_BYTES = 20000   # larger vectors (silero_vad) run on the compiled backend only
 HEADER_SPAN = 64             # bit flips aimed at headers land in a unit's first bytes
 PYTHON_SHARE = 0.2
+# Slice sizes of the slice-mode targets. Not 1 or 7 (tests/test_slices.py runs those on the clean
+# vectors): a slice costs some microseconds on its own, and a header may announce 2^21 elements.
+SLICE_ELEMENTS = (61, 1000, 4096, 1 << 16)
 
 EXTREME_U32 = (0, 1, 2, 3, 0x7F, 0x80, 0xFF, 0x7FFF, 0x8000, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF)
 
@@ -441,7 +445,7 @@ _WEIGHTED = [m for m, w in MUTATORS for _ in range(w)]
 class Input:
     """One fuzz input: the mutated bytes, where they came from, and how they are decoded."""
 
-    def __init__(self, index, vector, data, mutation, target, backend, chunk_seed):
+    def __init__(self, index, vector, data, mutation, target, backend, chunk_seed, slice_elements):
         self.index = index
         self.vector = vector
         self.data = data
@@ -449,13 +453,15 @@ class Input:
         self.target = target
         self.backend = backend
         self.chunk_seed = chunk_seed
+        self.slice_elements = slice_elements if target.endswith("slices") else None
 
     def describe(self):
-        return "#%d %s [%s] via %s on %s (%d bytes)" % (self.index, self.vector.name, self.mutation, self.target,
+        via = self.target if self.slice_elements is None else "%s of %d" % (self.target, self.slice_elements)
+        return "#%d %s [%s] via %s on %s (%d bytes)" % (self.index, self.vector.name, self.mutation, via,
                                                        self.backend, len(self.data))
 
 
-TARGETS = ("core", "core", "stream", "numpy", "numpy-threads", "numpy-stream")
+TARGETS = ("core", "core", "stream", "slices", "numpy", "numpy-threads", "numpy-stream", "numpy-slices")
 
 
 def make_input(corpus, seed, index, python_share=PYTHON_SHARE):
@@ -469,7 +475,8 @@ def make_input(corpus, seed, index, python_share=PYTHON_SHARE):
     while out is None:
         out = rng.choice(_WEIGHTED)(rng, vec, corpus)
     data, mutation = out
-    return Input(index, vec, data, mutation, rng.choice(TARGETS), backend, rng.randrange(1 << 30))
+    return Input(index, vec, data, mutation, rng.choice(TARGETS), backend, rng.randrange(1 << 30),
+                 rng.choice(SLICE_ELEMENTS))
 
 
 # --- targets ------------------------------------------------------------------------------------------
@@ -504,22 +511,25 @@ def run_target(inp, limits, primed):
     vec = inp.vector
     if inp.target == "core":
         return len(primed.core(vec, limits).decode(inp.data))
-    if inp.target == "stream":
-        dec = CoreStreamDecoder(decoder=primed.core(vec, limits))
+    if inp.target in ("stream", "slices"):
+        dec = CoreStreamDecoder(decoder=primed.core(vec, limits), slice_elements=inp.slice_elements)
         n = 0
         for chunk in _chunks(inp.data, inp.chunk_seed):
             n += len(dec.feed(chunk))
         dec.close()
         return n
     threads = 2 if inp.target == "numpy-threads" else 1
-    if inp.target == "numpy-stream":
-        dec = nnc_edge.StreamDecoder(threads=threads, limits=limits)
+    if inp.target in ("numpy-stream", "numpy-slices"):
+        dec = nnc_edge.StreamDecoder(threads=threads, limits=limits, slice_elements=inp.slice_elements)
         for clean in vec.prelude:
             dec.feed(clean)
             dec.close()
+        # Slices through the generator: each is dropped before the next decodes, as a sink would.
+        feed = dec.feed if inp.slice_elements is None else dec.iter_feed
         n = 0
         for chunk in _chunks(inp.data, inp.chunk_seed):
-            n += len(dec.feed(chunk))
+            for _ in feed(chunk):
+                n += 1
         dec.close()
         return n
     dec = nnc_edge.Decoder(threads=threads, limits=limits)

@@ -1,5 +1,6 @@
 """The CI fuzz run: QUICK_INPUTS mutated conformance vectors (tests/fuzz/nnc_fuzz.py), each of which must
-decode or raise NNCError, within nnc_fuzz.TIME_LIMIT seconds of CPU time and nnc_fuzz.MEMORY_LIMIT bytes.
+decode or raise NNCError, within nnc_fuzz.TIME_LIMIT seconds of CPU time and nnc_fuzz.MEMORY_LIMIT bytes,
+through every target: the whole-buffer decoders and the stream decoders, with and without slice mode.
 
 The inputs are the same in every run (a fixed seed), so a failure names inputs that reproduce:
 ``nnc_fuzz.make_input(corpus, SEED, index)``. benchmarks/fuzz_long.py runs more, with other seeds.
