@@ -35,6 +35,7 @@ sys.path.insert(0, HERE)
 import nnc_edge  # noqa: E402
 from nnc_edge import modelio  # noqa: E402
 from nnc_edge.cabac_encoder import encoder_backend  # noqa: E402
+from nnc_edge.parallel import check_threads  # noqa: E402
 from nnc_edge.quantize import trellis_backend  # noqa: E402
 
 import _minilm  # noqa: E402
@@ -173,7 +174,7 @@ def main(argv=None):
     qps = [int(q) for q in args.qps.split(",")]
     python = _minilm.reference_python(args.reference_venv)
     print("encoders: nnc-edge %s (entropy coder: %s, trellis: %s, threads: %s)%s; dq=%s, lambda_scale=%g"
-          % (nnc_edge.__version__, encoder_backend(), trellis_backend(), args.threads or os.cpu_count(),
+          % (nnc_edge.__version__, encoder_backend(), trellis_backend(), check_threads(args.threads),
              "; NNCodec 2.1.3 (%s)" % python if python else "; NNCodec: reference venv not found",
              args.dq, args.lambda_scale))
     header = "%-10s %4s  %-14s %12s %12s %9s %8s %8s" % ("model", "qp", "encoder", "bytes", "MSE", "PSNR dB",

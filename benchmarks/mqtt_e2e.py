@@ -78,7 +78,7 @@ async def receive_nnr(url, directory, timeout):
 
 
 async def receive_raw(url, path, timeout):
-    from nnc_edge.sinks import _commit, _discard, _temp_beside
+    from nnc_edge.atomicfile import commit, discard, temp_beside
     from transports import envelope, mqtt
     result = {}
     async with mqtt.BrokerSettings(url).client("raw") as client:
@@ -96,16 +96,16 @@ async def receive_raw(url, path, timeout):
                 if assembly is None:
                     start = time.monotonic()
                     assembly = envelope.Assembly(env)
-                    f, tmp = _temp_beside(path, ".tmp")
+                    f, tmp = temp_beside(path, ".tmp")
                 for body in assembly.add(env):
                     f.write(body)
             assembly.check()
-            _commit(f, tmp, path)
+            commit(f, tmp, path)
             f = tmp = None
             result = {"seconds": time.monotonic() - start, "baseline": baseline, "peak": peak_rss(),
                       "bytes": assembly.released}
         finally:
-            _discard(f, tmp)
+            discard(f, tmp)
     return result
 
 

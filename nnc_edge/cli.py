@@ -22,7 +22,7 @@ from decoder_core.tables import NNR_AGG, NNR_NDU, PAYLOAD_TYPE_NAMES
 from decoder_core.units import ParserState, parse_units
 
 from . import __version__, modelio
-from .decoding import Decoder
+from .decoding import Decoder, empty_bitstream
 
 # Modules that register further subcommands or options when imported.
 EXTENSIONS = ("nnc_edge.stream_cli", "nnc_edge.encode_cli", "nnc_edge.mqtt_cli", "nnc_edge.update_cli",
@@ -107,10 +107,34 @@ def backend_name():
 
 
 def read_input(path):
-    """The bytes of an input file; CommandError (status 1) when it cannot be read."""
+    """The bytes of a bitstream file; CommandError: status 1 when it cannot be read, 2 when it is
+    empty (what a failed download leaves; never a model)."""
+    data = _read(path)
+    if not data:
+        raise invalid(path, empty_bitstream())
+    return data
+
+
+def check_readable(path):
+    """CommandError (status 1) unless the file at path can be read."""
+    _read(path, 0)
+
+
+def _read(path, size=-1):
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(size)
+    except OSError as exc:
+        raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
+
+
+def read_model(path, read=modelio.load):
+    """``read(path)`` of a model file; CommandError: status 2 for a file that is not a valid model
+    (the message, a ModelFormatError's, names the file), 1 for one that cannot be read."""
+    try:
+        return read(path)
+    except modelio.ModelFormatError as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
     except OSError as exc:
         raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
 
@@ -182,10 +206,15 @@ _COLUMNS = "%8s %8s  %-16s %7s  %-16s %2s %4s %5s %4s  %s"
 _HEADER = _COLUMNS % ("offset", "size", "type", "profile", "payload", "dq", "scan", "entry", "part", "tensor")
 
 
-def unit_line(depth, unit, profile):
-    """One line of ``nnc-edge inspect`` for a unit (nested units indented by their depth)."""
+def unit_line(depth, unit, profile, record=None):
+    """One line of ``nnc-edge inspect`` for a unit (nested units indented by their depth); ``record``:
+    the nnc-edge update record it carries (an nnc_edge.updates.UpdateInfo), if any."""
     payload = dq = scan = entries = "-"
     what = ""
+    if record is not None:
+        what = "update %d: parent %s, result %s, root %s, flags 0x%02x%s" % (
+            record.sequence, record.parent.hex()[:16], record.result.hex()[:16], record.root.hex()[:16],
+            record.flags, " (continues_state)" if record.continues_state else "")
     if unit.nnr_unit_type == NNR_NDU:
         ndu = unit.ndu
         payload = PAYLOAD_TYPE_NAMES[ndu.nnr_compressed_data_unit_payload_type]
@@ -199,6 +228,22 @@ def unit_line(depth, unit, profile):
     return _COLUMNS % (unit.offset, unit.nnr_unit_size, "  " * depth + unit.type_name,
                        "-" if profile is None else profile, payload, dq, scan, entries,
                        unit.partial_data_counter, what)
+
+
+def update_record(unit, data):
+    """The nnc-edge update record (nnc_edge.updates.unit_record) a unit of ``data`` carries, or None.
+    Other applications may use the unit type too: what is not a valid record is listed as it is."""
+    from .updates import unit_record
+
+    try:
+        return unit_record(unit, data)
+    except NNCError:
+        return None
+
+
+def _record_fields(record):
+    return {"sequence": record.sequence, "parent": record.parent.hex(), "result": record.result.hex(),
+            "root": record.root.hex(), "flags": record.flags, "continues_state": record.continues_state}
 
 
 def _json_default(value):
@@ -218,13 +263,19 @@ def run_inspect(args):
     try:
         if args.json:
             # Top-level units, each the syntax tree decoder_core parsed (aggregate members under "units").
-            units = [unit.as_dict() for depth, unit, _ in iter_units(data) if depth == 0]
+            units = []
+            for depth, unit, _ in iter_units(data):
+                if depth == 0:
+                    units.append(unit.as_dict())
+                    record = update_record(unit, data)
+                    if record is not None:
+                        units[-1]["update_record"] = _record_fields(record)
             json.dump(units, sys.stdout, indent=1, default=_json_default)
             sys.stdout.write("\n")
             return 0
         print(_HEADER)
         for depth, unit, profile in iter_units(data):
-            print(unit_line(depth, unit, profile).rstrip())
+            print(unit_line(depth, unit, profile, update_record(unit, data)).rstrip())
     except NNCError as exc:
         raise invalid(args.file, exc)
     return 0
@@ -240,7 +291,12 @@ def _inspect_arguments(parser):
 # --- decode ---------------------------------------------------------------------------------------
 def output_paths(inputs, output, fmt):
     """Where each input's tensors go: output itself for one input naming a file, else one file per
-    input, named after it, in the directory output."""
+    input, named after it, in the directory output, which is made here. What can be checked before
+    anything is decoded is: an empty input (an empty bitstream, what a failed download leaves) is
+    refused, and so is an output directory that cannot be made."""
+    for path in inputs:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise invalid(path, empty_bitstream())
     if len(inputs) == 1 and not os.path.isdir(output) and not output.endswith(("/", os.sep)):
         try:
             suffix_fmt = modelio.format_of(output)
@@ -254,6 +310,12 @@ def output_paths(inputs, output, fmt):
     if len(set(paths)) != len(paths):
         raise CommandError("inputs with the same file name would overwrite each other's output in %s" % output,
                            EXIT_INVALID)
+    if os.path.isfile(output):
+        raise CommandError("-o %s is a file: several inputs are decoded into a directory" % output, EXIT_INVALID)
+    try:
+        os.makedirs(output, exist_ok=True)
+    except OSError as exc:
+        raise CommandError("cannot create the directory %s: %s" % (output, exc.strerror or exc))
     return paths
 
 
@@ -263,12 +325,7 @@ def topology_of(path):
         return None
     from .updates import update_topology
 
-    try:
-        return update_topology(modelio.tensor_shapes(path))
-    except modelio.ModelFormatError as exc:
-        raise CommandError("--topology %s: %s" % (path, exc), EXIT_INVALID)
-    except OSError as exc:
-        raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
+    return update_topology(read_model(path, modelio.tensor_shapes))
 
 
 @command("decode", help="decode bitstreams to .safetensors or .npz",
@@ -279,14 +336,13 @@ def topology_of(path):
                      "directory -o.",
          examples=("nnc-edge decode model.nnc -o model.safetensors",
                    "nnc-edge decode model.nnc -o model.npz",
+                   "nnc-edge decode big.nnc -o big.safetensors --stream   # memory independent of the model",
                    "nnc-edge decode base.nnc update1.nnc update2.nnc -o decoded/ --format npz",
                    "nnc-edge decode u1.nnc --topology base.safetensors -o u1_difference.safetensors"))
 def run_decode(args):
     if args.output is None:
         raise CommandError("-o/--output is required", EXIT_INVALID)
     outputs = output_paths(args.inputs, args.output, args.format)
-    if len(outputs) > 1 or outputs[0] != args.output:
-        os.makedirs(args.output, exist_ok=True)
     decoder = Decoder(topology_of(args.topology))
     for path, out in zip(args.inputs, outputs):
         data = read_input(path)

@@ -22,6 +22,12 @@ def _as_bytes(data_or_path):
     raise TypeError("expected bytes or a path, not %s" % type(data_or_path).__name__)
 
 
+def empty_bitstream():
+    """The error for a bitstream of 0 bytes. It holds no unit, so a decoder would return an empty
+    model; but no encoder writes one, and a download that failed leaves one behind."""
+    return NNCError("the bitstream is empty (0 bytes)")
+
+
 def to_numpy(dims, values):
     """View a decoder_core values array (or a NumpyBuffers one) as a numpy array of the tensor's shape
     (no copy)."""
@@ -69,6 +75,8 @@ class Decoder:
     def decode(self, data_or_path):
         """Decode one bitstream (bytes or a file path) into a dict name -> numpy array, in stream order."""
         data = _as_bytes(data_or_path)
+        if not len(data):
+            raise empty_bitstream()
         return {name: to_numpy(dims, values) for name, dims, values in decode_units(self._core, data, self.threads)}
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from decoder_core import NNCError
 
-from . import modelio
-from .cli import EXIT_INVALID, CommandError, arguments, command
+from .atomicfile import write_file
+from .cli import EXIT_INVALID, CommandError, arguments, command, read_model
 from .decoding import decode
 from .encoding import Encoder, load_tensors
 from .stream_cli import _size
@@ -76,20 +76,6 @@ def error_stats(original, decoded):
     return (10.0 * math.log10(peak * peak / mse) if peak else -math.inf), max_error, count
 
 
-def _write_atomically(path, data):
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _nonweight_qp(text):
     if text == "default":
         return "default"
@@ -116,9 +102,7 @@ def run_encode(args):
         raise CommandError("-o/--output is required", EXIT_INVALID)
     started = time.monotonic()
     try:
-        tensors = load_tensors(modelio.load(args.model))
-    except OSError as exc:
-        raise CommandError("cannot read %s: %s" % (args.model, exc.strerror or exc))
+        tensors = load_tensors(read_model(args.model))
     except (ValueError, TypeError) as exc:
         raise CommandError("%s: %s" % (args.model, exc), EXIT_INVALID)
     options = {"qp": args.qp, "qp_density": args.qp_density, "nonweight_qp": _nonweight_qp(args.nonweight_qp),
@@ -136,7 +120,7 @@ def run_encode(args):
             sys.stderr.write("\n")
         raise CommandError("%s: %s" % (args.model, exc), EXIT_INVALID)
     try:
-        _write_atomically(args.output, data)
+        write_file(args.output, data)
     except OSError as exc:
         raise CommandError("cannot write %s: %s" % (args.output, exc.strerror or exc))
     if args.quiet:

@@ -18,6 +18,7 @@ Quantization is nnc_edge.quantize (NNCodec's levels with the default options), e
 nnc_edge.cabac_encoder (byte-identical with NNCodec for the same levels), units nnc_edge.unitwriter.
 """
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -319,7 +320,7 @@ class _Job:
         return fields
 
     def coding(self, name, qt, dims, tca):
-        count = int(np.prod(dims))
+        count = math.prod(dims)
         base = self.chain.bases.get(name) if tca else None
         history = None
         if self.parent and self.enc.hdsp:
@@ -368,7 +369,7 @@ class _Job:
 
     def single(self, name, array, qt, row_skip_flag):
         dims = list(array.shape)
-        count = int(np.prod(dims))
+        count = math.prod(dims)
         tca = self.tca_for([name], [count])
         item = self.segment_tensor(name, qt, dims, tca, row_skip_flag)
         fields, payload, unit, segment = self.ndu([name], qt.payload_type, qt, dims, [item], tca)
@@ -493,7 +494,7 @@ def _matrix_hw(shape):
     if len(shape) == 0:
         return 1, 1
     h = int(shape[0])
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     return h, count // h
 
 

@@ -5,7 +5,9 @@ update, and ships the detached ``UPDATE.sig`` with it; a device given ``--truste
 updates whose signature checks out, and only in increasing sequence order.
 """
 
+import io
 import os
+import sys
 
 from decoder_core import NNCError
 
@@ -191,6 +193,9 @@ def _apply_signature_arguments(parser):
 
 @alternative("apply", "trusted_key")
 def run_apply_signed(args):
+    """Verify every update, then apply them with the sequence record written first: an exit status
+    other than 0 means the model is as it was, and a kill at any point leaves a record that the
+    next run reads right (see signing.SequenceStore)."""
     from .update_cli import run_apply
     signing = _signing()
     if not args.model:
@@ -199,9 +204,15 @@ def run_apply_signed(args):
     store = signing.SequenceStore(args.sequence_file or os.path.join(os.path.dirname(os.path.abspath(args.output)),
                                                                      "nnc-edge-sequences.json"))
     try:
+        interrupted = store.settle(args.model)
+        if interrupted is not None:
+            from .updates import remove_stale_states
+            remove_stale_states(*interrupted)  # what an apply killed after replacing the model left
         last = store.last(args.model)
     except NNCError as exc:
         raise CommandError(str(exc), EXIT_INVALID)
+    except OSError as exc:  # reading the record, settling it, or hashing the model it names
+        raise CommandError("cannot use %s: %s" % (exc.filename or store.path, exc.strerror or exc))
     verified = []
     try:
         for path in args.updates:
@@ -209,18 +220,21 @@ def run_apply_signed(args):
             sig = verify_file(path, data, trusted, args.model)
             signing.check_newer(sig, last)
             last = sig.sequence
-            verified.append(data)
+            # Exactly the bytes that were verified are applied (the file is not read again), under
+            # the file's name.
+            update = io.BytesIO(data)
+            update.name = path
+            verified.append(update)
     except NNCError as exc:
         raise CommandError("%s: %s" % (path, exc), EXIT_INVALID)
     except OSError as exc:
         raise CommandError("cannot read the signature of %s: %s" % (path, exc.strerror or exc))
-    # Apply exactly the bytes that were verified: the files are not read a second time.
-    status = run_apply(args, verified)
-    if status == 0:
-        try:
-            store.record(args.model, last)
-        except OSError as exc:
-            raise CommandError("cannot write %s: %s" % (store.path, exc.strerror or exc))
+    status = run_apply(args, verified, lambda state: store.begin(args.model, last, args.output, state.model))
+    try:
+        store.record(args.model, last)
+    except OSError as exc:
+        # The pending record already counts the update; settling it only spares the next run a hash.
+        sys.stderr.write("nnc-edge apply: warning: cannot write %s: %s\n" % (store.path, exc.strerror or exc))
     return status
 
 

@@ -12,8 +12,11 @@ tensor bytes, row-major, with neither gaps nor overlaps.
 import json
 import os
 import zipfile
+import zlib
 
 import numpy as np
+
+from .atomicfile import replacing
 
 SUFFIXES = (".safetensors", ".npz")
 
@@ -27,6 +30,9 @@ _ST_NAMES = {np.dtype(t): name for name, t in _ST_DTYPES.items()}
 
 # The safetensors reference refuses headers above 100 MB; so do we, before reading them.
 MAX_HEADER_BYTES = 100_000_000
+# numpy arrays have at most this many dimensions (32 before numpy 2.0): a file's tensor with more is
+# refused while its header is read, with the file's name, not by numpy's reshape.
+MAX_DIMENSIONS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
 _METADATA = "__metadata__"
 
 
@@ -51,17 +57,17 @@ def save(path, tensors, metadata=None):
     fmt = format_of(path)
     if fmt == "npz" and metadata:
         raise ModelFormatError("%s: .npz files cannot hold metadata" % path)
-    tmp = "%s.tmp%d" % (os.fspath(path), os.getpid())
-    try:
-        with open(tmp, "wb") as f:
-            if fmt == "safetensors":
-                write_safetensors(f, tensors, metadata)
-            else:
-                _write_npz(f, tensors)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with replacing(path) as f:
+        write(f, fmt, tensors, metadata)
+
+
+def write(f, fmt, tensors, metadata=None):
+    """Write a dict name -> array to the binary file ``f`` in the format ``fmt`` ("safetensors" or
+    "npz", see format_of)."""
+    if fmt == "safetensors":
+        write_safetensors(f, tensors, metadata)
+    else:
+        _write_npz(f, tensors)
 
 
 def load(path):
@@ -79,20 +85,7 @@ def tensor_shapes(path):
     if format_of(path) == "safetensors":
         with open(path, "rb") as f:
             return {name: shape for _, _, name, _, shape in read_safetensors_layout(f, path)[0]}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            out = {}
-            for member in zf.namelist():
-                if not member.endswith(".npy"):
-                    continue
-                with zf.open(member) as f:
-                    version = np.lib.format.read_magic(f)
-                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                            else np.lib.format.read_array_header_2_0)
-                    out[member[:-4]] = tuple(read(f)[0])
-            return out
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-        raise ModelFormatError("%s: not a valid .npz archive (%s)" % (path, exc))
+    return {name: shape for name, shape, _ in _npz_members(path, read=False)}
 
 
 def load_metadata(path):
@@ -116,6 +109,16 @@ def _little_endian(name, array):
         raise ModelFormatError("tensor names must be strings, not %r" % (name,))
     array = np.asarray(array)
     return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+
+
+def _check_dimensions(where, name, shape):
+    if len(shape) > MAX_DIMENSIONS:
+        raise ModelFormatError("%s: tensor %r has %d dimensions, more than the %d a numpy array can have"
+                               % (where, name, len(shape), MAX_DIMENSIONS))
+
+
+def _holds_objects(name):
+    return ModelFormatError("tensor %r holds Python objects, which a model file cannot hold" % (name,))
 
 
 def _contiguous_array(name, array):
@@ -203,6 +206,7 @@ def _read_safetensors_header(f, file_size, where):
         shape, offsets = info["shape"], info["data_offsets"]
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise ModelFormatError("%s: tensor %r has an invalid shape %r" % (where, name, shape))
+        _check_dimensions(where, name, shape)
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1] <= data_size):
             raise ModelFormatError("%s: tensor %r has data_offsets %r outside the %d data bytes"
@@ -248,20 +252,39 @@ def _write_npz(f, tensors):
         for name, array in tensors.items():
             array = _little_endian(name, array)
             if array.dtype.hasobject:
-                raise ModelFormatError("tensor %r holds Python objects, which .npz files here cannot" % name)
+                raise _holds_objects(name)
             with zf.open(name + ".npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
 
 
 def _load_npz(path):
+    return {name: data for name, _, data in _npz_members(path, read=True)}
+
+
+def _npz_members(path, read):
+    """(name, shape, array or None) of every member of an .npz archive, in stored order; each header
+    is checked before its data is read (with ``read``)."""
     try:
-        npz = np.load(path, allow_pickle=False)
-    except (zipfile.BadZipFile, EOFError, ValueError) as exc:
+        with zipfile.ZipFile(path) as zf:
+            return [_npz_member(path, zf, member, read) for member in zf.namelist()]
+    except ModelFormatError:
+        raise
+    except (zipfile.BadZipFile, EOFError, ValueError, zlib.error) as exc:
         raise ModelFormatError("%s: not a valid .npz archive (%s)" % (path, exc))
-    if not isinstance(npz, np.lib.npyio.NpzFile):
-        raise ModelFormatError("%s: not an .npz archive" % path)
-    with npz:
-        try:
-            return {name: npz[name] for name in npz.files}
-        except (zipfile.BadZipFile, EOFError, ValueError) as exc:
-            raise ModelFormatError("%s: cannot read an .npz member (%s)" % (path, exc))
+
+
+def _npz_member(path, zf, member, read):
+    if not member.endswith(".npy"):
+        raise ModelFormatError("%s: member %r is not a .npy array" % (path, member))
+    name = member[:-4]
+    with zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    _check_dimensions(path, name, shape)
+    if dtype.hasobject:
+        raise ModelFormatError("%s: %s" % (path, _holds_objects(name)))
+    if not read:
+        return name, tuple(shape), None
+    with zf.open(member) as f:
+        return name, tuple(shape), np.lib.format.read_array(f, allow_pickle=False)

@@ -2,8 +2,11 @@
 cli.EXTENSIONS). The protocol is described in transports/mqtt.py; the demo is nnc_edge/demo.py.
 
 Connection options are named as mosquitto_pub/mosquitto_sub name them: --username/-u,
---password/-P (or the environment variable NNC_EDGE_MQTT_PASSWORD, which keeps it out of the
-process list), --cafile, --cert, --key, --insecure, --id, --keepalive.
+--password/-P (or --password-file, or the environment variable NNC_EDGE_MQTT_PASSWORD, which keep it
+out of the process list), --cafile, --cert, --key, --insecure, --id, --keepalive.
+
+``nnc-edge receive --config FILE`` reads the same options from a TOML file (the device service,
+deploy/nnc-edge-receive@.service): each key is a long option's name, options on the command line win.
 """
 
 import argparse
@@ -19,7 +22,7 @@ from decoder_core import NNCError
 from transports.chain_record import default_state_dir
 
 from . import modelio
-from .cli import EXIT_INVALID, EXIT_IO, CommandError, arguments, command, read_input
+from .cli import EXIT_INVALID, EXIT_IO, CommandError, arguments, command, read_input, read_model
 
 PASSWORD_ENV = "NNC_EDGE_MQTT_PASSWORD"
 
@@ -46,6 +49,8 @@ def add_broker_arguments(parser, required=True):
     group.add_argument("-u", "--username", help="user name for the broker")
     group.add_argument("-P", "--password",
                        help="password for the broker (default: $%s)" % PASSWORD_ENV)
+    group.add_argument("--password-file", metavar="FILE",
+                       help="read the broker's password from the first line of FILE (an empty file: none)")
     group.add_argument("--cafile", help="CA certificates (PEM) to verify the broker with; implies TLS")
     group.add_argument("--cert", help="client certificate (PEM) for brokers that require one")
     group.add_argument("--key", help="the client certificate's private key (PEM)")
@@ -60,13 +65,30 @@ def add_broker_arguments(parser, required=True):
 
 def broker_settings(args, url=None):
     from transports.mqtt import BrokerSettings
-    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
+    password = args.password
+    if args.password_file is not None:
+        if password is not None:
+            raise CommandError("give --password or --password-file, not both", EXIT_INVALID)
+        password = _read_password(args.password_file)
+    elif password is None:
+        password = os.environ.get(PASSWORD_ENV)
     try:
         return BrokerSettings(url or args.broker, username=args.username, password=password, cafile=args.cafile,
                               cert=args.cert, key=args.key, insecure=args.insecure, client_id=args.client_id,
                               keepalive=args.keepalive)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_INVALID)
+
+
+def _read_password(path):
+    # An empty file stands for no password: what systemd hands the service when the unit's password
+    # credential has no file behind it.
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            line = f.readline()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CommandError("cannot read the password file %s: %s" % (path, getattr(exc, "strerror", None) or exc))
+    return line.rstrip("\r\n") or None
 
 
 @contextlib.contextmanager
@@ -168,12 +190,11 @@ def _publication(path, kind):
             from .encoding import encode
         except ImportError:
             raise CommandError("this nnc-edge cannot encode %s: publish an .nnc bitstream" % path, EXIT_INVALID)
+        tensors = read_model(path)
         try:
-            return encode(modelio.load(path)), "full"
-        except (modelio.ModelFormatError, ValueError) as exc:
+            return encode(tensors), "full"
+        except ValueError as exc:
             raise CommandError("%s: %s" % (path, exc), EXIT_INVALID)
-        except OSError as exc:
-            raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
     data = read_input(path)
     if kind == "auto":
         from .updates import read_update_info
@@ -227,10 +248,11 @@ def run_receive(args):
 
 def _receive_command(args):
     from transports import mqtt
+    args.config_options.settle(args)
     _check_model_name(args.model)
     settings = broker_settings(args)
     try:
-        store = mqtt.ModelStore(args.out, args.model)
+        store = mqtt.ModelStore(args.out, args.model, threads=args.threads)
     except (OSError, modelio.ModelFormatError) as exc:
         raise CommandError("cannot use %s: %s" % (args.out, exc))
     from .keys_cli import receiver_verifier
@@ -275,9 +297,131 @@ def _receive_arguments(parser):
                         help="exit (status 0) as soon as the model is at the version the publisher announces")
     parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                         help="give up after this long (exit status 1)")
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="decoding threads (default: the usable CPUs, at most 4: 1 on a Pi Zero, 4 on a Pi 5)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="read options from a TOML file: each key is a long option's name (broker, username, "
+                             "password-file, cafile, cert, key, model, out, trusted-key, ...), relative paths are "
+                             "taken from the file's folder, and options on the command line win")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only problems")
     parser.add_argument("-v", "--verbose", action="store_true", help="log MQTT details too")
     add_broker_arguments(parser)
+    parser.set_defaults(config_options=ConfigOptions(parser))
+
+
+# --- receive --config -----------------------------------------------------------------------------
+class _Default:
+    """An option's default while the command line is parsed: a value still of this type was not given
+    there, so a config file may set it."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __str__(self):  # for --help's "(default %(default)s)"
+        return str(self.value)
+
+
+class ConfigOptions:
+    """The options of a subcommand as a TOML config file may give them (``receive --config``).
+
+    Made when the subcommand's parser is configured: defaults other than None are wrapped in _Default
+    and required options become optional, so that settle() can tell what the command line gave and
+    require what neither gave. Options added to the parser later must default to None.
+    """
+
+    # Options whose value is a path: relative ones are taken from the config file's folder.
+    PATHS = ("out", "cafile", "cert", "key", "password-file", "trusted-key")
+    # Never read from a file: config files are often readable by others, the password is not.
+    REFUSED = ("config", "help", "password")
+
+    def __init__(self, parser):
+        self.parser = parser
+        self.required = []
+        for action in parser._actions:
+            if action.option_strings and action.default not in (None, argparse.SUPPRESS):
+                action.default = _Default(action.default)
+            if action.required:
+                action.required = False
+                self.required.append(action)
+
+    def options(self):
+        """{config key: argparse action}: the long option's name without its dashes."""
+        table = {}
+        for action in self.parser._actions:
+            names = [name[2:] for name in action.option_strings if name.startswith("--")]
+            if names and names[0] not in self.REFUSED:
+                table[names[0]] = action
+        return table
+
+    def settle(self, args):
+        """Each option from the command line, else from args.config, else its default."""
+        options = self.options()
+        config = self.read(args.config, options) if args.config is not None else {}
+        if args.password is not None:
+            config.pop("password-file", None)  # the command line's password wins over the file's
+        for key, action in options.items():
+            value = getattr(args, action.dest)
+            if value is None or isinstance(value, _Default):
+                value = config.get(key, value.value if isinstance(value, _Default) else None)
+            setattr(args, action.dest, value)
+        missing = ["--" + key for key, action in options.items()
+                   if action in self.required and getattr(args, action.dest) is None]
+        if missing:
+            raise CommandError("%s required, on the command line or in a --config file" % ", ".join(missing),
+                               EXIT_INVALID)
+        return args
+
+    def read(self, path, options):
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11: setup.py installs tomli there
+            import tomli as tomllib
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except OSError as exc:
+            raise CommandError("cannot read %s: %s" % (path, exc.strerror or exc))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise CommandError("%s: %s" % (path, exc), EXIT_INVALID)
+        folder = os.path.dirname(os.path.abspath(path))
+        values = {}
+        for name, value in table.items():
+            key = name.replace("_", "-")
+            if key == "password":
+                raise CommandError("%s: a config file holds no password: put it in a file of its own (mode 0600) "
+                                   "and name that with password-file" % path, EXIT_INVALID)
+            if key not in options:
+                raise CommandError("%s: unknown option %r (the options: %s)" % (path, name, ", ".join(sorted(options))),
+                                   EXIT_INVALID)
+            values[key] = self.convert(path, key, options[key], value, folder)
+        return values
+
+    def convert(self, path, key, action, value, folder):
+        """A TOML value as the command line's parsing would have left it."""
+        def bad(expected):
+            return CommandError("%s: %s must be %s, not %r" % (path, key, expected, value), EXIT_INVALID)
+
+        if action.nargs == 0:  # a flag (--once, --insecure, ...)
+            if not isinstance(value, bool):
+                raise bad("true or false")
+            return value
+        many = isinstance(action, argparse._AppendAction)
+        items = value if many and isinstance(value, list) else [value]
+        out = []
+        for item in items:
+            if action.type is not None:
+                if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+                    raise bad("a number")
+                try:
+                    item = action.type(str(item))
+                except (ValueError, argparse.ArgumentTypeError) as exc:
+                    raise CommandError("%s: %s: %s" % (path, key, exc), EXIT_INVALID)
+            elif not isinstance(item, str):
+                raise bad("a string" + (" or a list of strings" if many else ""))
+            elif key in self.PATHS:
+                item = os.path.join(folder, item)
+            out.append(item)
+        return out if many else out[0]
 
 
 # --- demo -----------------------------------------------------------------------------------------

@@ -22,9 +22,24 @@ from decoder_core import NNCError
 from decoder_core.decoder import unit_spans
 
 
+# The cores of a Raspberry Pi 3, 4 or 5. A device has its own work besides keeping its model current,
+# and the small models it receives seldom keep more threads busy; a host can ask for more.
+MAX_DEFAULT_THREADS = 4
+
+
+def usable_cpus():
+    """The CPUs this process may run on: its affinity mask where the OS has one (taskset, systemd's
+    CPUAffinity=, a container's cpuset), which os.cpu_count() ignores; else the CPU count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_threads():
-    """The default thread count: the number of CPUs."""
-    return os.cpu_count() or 1
+    """The default thread count: the usable CPUs, at most MAX_DEFAULT_THREADS. On a single-core Pi
+    (Zero, Zero W, 1) that is 1, and decoding runs on the calling thread without a thread pool."""
+    return min(usable_cpus(), MAX_DEFAULT_THREADS)
 
 
 def check_threads(threads):

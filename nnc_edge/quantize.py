@@ -301,9 +301,9 @@ class _RateModel:
         nbc = np.empty_like(cls_of)
         nbc[0] = 0
         nbc[1:] = cls_of[:-1]
-        counts = np.bincount(2 * (3 * s + nbc) + nonzero, minlength=48).reshape(24, 2)
+        counts = _bincount(2 * (3 * s + nbc) + nonzero, 48).reshape(24, 2)
         sig = _bin_bits(counts[:, 1], counts.sum(axis=1))
-        counts = np.bincount((2 * nbc + neg)[nonzero], minlength=6).reshape(3, 2)
+        counts = _bincount((2 * nbc + neg)[nonzero], 6).reshape(3, 2)
         sign = _bin_bits(counts[:, 1], counts.sum(axis=1))
         a = np.abs(k[nonzero])
         negative = neg[nonzero]
@@ -340,9 +340,15 @@ def _bin_bits(ones, total):
     return np.stack([-np.log2(1 - p), -np.log2(p)], axis=-1)
 
 
+def _bincount(values, size):
+    """np.bincount(values, minlength=size) of small non-negative integers. numpy < 2.2.4 refuses int64
+    input where intp has 32 bits (armhf: no 'safe' cast), so every caller goes through here."""
+    return np.bincount(np.asarray(values).astype(np.intp, copy=False), minlength=size)
+
+
 def _count_at_least(values, size):
     """c[j] = number of values >= j, for j = 0 .. size - 1 (values in 0 .. size - 1)."""
-    return np.cumsum(np.bincount(values, minlength=size)[::-1])[::-1].astype(np.float64)
+    return np.cumsum(_bincount(values, size)[::-1])[::-1].astype(np.float64)
 
 
 def _eg_prefix_length(r):
@@ -719,7 +725,7 @@ def integer_codebook(levels, estimate_bits=None, candidates=None,
     if size > MAX_LIST_ENTRIES:
         raise NNCError("codebook of %d entries exceeds the decoder's limit of %d" % (size, MAX_LIST_ENTRIES),
                        None, "codebook_size")
-    counts = np.bincount(index, minlength=size)
+    counts = _bincount(index, size)
     if candidates is None:
         if size <= 64:
             candidates = range(size)

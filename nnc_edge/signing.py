@@ -46,7 +46,9 @@ The device keeps the last applied sequence number per model in a ``SequenceStore
 replaced atomically) when updates are applied from files; over MQTT the version in the model
 file's metadata plays that part.
 
-Needs the ``cryptography`` package (imported on first use, so ``import nnc_edge`` stays light).
+Signing needs the ``cryptography`` package (imported on first use, so ``import nnc_edge`` stays light).
+Verifying uses it when it is importable, else the plain-Python ``transports.ed25519``: a device with no
+``cryptography`` wheel (armhf) verifies without building it.
 """
 
 import binascii
@@ -57,6 +59,8 @@ import stat
 import struct
 
 from decoder_core import NNCError
+
+from .atomicfile import clear_stale, write_file
 
 DOMAIN = b"nnc-edge signed bitstream v1\x00"
 NO_DIGEST = bytes(32)
@@ -90,6 +94,49 @@ def _ed25519():
 def _serialization():
     from cryptography.hazmat.primitives import serialization
     return serialization
+
+
+def _has_cryptography():
+    try:
+        import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# RFC 8410: an Ed25519 SubjectPublicKeyInfo is this DER prefix, then the 32-byte key.
+_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+
+
+class _PublicKey:
+    """A trusted key's verifier: ``cryptography`` when importable, else ``transports.ed25519``."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.key = _ed25519().Ed25519PublicKey.from_public_bytes(raw) if _has_cryptography() else None
+
+    def valid(self, signature, message):
+        if self.key is None:
+            from transports import ed25519
+            return ed25519.verify(self.raw, message, signature)
+        from cryptography.exceptions import InvalidSignature
+        try:
+            self.key.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+
+def _pem_public_raw(pem):
+    """The raw key of an Ed25519 public key PEM, read without ``cryptography``; ValueError otherwise."""
+    text = pem.decode("ascii", "replace")
+    begin, end = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
+    if begin not in text or end not in text:
+        raise ValueError("no PEM public key")
+    der = binascii.a2b_base64(text.split(begin, 1)[1].split(end, 1)[0])
+    if len(der) != len(_SPKI_PREFIX) + 32 or not der.startswith(_SPKI_PREFIX):
+        raise ValueError("not an Ed25519 SubjectPublicKeyInfo")
+    return der[len(_SPKI_PREFIX):]
 
 
 # --- what is signed -------------------------------------------------------------------------------
@@ -191,28 +238,33 @@ class TrustedKeys:
         raw = bytes(public_raw)
         if len(raw) != 32:
             raise ValueError("an Ed25519 public key has 32 bytes")
-        self.keys[key_id(raw)] = _ed25519().Ed25519PublicKey.from_public_bytes(raw)
+        self.keys[key_id(raw)] = _PublicKey(raw)
 
     @classmethod
     def load(cls, paths):
-        """Read PEM public keys (a .pub written by keygen, or any Ed25519 SubjectPublicKeyInfo); a
-        private key file is accepted too and only its public half is kept."""
+        """Read PEM public keys (a .pub written by keygen, or any Ed25519 SubjectPublicKeyInfo). A
+        private key is refused: a device that holds it could sign updates for every other."""
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        ed25519 = _ed25519()
-        serialization = _serialization()
+        python_only = not _has_cryptography()
+        if not python_only:
+            ed25519 = _ed25519()
+            serialization = _serialization()
         trusted = cls()
         for path in paths:
             with open(path, "rb") as f:
                 pem = f.read()
-            key = None
             try:
+                if python_only:
+                    trusted.add(_pem_public_raw(pem))
+                    continue
                 key = serialization.load_pem_public_key(pem)
-            except (ValueError, TypeError):
-                try:
-                    key = serialization.load_pem_private_key(pem, password=None).public_key()
-                except (ValueError, TypeError) as exc:
-                    raise SignatureError("%s is not a PEM Ed25519 key: %s" % (path, exc))
+            except (ValueError, TypeError) as exc:
+                if b"PRIVATE KEY-----" in pem:
+                    raise SignatureError("%s is a private key: a device trusts the public key (KEY.pub, which "
+                                         "nnc-edge keygen writes beside it); keep the private key on the publishing "
+                                         "host" % path)
+                raise SignatureError("%s is not a PEM Ed25519 key: %s" % (path, exc))
             if not isinstance(key, ed25519.Ed25519PublicKey):
                 raise SignatureError("%s is not an Ed25519 key" % path)
             trusted.add(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
@@ -223,15 +275,12 @@ class TrustedKeys:
 
     def verify(self, signature):
         """Raise SignatureError unless ``signature`` (a Signature) is valid under a trusted key."""
-        from cryptography.exceptions import InvalidSignature
         key = self.keys.get(signature.key_id)
         if key is None:
             raise SignatureError("signed by key %s, which is not a trusted key (trusted: %s)"
                                  % (_hex(signature.key_id), ", ".join(sorted(_hex(k) for k in self.keys)) or "none"),
                                  None, "signature key")
-        try:
-            key.verify(signature.signature, signature.statement())
-        except InvalidSignature:
+        if not key.valid(signature.signature, signature.statement()):
             raise SignatureError("the signature of %s does not match: the bitstream or its model, sequence or "
                                  "parent differ from what key %s signed" % (signature.describe(),
                                                                            _hex(signature.key_id)),
@@ -304,12 +353,7 @@ class Signature:
         return cls.from_text(data, path)
 
     def save(self, path):
-        tmp = "%s.tmp%d" % (path, os.getpid())
-        with open(tmp, "w") as f:
-            f.write(self.to_text())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_file(path, self.to_text().encode("utf-8"))
 
     # -- the MQTT envelope's extension --
     def pack_ext(self):
@@ -408,10 +452,21 @@ def check_newer(signature, last):
 
 
 class SequenceStore:
-    """The last applied sequence number per model, in a JSON file replaced atomically."""
+    """The last applied sequence number per model, in a JSON file replaced atomically.
+
+    Applying a signed update records it twice. Before the model file is replaced, ``begin``
+    writes (and fsyncs) a pending record: the sequence being applied, the model file and the digest
+    of the model the update produces. Until that file has that digest, the sequence before it
+    counts, so after a kill between the two steps the next run still accepts the update; once the
+    model is replaced, the update counts as applied, so a replay is refused even if ``record`` (the
+    settled record, which spares the next run hashing the model) never ran.
+
+    A store is its file's only writer: opening one removes the temporary files a killed writer left.
+    """
 
     def __init__(self, path):
         self.path = os.fspath(path)
+        clear_stale(self.path)
 
     def _read(self):
         try:
@@ -421,27 +476,61 @@ class SequenceStore:
             return {}
         except (ValueError, UnicodeError) as exc:
             raise SignatureError("%s is not a sequence file: %s" % (self.path, exc))
-        if not isinstance(data, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+        if not isinstance(data, dict) or not all(_is_sequence(v) or _is_pending(v) for v in data.values()):
             raise SignatureError("%s is not a sequence file (model -> last sequence)" % self.path)
         return data
 
     def last(self, model):
         """The last sequence applied for ``model``, or None."""
-        return self._read().get(model)
+        entry = self._read().get(model)
+        return entry if not isinstance(entry, dict) else entry["applying"] if _done(entry) else entry["last"]
+
+    def settle(self, model):
+        """Settle the record of an apply that was interrupted (a pending record): returns (the model
+        file, its digest) if the update got there, so that the caller can finish what that apply
+        did not; else None."""
+        entry = self._read().get(model)
+        if not isinstance(entry, dict):
+            return None
+        done = _done(entry)
+        self.record(model, entry["applying"] if done else entry["last"])
+        return (entry["model"], bytes.fromhex(entry["result"])) if done else None
 
     def check(self, signature):
         check_newer(signature, self.last(signature.model))
 
+    def begin(self, model, sequence, model_path, result):
+        """Record that ``sequence`` is being applied to the model file ``model_path``, which will then
+        hold the model with digest ``result``."""
+        self._write(model, {"last": self.last(model), "applying": sequence, "model": os.path.abspath(model_path),
+                            "result": _hex(result)})
+
     def record(self, model, sequence):
+        self._write(model, sequence)
+
+    def _write(self, model, entry):
         data = self._read()
-        data[model] = sequence
-        tmp = "%s.tmp%d" % (self.path, os.getpid())
-        with open(tmp, "w") as f:
-            json.dump(data, f, sort_keys=True, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data[model] = entry
+        write_file(self.path, (json.dumps(data, sort_keys=True, indent=1) + "\n").encode("utf-8"))
+
+
+def _done(pending):
+    """Whether the model file a pending record names holds the model it promises."""
+    from .updates import file_digest
+    try:
+        return file_digest(pending["model"]) == bytes.fromhex(pending["result"])
+    except (OSError, ValueError):  # no model file, or not one: the update did not get there
+        return False
+
+
+def _is_sequence(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_pending(value):
+    return (isinstance(value, dict) and set(value) == {"last", "applying", "model", "result"}
+            and (value["last"] is None or _is_sequence(value["last"])) and _is_sequence(value["applying"])
+            and isinstance(value["model"], str) and isinstance(value["result"], str))
 
 
 def signature_path(bitstream_path):

@@ -5,23 +5,16 @@
 """
 
 import argparse
+import contextlib
 import os
 
 from decoder_core import NNCError
 
 from . import modelio
-from .cli import CommandError, EXIT_INVALID, arguments, command
+from .atomicfile import Batch
+from .cli import CommandError, EXIT_INVALID, arguments, check_readable, command, read_model
 from .streaming import DEFAULT_CHUNK_SIZE
-from .updates import ChainState, apply_update, encode_update, model_digest, read_update_info, write_file, write_model
-
-
-def _load_model(path, what):
-    try:
-        return modelio.load(path)
-    except modelio.ModelFormatError as exc:
-        raise CommandError(str(exc), EXIT_INVALID)
-    except OSError as exc:
-        raise CommandError("cannot read %s %s: %s" % (what, path, exc.strerror or exc))
+from .updates import AnonymousUpdateError, ChainState, apply_update, encode_update, model_digest, read_update_info
 
 
 def _fraction(text):
@@ -55,8 +48,8 @@ def _positive(text):
                    "nnc-edge update --base m1.safetensors --new t2.safetensors -o u2.nnc --residual chain.state "
                    "--result m2.safetensors --sparsity 0.5"))
 def run_update(args):
-    base = _load_model(args.base, "base model")
-    new = _load_model(args.new, "new model")
+    base = read_model(args.base)
+    new = read_model(args.new)
     residual = None
     if args.residual is not None:
         if os.path.exists(args.residual):
@@ -68,30 +61,52 @@ def run_update(args):
                 raise CommandError("cannot read %s: %s" % (args.residual, exc.strerror or exc))
         else:
             residual = ChainState(model_digest(base))
-    try:
-        data, model = encode_update(base, new, qp=args.qp, dq=args.dq, sparsity=args.sparsity,
-                                    row_sparsity=args.row_sparsity, tca=args.tca, hdsp=args.hdsp, residual=residual,
-                                    error_feedback=args.error_feedback, sequence=args.sequence,
-                                    nncodec_compatible=args.nncodec_compatible, return_model=True)
-    except ValueError as exc:  # NNCError included: inputs that cannot be coded
-        raise CommandError(str(exc), EXIT_INVALID)
-    info = read_update_info(data)
-    try:
-        write_file(args.output, data)
+    result_format = _model_format(args.result) if args.result is not None else None
+    # All outputs or none: each one's temporary file is made before the (slow) encoding, so that an
+    # output that cannot be written is found before anything is written; all are renamed at the end.
+    with _outputs() as batch:
+        for path in (args.output, args.result, args.residual):
+            if path is not None:
+                batch.add(path)
+        try:
+            data, model = encode_update(base, new, qp=args.qp, dq=args.dq, sparsity=args.sparsity,
+                                        row_sparsity=args.row_sparsity, tca=args.tca, hdsp=args.hdsp,
+                                        residual=residual, error_feedback=args.error_feedback, sequence=args.sequence,
+                                        nncodec_compatible=args.nncodec_compatible, return_model=True)
+        except ValueError as exc:  # NNCError included: inputs that cannot be coded
+            raise CommandError(str(exc), EXIT_INVALID)
+        batch.write(args.output, lambda f: f.write(data))
         if args.result is not None:
-            write_model(args.result, model)
+            batch.write(args.result, lambda f: modelio.write(f, result_format, model))
         if residual is not None:
-            residual.save(args.residual)
-    except modelio.ModelFormatError as exc:
-        raise CommandError(str(exc), EXIT_INVALID)
-    except OSError as exc:
-        raise CommandError("cannot write %s: %s" % (exc.filename or args.output, exc.strerror or exc))
+            batch.write(args.residual, lambda f: residual.write(f, args.residual))
+        batch.commit()
+    info = read_update_info(data)
     if not args.quiet:
         changed = sum(1 for name in base if model[name] is not base[name])
         print("%s: update %d, %d bytes, %d of %d tensors changed; applies to %s, produces %s"
               % (args.output, info.sequence, len(data), changed, len(base), info.parent.hex()[:16],
                  info.result.hex()[:16]))
     return 0
+
+
+def _model_format(path):
+    try:
+        return modelio.format_of(path)
+    except modelio.ModelFormatError as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
+
+
+@contextlib.contextmanager
+def _outputs():
+    """An atomicfile.Batch whose write errors become CommandErrors that name the output."""
+    try:
+        with Batch() as batch:
+            yield batch
+    except modelio.ModelFormatError as exc:
+        raise CommandError(str(exc), EXIT_INVALID)
+    except OSError as exc:
+        raise CommandError("cannot write %s: %s" % (exc.filename, exc.strerror or exc))
 
 
 @arguments("update")
@@ -144,22 +159,25 @@ def _update_arguments(parser):
                      "tensor.",
          examples=("nnc-edge apply --base model.safetensors update.nnc -o model.safetensors",
                    "nnc-edge apply --base m0.safetensors u1.nnc u2.nnc u3.nnc -o m3.safetensors"))
-def run_apply(args, updates=None):
-    """``updates``: the bitstreams already read (and verified) by the caller, else args.updates are read."""
+def run_apply(args, updates=None, before_replace=None):
+    """``updates``: the bitstreams already read (and verified) by the caller, else args.updates are
+    read; ``before_replace`` as for apply_update."""
     if args.chunk_size < 1:
         raise CommandError("--chunk-size must be positive", EXIT_INVALID)
-    if updates is None:
-        for path in args.updates:
-            if not os.path.isfile(path):
-                raise CommandError("cannot read %s: no such file" % path)
-        updates = args.updates
+    for path in [args.base] + (args.updates if updates is None else []):
+        check_readable(path)  # what cannot be read is named as such, before anything is done
     try:
-        model, state = apply_update(args.base, updates, args.output, allow_anonymous=args.allow_anonymous,
-                                    chunk_size=args.chunk_size, return_state=True)
+        model, state = apply_update(args.base, args.updates if updates is None else updates, args.output,
+                                    allow_anonymous=args.allow_anonymous, chunk_size=args.chunk_size,
+                                    return_state=True, before_replace=before_replace)
+    except AnonymousUpdateError as exc:
+        raise CommandError("%s; --allow-anonymous applies it anyway" % exc, EXIT_INVALID)
     except modelio.ModelFormatError as exc:
         raise CommandError(str(exc), EXIT_INVALID)
     except OSError as exc:
-        raise CommandError("%s%s" % (exc.strerror or exc, (": " + exc.filename) if exc.filename else ""))
+        where = exc.filename or args.output
+        raise CommandError("cannot %s %s: %s" % ("read" if where == args.base != args.output else "write", where,
+                                                 exc.strerror or exc))
     if not args.quiet:
         where = (", now at update %d of its chain" % state.sequence) if state.sequence else ""
         print("%s: %d update%s applied%s (model %s)"

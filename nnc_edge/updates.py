@@ -56,7 +56,7 @@ Applying (the device)
 anything*, checks the record: the parent must be this model (else ``WrongBaseError``; a record whose
 result is this model is ``RepeatedUpdateError``; a sequence number past the next one is
 ``MissingUpdateError``); an update that continues the decoder state needs that state
-(``MissingStateError``); an update without a record is refused (``UpdateError``) unless
+(``MissingStateError``); an update without a record is refused (``AnonymousUpdateError``) unless
 ``allow_anonymous``. It then decodes the update while it streams in, in slices of at most 256 Ki
 elements (``decoder_core.StreamDecoder(slice_elements=...)``), and adds each decoded difference ``d``
 to its float32 tensor ``w``: ``w[i] + d[i]`` (IEEE 754 binary32 addition, round to nearest even,
@@ -66,8 +66,10 @@ an update may not add, remove or reshape tensors.
 
 The output is written only after every update given has been checked and applied: the new decoder
 state first (``MODEL.<digest prefix>.nncstate``, see below), then the model file, each into a
-temporary file in the target's directory, fsynced and renamed into place. On any error nothing is
-written: the old model file stays exactly as it was.
+temporary file in the target's directory, fsynced and renamed into place (nnc_edge.atomicfile). On
+any error nothing is written: the old model file stays exactly as it was. A call that is killed
+leaves the old model or the new one, and temporary files, which the next call removes; an empty
+bitstream is refused (NNCError), never applied as an update that changes nothing.
 
 Chain state
 -----------
@@ -120,6 +122,7 @@ the record's ``result``. ``encode_update(..., return_model=True)`` returns it wi
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -136,15 +139,18 @@ from decoder_core.tables import NNR_AGG, NNR_MPS, NNR_NDU
 from decoder_core.units import ParserState, nnr_unit_size, parse_unit
 
 from . import modelio
-from .sinks import _commit, _temp_beside, open_sink
+from .atomicfile import clear_stale, commit, discard, remove, temp_beside
+from .decoding import empty_bitstream
+from .sinks import open_sink
 from .streaming import DEFAULT_CHUNK_SIZE
 from .unitwriter import nnr_unit
 
 __all__ = [
     "UPDATE_INFO_UNIT_TYPE", "UpdateInfo", "ChainState", "model_digest", "update_topology", "read_update_info",
+    "unit_record", "remove_stale_states",
     "apply_update",
-    "encode_update", "state_path", "UpdateError", "WrongBaseError", "MissingUpdateError", "RepeatedUpdateError",
-    "MissingStateError", "CorruptUpdateError", "StateFileError",
+    "encode_update", "state_path", "file_digest", "UpdateError", "WrongBaseError", "MissingUpdateError",
+    "RepeatedUpdateError", "AnonymousUpdateError", "MissingStateError", "CorruptUpdateError", "StateFileError",
 ]
 
 UPDATE_INFO_UNIT_TYPE = 40   # Table 3: 32..63 are unspecified, skipped by conforming decoders
@@ -184,6 +190,10 @@ class MissingUpdateError(WrongBaseError):
 
 class RepeatedUpdateError(WrongBaseError):
     """The update (or an earlier one of its chain) has already been applied to the model."""
+
+
+class AnonymousUpdateError(UpdateError):
+    """The update carries no update record, so the model it applies to cannot be checked."""
 
 
 class MissingStateError(UpdateError):
@@ -376,13 +386,25 @@ def _read_leading_units(f):
                 raise UpdateError("more than one update record", start, "update record")
             if unit.partial_data_counter:
                 raise UpdateError("the update record is split into partial units", start, "update record")
-            info = UpdateInfo.from_bytes(buf[unit.header_end:start + size], start)
-            info.source = "unit"
+            info = unit_record(unit, buf)
         elif unit.nnr_unit_type == NNR_MPS and info is None:
-            text = unit.mps.get("base_model_id")
-            if text is not None and text.startswith(_TEXT_PREFIX):
-                info = UpdateInfo.from_text(text, start)
-                info.source = "base_model_id"
+            info = unit_record(unit, buf)
+
+
+def unit_record(unit, data):
+    """The UpdateInfo the NNR unit ``unit`` (parsed from ``data``) carries, or None: a unit of type
+    UPDATE_INFO_UNIT_TYPE is the record (UpdateError when it is not a valid one), an MPS carries it
+    when its base_model_id is the record's text."""
+    if unit.nnr_unit_type == UPDATE_INFO_UNIT_TYPE:
+        info = UpdateInfo.from_bytes(data[unit.header_end:unit.offset + unit.nnr_unit_size], unit.offset)
+        info.source = "unit"
+        return info
+    text = unit.mps.get("base_model_id") if unit.nnr_unit_type == NNR_MPS else None
+    if text is None or not text.startswith(_TEXT_PREFIX):
+        return None
+    info = UpdateInfo.from_text(text, unit.offset)
+    info.source = "base_model_id"
+    return info
 
 
 def read_update_info(update):
@@ -467,15 +489,22 @@ class ChainState:
     # -- files --
     def save(self, path):
         """Write the state to ``path`` atomically (the layout in the module docstring)."""
+        self._write(_StateWriter(None, path), lambda writer: writer.save(path, self))
+
+    def write(self, f, path):
+        """Write the state file for ``path`` into the binary file ``f`` (open for reading and writing,
+        e.g. an atomicfile.Batch's), which the caller completes."""
+        self._write(_StateWriter(None, path, f), lambda writer: writer.finish(self))
+
+    def _write(self, writer, complete):
         if set(self.history) - set(self.bases):
             raise ValueError("the chain state has a history but no integer tensor for %s"
                              % ", ".join(sorted(set(self.history) - set(self.bases))[:5]))
-        writer = _StateWriter(None, path)
         try:
             for name, levels in self.bases.items():
                 hist = self.history.get(name)
                 writer.put(name, levels, np.zeros(np.size(levels), np.uint8) if hist is None else hist)
-            writer.save(path, self)
+            complete(writer)
         finally:
             writer.close()
 
@@ -561,7 +590,7 @@ class _StateFile:
                 shape, offset = tuple(r["shape"]), r["offset"]
                 if not all(_is_count(d) for d in shape) or not _is_count(r["crc"]):
                     raise ValueError("residual %r: bad shape %r or crc" % (r["name"], r["shape"]))
-                self._check_region(r["name"], int(np.prod(shape)), offset, 4, at, self.residual)
+                self._check_region(r["name"], math.prod(shape), offset, 4, at, self.residual)
                 self.residual[r["name"]] = (shape, offset, r["crc"])
             self.chain_state()  # checks the chain's position
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
@@ -669,20 +698,23 @@ class _StateWriter:
     The decoder reads each tensor's previous state (from ``old``, a _StateFile, or none) and
     writes its new state a window at a time, so neither is ever whole in memory; the new state
     goes into a temporary file, which ``save`` completes (the tensors the updates left alone,
-    copied from ``old``, then the header) and renames. ``close`` removes it unless saved.
+    copied from ``old``, then the header) and renames. ``close`` removes it unless saved. With
+    ``file`` (a binary file open for reading and writing) the state goes there instead, and
+    ``finish`` completes it; the caller owns that file.
     """
 
-    def __init__(self, old, beside):
+    def __init__(self, old, beside, file=None):
         self.old = old
         self.beside = os.fspath(beside)
         self.tensors = {}  # name -> (count, offset, CRC-32 levels, CRC-32 history) in this file
-        self.file = self.tmp = None
+        self.file, self.tmp = file, None
+        self.own = file is None
         self.end = _STATE_PREAMBLE.size
         self.decoding = None  # the _TensorState of the tensor being decoded
 
     def _allocate(self, nbytes):
         if self.file is None:
-            self.file, self.tmp = _temp_beside(self.beside, STATE_SUFFIX + ".tmp")
+            self.file, self.tmp = temp_beside(self.beside, STATE_SUFFIX + ".tmp")
         at = self.end
         self.end += nbytes
         return at
@@ -731,8 +763,17 @@ class _StateWriter:
         self.tensors[name] = (history.size, at, zlib.crc32(levels), zlib.crc32(history))
 
     def save(self, path, state):
+        """``finish``, then fsync the file and rename it to ``path``."""
+        self.finish(state)
+        try:
+            commit(self.file, self.tmp, path)
+        except OSError as exc:
+            raise self._failed(exc) from exc
+        self.file = self.tmp = None
+
+    def finish(self, state):
         """Complete the file for the ChainState ``state`` (position, encoder fields and residual from
-        it, decoder state from the updates and ``old``), fsync it and rename it to ``path``."""
+        it, decoder state from the updates and ``old``)."""
         if self.file is None:
             self._allocate(0)
         if self.old is not None:
@@ -757,11 +798,6 @@ class _StateWriter:
             "residual": list(residual.values())}, sort_keys=True).encode("utf-8")
         self.write(self.end, header)
         self.write(0, _STATE_PREAMBLE.pack(_STATE_MAGIC, _STATE_VERSION, self.end, len(header)))
-        try:
-            _commit(self.file, self.tmp, path)
-        except OSError as exc:
-            raise self._failed(exc) from exc
-        self.file = self.tmp = None
 
     def _copy(self, name, entry):
         """Copy a tensor the updates left alone from ``old``, checking its CRCs on the way."""
@@ -782,7 +818,8 @@ class _StateWriter:
 
     def close(self):
         """Remove the temporary file unless saved; close ``old``."""
-        _remove_temp(self.file, self.tmp)
+        if self.own:
+            discard(self.file, self.tmp)
         self.file = self.tmp = None
         if self.old is not None:
             self.old.close()
@@ -863,6 +900,17 @@ class _TensorState:
                        self.entry[2 + part])
 
 
+def file_digest(path):
+    """The model digest of the model file ``path`` (a .safetensors file is read a megabyte at a time)."""
+    if modelio.format_of(path) != "safetensors":
+        return model_digest(modelio.load(path))
+    model = _FileModel(path, path)
+    try:
+        return model.digest()
+    finally:
+        model.close()
+
+
 def state_path(model_path, digest):
     """The device's decoder-state file for the model file ``model_path`` whose digest is ``digest``."""
     return "%s.%s%s" % (os.fspath(model_path), digest.hex()[:16], STATE_SUFFIX)
@@ -893,21 +941,6 @@ def _device_state(model_path, digest):
     return None
 
 
-def _remove_temp(f, tmp):
-    """Close and remove a temporary file on a failure path: removed even when close() fails (a full
-    disk fails the flush that close() does)."""
-    try:
-        if f is not None:
-            f.close()
-    except OSError:
-        pass  # the failure being handled is what the caller reports
-    finally:
-        if tmp is not None:
-            try:
-                os.remove(tmp)
-            except FileNotFoundError:
-                pass
-
 # --- applying -------------------------------------------------------------------------------------
 def add_difference(weights, difference, in_place=False):
     """The update rule: float32 ``weights + difference`` where the difference is nonzero, the weight
@@ -923,8 +956,8 @@ def _check_record(info, digest, state, label, allow_anonymous):
     if info is None:
         if allow_anonymous:
             return
-        raise UpdateError("%s carries no nnc-edge update record, so the model it applies to is unknown "
-                                 "(allow_anonymous / --allow-anonymous applies it anyway)" % label)
+        raise AnonymousUpdateError("%s carries no nnc-edge update record, so the model it applies to is unknown"
+                                   % label)
     known = state is not None and state.model == digest
     if not known and info.root == digest:
         state = ChainState(digest)  # the model is the chain's first base: at update 0
@@ -956,6 +989,12 @@ def _check_record(info, digest, state, label, allow_anonymous):
                                 "adaptation), which this device does not have: apply the chain with its state "
                                 "file (%s) kept beside the model" % (label, info.sequence, info.sequence - 1,
                                                                      "MODEL.<digest>" + STATE_SUFFIX))
+
+
+def _labelled(exc, label):
+    """The NNCError ``exc``, its message prefixed with the update's label."""
+    exc.args = ("%s: %s" % (label, exc.args[0]),)
+    return exc
 
 
 def _span(first, last):
@@ -992,9 +1031,10 @@ class _MemoryModel:
             self.tensors[name] = np.array(self.tensors[name], dtype=np.float32, copy=True)
         add_difference(self.tensors[name].reshape(-1)[start:start + diff.size], diff, in_place=True)
 
-    def save(self, state, save_state):
+    def save(self, state, save_state, before_replace=None):
         """Write the model, and its decoder state ``state`` with ``save_state(path)``; returns the tensors."""
-        _with_state(self.output, state, _model_writer(self.output, self.tensors, self.metadata), save_state)
+        _with_state(self.output, state, _model_writer(self.output, self.tensors, self.metadata), save_state,
+                    before_replace)
         return self.tensors
 
     def close(self):
@@ -1078,29 +1118,29 @@ class _FileModel:
 
     def _make_copy(self):
         header = modelio.safetensors_header(self._order, self.metadata)
-        self._copy, self._tmp = _temp_beside(self.output, ".tmp")
+        self._copy, self._tmp = temp_beside(self.output, ".tmp")
         self._copy.write(header)
         self._base.seek(self._start)
         shutil.copyfileobj(self._base, self._copy, _REGION_BYTES)
         self._file, self._start = self._copy, len(header)
 
-    def save(self, state, save_state):
+    def save(self, state, save_state, before_replace=None):
         """Write the decoder state ``state`` (``save_state(path)``), then fsync the copy and rename it
         onto the output (made now if nothing changed: the output still gets the model and its
         metadata); returns the output's tensors as read-only memmaps."""
-        _with_state(self.output, state, self._rename, save_state)
+        _with_state(self.output, state, self._rename, save_state, before_replace)
         return self._arrays()
 
     def _rename(self):
         if self._copy is None:
             self._make_copy()
         self._base.close()  # before the rename: some systems refuse to replace an open file
-        _commit(self._copy, self._tmp, self.output)
+        commit(self._copy, self._tmp, self.output)
         self._copy = self._tmp = None
 
     def close(self):
         self._base.close()
-        _remove_temp(self._copy, self._tmp)
+        discard(self._copy, self._tmp)
         self._copy = self._tmp = None
 
     def _arrays(self):
@@ -1130,7 +1170,9 @@ class _Applier:
         self.allow_anonymous = allow_anonymous
         self.writer = None
         given = state
-        stored = _device_state(state_beside, self.digest) if given is None and state_beside is not None else None
+        stored = None
+        if given is None and state_beside is not None:
+            stored = _device_state(state_beside, self.digest)
         try:
             if stored is not None:
                 state = stored.chain_state()
@@ -1149,12 +1191,23 @@ class _Applier:
             if stored is not None and self.writer is None:
                 stored.close()
         self.state = state if state is not None and state.model == self.digest else None
+        # (the base model file, its digest) when this call may tidy the state files beside it.
+        self.base_file = (state_beside, self.digest) if output is not None and state_beside is not None else None
 
     def apply(self, update):
         f, label, close = _open_update(update)
         try:
             prefix, info = _read_leading_units(f)
-            _check_record(info, self.digest, self.state, label, self.allow_anonymous)
+            if not prefix:
+                raise _labelled(empty_bitstream(), label)
+            try:
+                _check_record(info, self.digest, self.state, label, self.allow_anonymous)
+            except RepeatedUpdateError:
+                if self.base_file is not None and self.base_file[1] == self.digest:
+                    # A run killed after replacing the model may not have removed the state files
+                    # of the models before: the one this model needs is the only one to keep.
+                    remove_stale_states(*self.base_file)
+                raise
             seen = set()
             try:
                 for name, shape, start, values in self._slices(prefix, f):
@@ -1167,8 +1220,7 @@ class _Applier:
                     raise
                 if self.writer is not None:
                     self.writer.check_open()
-                exc.args = ("%s: %s" % (label, exc.args[0]),)
-                raise
+                raise _labelled(exc, label)
         finally:
             if close:
                 f.close()
@@ -1233,7 +1285,7 @@ class _Applier:
 
 
 def apply_update(base, updates, output=None, *, state=None, allow_anonymous=False, chunk_size=DEFAULT_CHUNK_SIZE,
-                 threads=None, limits=None, return_state=False):
+                 threads=None, limits=None, return_state=False, before_replace=None):
     """Apply one update, or a chain of them in order, to a model (the device side).
 
     ``base``: a model file (.safetensors / .npz; its decoder-state file beside it is used when present)
@@ -1255,13 +1307,20 @@ def apply_update(base, updates, output=None, *, state=None, allow_anonymous=Fals
     memory holds neither the model nor a whole tensor. The result is then a dict of read-only
     arrays mapped from ``output``; otherwise a dict of arrays in memory. Returns the model, or
     (model, ChainState) with ``return_state``.
+
+    ``before_replace(state)`` is called with the ChainState of the result after everything was
+    applied and the decoder state written, right before ``output`` is replaced: what must be on
+    disk before the new model is (a record of the sequence applied); if it raises, ``output`` is
+    not replaced. Temporary files that killed calls left beside ``output`` are removed first; the
+    state files of other models beside the model file go once it is replaced, or when the update
+    turns out to be applied already (by a call killed before it removed them).
     """
     return _apply(base, updates, output, state=state, allow_anonymous=allow_anonymous, chunk_size=chunk_size,
-                  threads=threads, limits=limits, return_state=return_state)
+                  threads=threads, limits=limits, return_state=return_state, before_replace=before_replace)
 
 
 def _apply(base, updates, output, state=None, allow_anonymous=False, chunk_size=DEFAULT_CHUNK_SIZE, threads=None,
-           limits=None, return_state=False, metadata=None):
+           limits=None, return_state=False, metadata=None, before_replace=None):
     """apply_update; ``metadata`` (a str -> str map) replaces the base's in a .safetensors output."""
     if isinstance(updates, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(updates, "read"):
         updates = [updates]
@@ -1279,13 +1338,15 @@ def _apply(base, updates, output, state=None, allow_anonymous=False, chunk_size=
         model = _MemoryModel(base, output, metadata)
     else:
         raise TypeError("base is a model file path or a dict of arrays, not %s" % type(base).__name__)
+    if output is not None:
+        _clear_leftovers(output)
     applier = None
     try:
         applier = _Applier(model, state, chunk_size, allow_anonymous, limits, state_beside, output)
         for update in updates:
             applier.apply(update)
         new_state, save_state = applier.finish_state()
-        tensors = model.tensors if output is None else model.save(new_state, save_state)
+        tensors = model.tensors if output is None else model.save(new_state, save_state, before_replace)
     finally:
         if applier is not None:
             applier.close()
@@ -1315,11 +1376,12 @@ def write_model(path, tensors, state=None, metadata=None):
     _with_state(path, state, _model_writer(path, tensors, metadata))
 
 
-def _with_state(model_path, state, write, save_state=None):
+def _with_state(model_path, state, write, save_state=None, before_replace=None):
     """write() the model file model_path with its decoder-state file ``state`` (None: none) written
-    first, by ``save_state(path)`` (default ``state.save``). Then remove the state files beside it
-    for other digests; if write() fails, remove the state file just made instead (unless one for
-    that digest was there before)."""
+    first, by ``save_state(path)`` (default ``state.save``), and ``before_replace(state)`` called
+    between the two. Then remove the state files beside it for other digests; if write() or
+    before_replace fails, remove the state file just made instead (unless one for that digest was
+    there before)."""
     if state is None:
         write()
         return
@@ -1327,20 +1389,31 @@ def _with_state(model_path, state, write, save_state=None):
     existed = os.path.exists(keep)
     (save_state or state.save)(keep)
     try:
+        if before_replace is not None:
+            before_replace(state)
         write()
     except BaseException:
         if not existed:
-            try:
-                os.remove(keep)
-            except OSError:
-                pass
+            remove(keep)
         raise
+    remove_stale_states(model_path, state.model)
+
+
+def remove_stale_states(model_path, digest):
+    """Remove the state files beside the model file ``model_path`` but the one for ``digest`` (the
+    model it holds): the ones of models it no longer holds, and one a killed apply wrote before
+    its rename."""
+    keep = os.path.abspath(state_path(model_path, digest))
     for stale in _state_files(model_path):
-        if os.path.abspath(stale) != os.path.abspath(keep):
-            try:
-                os.remove(stale)
-            except OSError:
-                pass
+        if os.path.abspath(stale) != keep:
+            remove(stale)
+
+
+def _clear_leftovers(output):
+    """Remove the temporary files that applies to ``output`` left when they were killed: the model
+    copy and the state file being written."""
+    for suffix in (".tmp", STATE_SUFFIX + ".tmp"):
+        clear_stale(output, suffix)
 
 
 # --- encoding (the host) --------------------------------------------------------------------------
@@ -1549,14 +1622,3 @@ def encode_update(base, new, *, qp=-32, dq=True, sparsity=None, row_sparsity=Non
     if return_model:
         return data, model
     return data
-
-
-def write_file(path, data):
-    """Write bytes to ``path`` atomically: a temporary file beside it, fsync, rename."""
-    f, tmp = _temp_beside(path, ".tmp")
-    try:
-        f.write(data)
-        _commit(f, tmp, path)
-        f = tmp = None
-    finally:
-        _remove_temp(f, tmp)

@@ -119,7 +119,7 @@ def test_refusals_and_failures_leave_no_trace(short_chain, tmp_path, monkeypatch
     # The disk fails at the rename.
     def full_disk(f, tmp, path):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(updates, "_commit", full_disk)
+    monkeypatch.setattr(updates, "commit", full_disk)
     with pytest.raises(OSError, match="No space left"):
         apply_update(model, short_chain.updates[1], model)
     monkeypatch.undo()

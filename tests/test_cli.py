@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import decoder_core
@@ -318,3 +319,115 @@ def test_readme_python_api_examples_run(tmp_path, monkeypatch, capsys):
     assert "layer0.bias (17,) f 17" in out
     assert "185 nnr_unit_size nnr_unit_size 4774 runs past the end" in out
     assert nnc_edge.NNCError is decoder_core.NNCError
+
+
+# --- issue 16, finding 11: decode's outputs, empty bitstreams, the update record ------------------
+TCA = [str(CONFORMANCE_DIR / "p1_tca_0.nnc"), str(CONFORMANCE_DIR / "p1_tca_1.nnc")]
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_decode_several_inputs_into_what_cannot_be_their_directory(tmp_path, capsys, monkeypatch, stream):
+    (tmp_path / "file").write_bytes(b"mine")
+    target = str(tmp_path / "file")
+    assert run(capsys, "decode", *TCA, "-o", target, *stream) == (
+        2, "", "nnc-edge decode: error: -o %s is a file: several inputs are decoded into a directory\n" % target)
+    below = str(tmp_path / "file" / "sub")
+    assert run(capsys, "decode", *TCA, "-o", below, *stream) == (
+        1, "", "nnc-edge decode: error: cannot create the directory %s: Not a directory\n" % below)
+
+    def refused(path, mode=0o777, exist_ok=False):
+        raise PermissionError(13, "Permission denied", os.path.dirname(path))
+    monkeypatch.setattr(os, "makedirs", refused)
+    new = str(tmp_path / "new")
+    assert run(capsys, "decode", *TCA, "-o", new, *stream) == (
+        1, "", "nnc-edge decode: error: cannot create the directory %s: Permission denied\n" % new)
+    assert sorted(os.listdir(tmp_path)) == ["file"] and (tmp_path / "file").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_an_empty_bitstream_is_an_error_not_an_empty_model(tmp_path, capsys, stream):
+    empty = tmp_path / "empty.nnc"
+    empty.write_bytes(b"")
+    (tmp_path / "m.safetensors").write_bytes(b"the model before")
+    message = "nnc-edge decode: error: %s: the bitstream is empty (0 bytes)\n" % empty
+    assert run(capsys, "decode", str(empty), "-o", str(tmp_path / "m.safetensors"), *stream) == (2, "", message)
+    # In a chain, before anything of the chain is written.
+    assert run(capsys, "decode", MODEL, str(empty), "-o", str(tmp_path / "d"), *stream) == (2, "", message)
+    assert sorted(os.listdir(tmp_path)) == ["empty.nnc", "m.safetensors"]
+    assert (tmp_path / "m.safetensors").read_bytes() == b"the model before"
+
+
+def test_the_api_refuses_an_empty_bitstream():
+    for decode in (nnc_edge.decode, nnc_edge.Decoder().decode):
+        with pytest.raises(decoder_core.NNCError) as info:
+            decode(b"")
+        assert str(info.value) == "the bitstream is empty (0 bytes)"
+    with pytest.raises(decoder_core.NNCError) as info:
+        nnc_edge.apply_update({"w": np.zeros(3, np.float32)}, b"")
+    assert str(info.value) == "<update>: the bitstream is empty (0 bytes)"
+
+
+def test_publish_refuses_an_empty_bitstream_before_connecting(tmp_path, capsys):
+    empty = tmp_path / "empty.nnc"
+    empty.write_bytes(b"")
+    # Port 9 (discard) on loopback: nothing listens; a connection attempt would fail differently.
+    status, out, err = run(capsys, "publish", str(empty), "--broker", "mqtt://127.0.0.1:9", "--model", "kws",
+                           "--retries", "0", "--state-dir", str(tmp_path / "state"))
+    assert (status, out, err) == (2, "", "nnc-edge publish: error: %s: the bitstream is empty (0 bytes)\n" % empty)
+
+
+def _record_columns(info):
+    flags = "0x%02x%s" % (info.flags, " (continues_state)" if info.continues_state else "")
+    return "update %d: parent %s, result %s, root %s, flags %s" % (
+        info.sequence, info.parent.hex()[:16], info.result.hex()[:16], info.root.hex()[:16], flags)
+
+
+@pytest.mark.parametrize("nncodec_compatible", [False, True])
+def test_inspect_shows_the_update_record(tmp_path, capsys, nncodec_compatible):
+    from nnc_edge.updates import ChainState, encode_update, model_digest, read_update_info
+
+    rng = np.random.default_rng(5)
+    base = {"w": rng.normal(size=(16, 8)).astype(np.float32)}
+    state = ChainState(model_digest(base))
+    steps = []
+    for _ in range(2):
+        new = {"w": (base["w"] + 0.05 * rng.normal(size=(16, 8))).astype(np.float32)}
+        data, base = encode_update(base, new, residual=state, return_model=True,
+                                   nncodec_compatible=nncodec_compatible)
+        steps.append(data)
+    path = tmp_path / "u2.nnc"
+    path.write_bytes(steps[1])
+    info = read_update_info(steps[1])
+    assert info.sequence == 2 and (info.continues_state or nncodec_compatible)
+    status, out, err = run(capsys, "inspect", str(path))
+    assert status == 0 and err == ""
+    unit = "NNR_MPS" if nncodec_compatible else "NNR_UNSP"
+    rows = [line for line in out.splitlines() if line.split()[2] == unit]
+    assert len(rows) == 1 and rows[0].endswith("  " + _record_columns(info))
+    status, out, err = run(capsys, "inspect", "--json", str(path))
+    record = [u for u in json.loads(out) if u["type_name"] == unit][0]["update_record"]
+    assert record == {"sequence": 2, "parent": info.parent.hex(), "result": info.result.hex(),
+                      "root": info.root.hex(), "flags": info.flags, "continues_state": info.continues_state}
+
+
+def test_inspect_leaves_other_unspecified_units_alone(tmp_path, capsys):
+    """Type 40 is an application's: another application's payload is listed as it is, not as a record."""
+    path = tmp_path / "extra.nnc"
+    path.write_bytes(read_vector("p1_model_dict") + bytes([0x00, 0x07, 40 << 2]) + b"NNCX")
+    status, out, err = run(capsys, "inspect", str(path))
+    assert status == 0 and out.splitlines()[-1].split()[2:] == ["NNR_UNSP", "1", "-", "-", "-", "-", "0"]
+
+
+@pytest.mark.parametrize("argv", [["inspect"], ["inspect", "--json"], ["sign", "--key", "k", "--model", "kws"],
+                                  ["verify", "--trusted-key", "k.pub"]])
+def test_every_command_reading_a_bitstream_refuses_an_empty_one(tmp_path, capsys, argv, monkeypatch):
+    from nnc_edge import signing
+
+    signing.SigningKey.generate().save(str(tmp_path / "k"))
+    empty = tmp_path / "empty.nnc"
+    empty.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    status, out, err = run(capsys, argv[0], str(empty), *argv[1:])
+    assert (status, out, err) == (2, "", "nnc-edge %s: error: %s: the bitstream is empty (0 bytes)\n"
+                                  % (argv[0], empty))
+    assert sorted(os.listdir(tmp_path)) == ["empty.nnc", "k", "k.pub"]

@@ -247,15 +247,16 @@ def test_npz_holding_a_plain_npy(tmp_path):
     path = tmp_path / "m.npz"
     with open(path, "wb") as f:
         np.save(f, np.zeros(3))
-    with pytest.raises(ModelFormatError, match="not an .npz archive"):
+    with pytest.raises(ModelFormatError, match="not a valid .npz archive"):
         modelio.load(path)
 
 
 def test_npz_with_pickled_objects_is_refused(tmp_path):
     path = tmp_path / "m.npz"
     np.savez(path, x=np.array([{"a": 1}], dtype=object))
-    with pytest.raises(ModelFormatError, match="cannot read an .npz member"):
+    with pytest.raises(ModelFormatError) as info:
         modelio.load(path)
+    assert str(info.value) == "%s: tensor 'x' holds Python objects, which a model file cannot hold" % path
 
 
 def test_npz_truncated(tmp_path):
@@ -284,3 +285,44 @@ def test_tensor_shapes_of_a_broken_archive(tmp_path):
         modelio.tensor_shapes(str(path))
     with pytest.raises(FileNotFoundError):
         modelio.tensor_shapes(str(tmp_path / "missing.safetensors"))
+
+
+# --- issue 16, finding 11: what numpy cannot hold is refused with the file's name ------------------
+def deep_npz(path, dims):
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_2_0(member, {"descr": "<f4", "fortran_order": False, "shape": (1,) * dims})
+    member.write(bytes(4))
+    with zipfile.ZipFile(str(path), "w") as zf:
+        zf.writestr("deep.npy", member.getvalue())
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_a_tensor_with_more_dimensions_than_numpy_allows_is_refused(tmp_path, suffix):
+    path = tmp_path / ("m" + suffix)
+    dims = modelio.MAX_DIMENSIONS + 1
+    if suffix == ".npz":
+        deep_npz(path, dims)
+    else:
+        path.write_bytes(modelio.safetensors_header([("deep", np.float32, [1] * dims)]) + bytes(4))
+    message = "%s: tensor 'deep' has %d dimensions, more than the %d a numpy array can have" % (
+        path, dims, modelio.MAX_DIMENSIONS)
+    for read in (modelio.load, modelio.tensor_shapes):
+        with pytest.raises(ModelFormatError) as info:
+            read(path)
+        assert str(info.value) == message
+    deep_npz(tmp_path / "ok.npz", modelio.MAX_DIMENSIONS)
+    assert modelio.load(tmp_path / "ok.npz")["deep"].shape == (1,) * modelio.MAX_DIMENSIONS
+
+
+def test_an_npz_member_that_is_not_an_array_is_refused(tmp_path):
+    import zipfile
+
+    path = tmp_path / "m.npz"
+    with zipfile.ZipFile(str(path), "w") as zf:
+        zf.writestr("readme.txt", "hello")
+    for read in (modelio.load, modelio.tensor_shapes):
+        with pytest.raises(ModelFormatError) as info:
+            read(path)
+        assert str(info.value) == "%s: member 'readme.txt' is not a .npy array" % path

@@ -358,12 +358,18 @@ def test_receiver_abandons_a_gap_after_the_timeout(tmp_path, caplog):
     _same_tensors(modelio.load(rx.store.path), host.expected)
 
 
-def test_receiver_refuses_corrupt_data_and_keeps_the_model(tmp_path, caplog):
+def _at_version_1(tmp_path):
+    """(host, receiver): the device has the host's full model 1."""
     host = Host()
     rx = _receiver(tmp_path)
     seq, payloads = host.full(_model(1))
     rx.on_status(host.status())
     _deliver(rx, seq, payloads)
+    return host, rx
+
+
+def test_receiver_refuses_corrupt_data_and_keeps_the_model(tmp_path, caplog):
+    host, rx = _at_version_1(tmp_path)
     before = _file_bytes(rx.store.path)
     seq, payloads = host.update(_model(2, 0.01))
     bad = bytearray(payloads[-1])
@@ -525,6 +531,42 @@ def test_signing_and_verifying_hooks(tmp_path, caplog, conformance_dir):
     _deliver(rx, 1, plan.payloads)
     assert rx.store.version == (1, plan.digest)
     _same_tensors(modelio.load(rx.store.path), nnc_edge.decode(data))
+
+
+def test_a_device_without_a_model_says_so(tmp_path, caplog, monkeypatch):
+    """Issue 16, finding 11: not "the model stays at no model"."""
+    host = Host()
+    seq, payloads = host.full(_model(1))
+    rx = _receiver(tmp_path)
+
+    def full_disk(writer):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(mqtt.FullModelWriter, "commit", full_disk)
+    with caplog.at_level(logging.WARNING, logger="nnc_edge.mqtt"):
+        rx.on_status(host.status())
+        _deliver(rx, seq, payloads)
+        for _ in range(2):
+            rx.clock.now += 6.0
+            rx.tick()
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("model kws: abandoned full model 1 (") and line.endswith("; the device still has no model")
+               for line in lines), lines
+    assert any(line.startswith("model kws: the status announces version 1, but the device has no model: ")
+               for line in lines), lines
+    assert not any("stays at no model" in line for line in lines), lines
+
+
+def test_an_empty_publication_is_refused_not_taken_for_an_empty_model(tmp_path, caplog):
+    """Issue 16, finding 11: a 0-byte bitstream is an error, over MQTT too."""
+    host, rx = _at_version_1(tmp_path)
+    before = _file_bytes(rx.store.path)
+    digest, empty = envelope.messages(MODEL, FULL, 2, [b""])
+    rx.on_status(envelope.Status(MODEL, 2, digest, 2, [1]).payload())
+    with caplog.at_level(logging.WARNING, logger="nnc_edge.mqtt"):
+        _deliver(rx, 2, empty)
+    assert "refused full model 2 (%s): the bitstream is empty (0 bytes); the model stays at version 1" \
+        % digest.hex()[:12] in caplog.text
+    assert rx.store.version[0] == 1 and _file_bytes(rx.store.path) == before
 
 
 def test_store_with_a_damaged_model_file_has_no_version(tmp_path, caplog):

@@ -311,3 +311,33 @@ def test_mqtt_signed_publication_is_applied_and_others_refused(tmp_path, key, ot
     receive(rx, "kws", 4, *publication("kws", 4, encode(new), key))
     assert store.version[0] == 5 and read(store.path) == before
     assert "refused as a replay" in rx.events[-1]
+
+
+def test_a_private_key_is_refused_as_a_trusted_key(signed_update, capsys):
+    """Issue 16, finding 11: a device given the publisher's private key would hold what signs updates."""
+    d = signed_update
+    private = str(d / "pub.key")
+    message = ("%s is a private key: a device trusts the public key (KEY.pub, which nnc-edge keygen writes beside "
+               "it); keep the private key on the publishing host" % private)
+    with pytest.raises(SignatureError) as info:
+        signing.TrustedKeys.load(private)
+    assert str(info.value) == message
+    before = read(str(d / "base.safetensors"))
+    assert apply(d, key="pub.key") == 2
+    assert capsys.readouterr().err == "nnc-edge apply: error: %s\n" % message
+    assert read(str(d / "dev.safetensors")) == before
+    assert not os.path.exists(str(d / "nnc-edge-sequences.json"))
+    assert cli.main(["verify", str(d / "u1.nnc"), "--trusted-key", private]) == 2
+    assert capsys.readouterr().err == "nnc-edge verify: error: %s\n" % message
+
+
+def test_apply_names_the_update_it_refuses(signed_update, capsys):
+    """The verified bytes are applied, not the file: refusals still name the file."""
+    d = signed_update
+    base, new = models()
+    second = encode_update(new, base, sequence=2)  # an update of another model than the device's
+    (d / "u2.nnc").write_bytes(second)
+    assert cli.main(["sign", str(d / "u2.nnc"), "--key", str(d / "pub.key"), "--model", "kws", "-q"]) == 0
+    assert apply(d, update="u2.nnc") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nnc-edge apply: error: %s: update 2 applies to the model with digest " % (d / "u2.nnc"))

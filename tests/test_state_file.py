@@ -263,7 +263,7 @@ def test_a_full_disk_while_the_state_is_written_changes_nothing(two_step_chain, 
     model, _, _ = after_first
     folder = os.path.dirname(model)
     before = snapshot(folder)
-    original = updates._temp_beside
+    original = updates.temp_beside
 
     def temp_beside(path, suffix):
         f, tmp = original(path, suffix)
@@ -276,7 +276,7 @@ def test_a_full_disk_while_the_state_is_written_changes_nothing(two_step_chain, 
             return f, tmp
         return FullDisk(f, fail_at), tmp
 
-    monkeypatch.setattr(updates, "_temp_beside", temp_beside)
+    monkeypatch.setattr(updates, "temp_beside", temp_beside)
     with pytest.raises(OSError, match="No space left on device") as info:
         apply_update(model, ups[1], model)
     assert info.value.filename == model  # the user's file, not a temporary name

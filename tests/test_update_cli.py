@@ -170,3 +170,107 @@ def test_decode_an_update_with_its_topology(models, capsys, stream):
         assert np.array_equal(applied[name], add_difference(base[name], diff))
     status, out, err = run(capsys, "decode", d / "u1.nnc", "--topology", d / "missing.safetensors", "-o", d / "x.npz")
     assert status != 0 and "missing.safetensors" in err
+
+
+# --- issue 16, finding 11: outputs all or nothing, messages that name the user's files ------------
+@pytest.fixture
+def small(tmp_path):
+    """b.safetensors and n.safetensors (two small tensors), and u1.nnc from one to the other."""
+    rng = np.random.default_rng(3)
+    base = {"w": rng.normal(size=(16, 8)).astype(np.float32), "b": rng.normal(size=8).astype(np.float32)}
+    new = {k: (v + 0.01 * rng.normal(size=v.shape)).astype(np.float32) for k, v in base.items()}
+    modelio.save(tmp_path / "b.safetensors", base)
+    modelio.save(tmp_path / "n.safetensors", new)
+    (tmp_path / "u1.nnc").write_bytes(nnc_edge.encode_update(base, new))
+    return tmp_path
+
+
+def snapshot(d):
+    return {name: sha(d / name) for name in sorted(os.listdir(d)) if os.path.isfile(d / name)}
+
+
+@pytest.mark.parametrize("where", ["output", "result", "residual"])
+def test_update_writes_every_output_or_none(small, capsys, where):
+    d = small
+    outputs = {"output": d / "u.nnc", "result": d / "m1.safetensors", "residual": d / "chain.state"}
+    outputs[where] = d / "nodir" / outputs[where].name
+    (d / "u.nnc").write_bytes(b"the previous update")
+    before = snapshot(d)
+    status, out, err = run(capsys, "update", "--base", d / "b.safetensors", "--new", d / "n.safetensors",
+                           "-o", outputs["output"], "--result", outputs["result"], "--residual", outputs["residual"])
+    assert (status, out) == (1, "")
+    assert err == "nnc-edge update: error: cannot write %s: No such file or directory\n" % outputs[where]
+    assert snapshot(d) == before and sorted(os.listdir(d)) == sorted(before)
+
+
+def test_update_checks_the_result_format_before_writing(small, capsys):
+    d = small
+    before = snapshot(d)
+    status, out, err = run(capsys, "update", "--base", d / "b.safetensors", "--new", d / "n.safetensors",
+                           "-o", d / "u.nnc", "--result", d / "m1.bin")
+    assert (status, out) == (2, "")
+    assert err == ("nnc-edge update: error: %s: unsupported model file suffix '.bin' (use .safetensors or .npz)\n"
+                   % (d / "m1.bin"))
+    assert snapshot(d) == before
+
+
+def deep_model(path):
+    """A .safetensors file with a 65-dimensional tensor, which numpy cannot hold."""
+    header = modelio.safetensors_header([("deep", np.float32, [1] * 65), ("w", np.float32, [2])])
+    path.write_bytes(header + bytes(12))
+
+
+def test_a_tensor_with_more_than_64_dimensions_is_a_clear_error(small, capsys):
+    d = small
+    deep_model(d / "deep.safetensors")
+    message = ("%s: tensor 'deep' has 65 dimensions, more than the %d a numpy array can have\n"
+               % (d / "deep.safetensors", modelio.MAX_DIMENSIONS))
+    for argv in (["update", "--base", d / "deep.safetensors", "--new", d / "n.safetensors", "-o", d / "x.nnc"],
+                 ["update", "--base", d / "b.safetensors", "--new", d / "deep.safetensors", "-o", d / "x.nnc"],
+                 ["encode", d / "deep.safetensors", "-o", d / "x.nnc"],
+                 ["apply", "--base", d / "deep.safetensors", d / "u1.nnc", "-o", d / "x.safetensors"],
+                 ["apply", "--base", d / "deep.safetensors", d / "u1.nnc", "-o", d / "x.npz"],
+                 ["decode", d / "u1.nnc", "--topology", d / "deep.safetensors", "-o", d / "x.npz"]):
+        status, out, err = run(capsys, *argv)
+        assert (status, out, err) == (2, "", "nnc-edge %s: error: %s" % (argv[0], message)), argv
+    assert not any(os.path.exists(d / name) for name in ("x.nnc", "x.safetensors", "x.npz"))
+
+
+def test_model_file_errors_say_what_is_wrong_once(small, capsys):
+    d = small
+    (d / "empty.safetensors").write_bytes(b"")
+    np.savez(d / "objects.npz", a=np.array([{"x": 1}], dtype=object))
+    (d / "adir.safetensors").mkdir()
+    empty = "%s: too short for a safetensors header length" % (d / "empty.safetensors")
+    objects = "%s: tensor 'a' holds Python objects, which a model file cannot hold" % (d / "objects.npz")
+    directory = "cannot read %s: Is a directory" % (d / "adir.safetensors")
+    for model, message, status in ((d / "empty.safetensors", empty, 2), (d / "objects.npz", objects, 2),
+                                   (d / "adir.safetensors", directory, 1)):
+        for argv in (["encode", model, "-o", d / "x.nnc"],
+                     ["update", "--base", model, "--new", d / "n.safetensors", "-o", d / "x.nnc"],
+                     ["apply", "--base", model, d / "u1.nnc", "-o", d / "x.safetensors"],
+                     ["decode", d / "u1.nnc", "--topology", model, "-o", d / "x.npz"]):
+            got = run(capsys, *argv)
+            assert got == (status, "", "nnc-edge %s: error: %s\n" % (argv[0], message)), argv
+
+
+def test_apply_names_the_files_it_cannot_use(small, capsys):
+    d = small
+    (d / "adir.nnc").mkdir()
+    (d / "out.safetensors").mkdir()
+    (d / "empty.nnc").write_bytes(b"")
+    before = snapshot(d)
+    cases = [
+        ([d / "adir.nnc", "-o", d / "x.safetensors"], 1, "cannot read %s: Is a directory" % (d / "adir.nnc")),
+        ([d / "u1.nnc", "-o", d / "out.safetensors"], 1, "cannot write %s: Is a directory" % (d / "out.safetensors")),
+        ([d / "u1.nnc", "-o", d / "nodir" / "x.safetensors"], 1,
+         "cannot write %s: No such file or directory" % (d / "nodir" / "x.safetensors")),
+        ([d / "empty.nnc", "-o", d / "x.safetensors"], 2, "%s: the bitstream is empty (0 bytes)" % (d / "empty.nnc")),
+        ([CONFORMANCE_DIR / "p1_tca_0.nnc", "-o", d / "x.safetensors"], 2,
+         "%s carries no nnc-edge update record, so the model it applies to is unknown; --allow-anonymous applies "
+         "it anyway" % (CONFORMANCE_DIR / "p1_tca_0.nnc")),
+    ]
+    for argv, status, message in cases:
+        got = run(capsys, "apply", "--base", d / "b.safetensors", *argv)
+        assert got == (status, "", "nnc-edge apply: error: %s\n" % message), argv
+        assert snapshot(d) == before

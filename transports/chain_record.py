@@ -48,9 +48,9 @@ def _escape(text):
 
 
 def _write_atomically(path, data):
-    """Replace ``path`` with ``data`` (nnc_edge.updates.write_file: a new file beside it, created with
+    """Replace ``path`` with ``data`` (nnc_edge.atomicfile.write_file: a new file beside it, created with
     O_EXCL, fsynced, renamed over it): after a crash the file is the old or the new one."""
-    from nnc_edge.updates import write_file
+    from nnc_edge.atomicfile import write_file
     write_file(path, data)
 
 

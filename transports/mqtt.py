@@ -185,12 +185,16 @@ def split_bitstream(data, max_body_bytes):
 
     Units are kept whole. An NDU (or a partial-data sequence with a part) larger than a body is
     re-coded as partial-data units (6.4.3.1) whose payloads fit. The decoded tensors are the same.
-    Raises NNCError for a malformed bitstream and ValueError for a unit that cannot be made to fit
-    (a large non-NDU unit, or an NDU needing more than 255 partial units).
+    Raises NNCError for a malformed bitstream (an empty one included: no device may take it for an
+    empty model) and ValueError for a unit that cannot be made to fit (a large non-NDU unit, or an
+    NDU needing more than 255 partial units).
     """
     from nnc_edge import unitwriter  # CPython only (host side)
+    from nnc_edge.decoding import empty_bitstream
 
     data = bytes(data)
+    if not data:
+        raise empty_bitstream()
     state = ParserState()
     units = []   # complete units (bytes) in stream order
     seq = None   # an open partial-data sequence: [header, [payload, ...], [unit bytes, ...], next counter]
@@ -1046,13 +1050,17 @@ class Receiver:
             self._done(a)
 
     def _acceptable(self, env):
+        if env.total == 0:
+            from nnc_edge.decoding import empty_bitstream
+            self._refuse(env, str(empty_bitstream()))  # never taken for an empty model
+            return False
         if self.verify is not None:
             try:
                 self.verify(env)
             except NNCError as exc:
                 self.unverified.add(_identity(env))
-                self._event("warning", "model %s: refused %s: %s; the model stays at %s"
-                            % (self.model, env.describe(), _reason(exc), self.store.describe()))
+                self._event("warning", "model %s: refused %s: %s; %s"
+                            % (self.model, env.describe(), _reason(exc), self._standing("the model")))
                 return False
         if env.kind == UPDATE:
             if self.store.version is not None and not os.path.exists(self.store.path):
@@ -1075,8 +1083,8 @@ class Receiver:
         its version (going to an older full model would be a step back)."""
         self.refused.add(_identity(env))
         self.blocked = (env.seq, env.digest, reason)
-        self._event("warning", "model %s: %s %s: %s; the model stays at %s"
-                    % (self.model, verb, env.describe(), reason, self.store.describe()))
+        self._event("warning", "model %s: %s %s: %s; %s"
+                    % (self.model, verb, env.describe(), reason, self._standing("the model")))
 
     def _done(self, a):
         env = a.first
@@ -1135,8 +1143,8 @@ class Receiver:
         else:
             why = "nothing usable of version %s has arrived for %.0f s" % (self.target, now - self.behind_since)
         self.behind_since = now
-        self._event("warning", "model %s: the status announces version %d, but the device stays at %s: %s"
-                    % (self.model, self.status.seq, self.store.describe(), why))
+        self._event("warning", "model %s: the status announces version %d, but %s: %s"
+                    % (self.model, self.status.seq, self._standing("the device", "the device has no model"), why))
 
     def _blocked_on_target(self):
         # A refused publication explains the lag unless the status names another one for its version.
@@ -1171,8 +1179,14 @@ class Receiver:
             self.deferred[a.first.digest] = self.clock() + self.gap_timeout
         else:
             self.resubscribe = True
-        self._event("warning", "model %s: abandoned %s: %s; the model stays at %s"
-                    % (self.model, a.first.describe(), reason, self.store.describe()))
+        self._event("warning", "model %s: abandoned %s: %s; %s"
+                    % (self.model, a.first.describe(), reason, self._standing("the model")))
+
+    def _standing(self, subject, none="the device still has no model"):
+        """Where the device stays after a failure: "<subject> stays at version N (digest)", or ``none``."""
+        if self.store.version is None:
+            return none
+        return "%s stays at %s" % (subject, self.store.describe())
 
     def _event(self, level, message):
         self.events.append(message)
