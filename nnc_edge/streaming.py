@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import decoder_core.stream as core_stream
 from decoder_core import NNCError
 
-from .decoding import NumpyBuffers, to_numpy
+from .decoding import NumpyBuffers, empty_bitstream, to_numpy
 from .parallel import ChunkRunner, check_threads
 
 DEFAULT_CHUNK_SIZE = 1 << 16
@@ -176,8 +176,10 @@ async def decode_stream(source, *, progress=None, topology=None, decoder=None, c
 
     dec = _decoder(decoder, topology, threads, slice_elements)
     loop = asyncio.get_running_loop()
+    empty = True
     try:
         async for chunk in _chunks(source, chunk_size):
+            empty = empty and not chunk
             if dec.slice_elements is not None:
                 slices = dec.iter_feed(chunk)
                 while True:
@@ -198,6 +200,8 @@ async def decode_stream(source, *, progress=None, topology=None, decoder=None, c
             for item in tensors:
                 yield item
             tensors = item = None  # hand each tensor over without keeping it alive here
+        if empty:
+            raise empty_bitstream()
         dec.close()
     finally:
         dec.release_threads()
@@ -221,11 +225,13 @@ def iter_decode(fileobj_or_path, chunk_size=DEFAULT_CHUNK_SIZE, *, progress=None
                                    threads=threads, slice_elements=slice_elements)
         return
     dec = _decoder(decoder, topology, threads, slice_elements)
+    empty = True
     try:
         while True:
             chunk = fileobj_or_path.read(chunk_size)
             if not chunk:
                 break
+            empty = False
             if dec.slice_elements is not None:
                 yield from dec.iter_feed(chunk)
                 if progress is not None:
@@ -236,6 +242,8 @@ def iter_decode(fileobj_or_path, chunk_size=DEFAULT_CHUNK_SIZE, *, progress=None
                 progress(dec.bytes, dec.units, dec.tensors)
             yield from tensors
             tensors = None
+        if empty:
+            raise empty_bitstream()
         dec.close()
     finally:
         dec.release_threads()

@@ -195,3 +195,17 @@ def test_stream_ending_between_partial_data_units_raises_nncerror():
     with pytest.raises(NNCError) as info:
         dec.close()
     assert info.value.element == "partial_data_counter"
+
+
+@pytest.mark.parametrize("slice_elements", [None, 64])
+def test_an_empty_stream_is_an_error(slice_elements):
+    with pytest.raises(NNCError) as info:
+        list(nnc_edge.iter_decode(io.BytesIO(b""), slice_elements=slice_elements))
+    assert "empty" in str(info.value)
+
+    async def drain():
+        reader = asyncio.StreamReader()
+        reader.feed_eof()
+        return [item async for item in nnc_edge.decode_stream(reader, slice_elements=slice_elements)]
+    with pytest.raises(NNCError):
+        asyncio.run(drain())

@@ -772,17 +772,18 @@ class FullModelWriter:
 
     def __init__(self, store, env):
         from nnc_edge.sinks import SafetensorsSink
-        from nnc_edge.streaming import StreamDecoder
+        from nnc_edge.streaming import DEFAULT_SLICE_ELEMENTS, StreamDecoder
         self.store = store
         self.env = env
-        self.decoder = StreamDecoder(threads=store.threads)
+        # Slices: the writer's memory does not follow the model's largest tensor.
+        self.decoder = StreamDecoder(slice_elements=DEFAULT_SLICE_ELEMENTS)
         self.sink = SafetensorsSink(store.path, metadata=store.metadata(env))
         self.tensors = 0
 
     def feed(self, body):
-        for name, array in self.decoder.feed(body):
-            self.sink.write(name, array)
-            self.tensors += 1
+        for name, shape, start, array in self.decoder.iter_feed(body):
+            self.sink.write_slice(name, shape, start, array)
+            self.tensors += start == 0
 
     def commit(self):
         try:
