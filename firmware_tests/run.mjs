@@ -3,13 +3,18 @@
 // @micropython/micropython-webassembly-pyscript) with a fixed heap, after copying host files into
 // the port's (Emscripten, in-memory) filesystem. Relays the script's output and exit status.
 //
-//   node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... SCRIPT.py [ARG...]
+//   node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... [--loop NAME] SCRIPT.py [ARG...]
 //
 //   --heap SIZE      MicroPython GC heap in bytes, or with a k / m suffix (default 1m)
 //   --pystack WORDS  MicroPython Python-stack size in words (default 8192)
 //   --copy HOST=MP   copy a host file or directory tree (skipping __pycache__) to path MP;
 //                    MicroPython's sys.path includes /lib, so --copy ../decoder_core=/lib/decoder_core
 //                    makes the package importable
+//   --loop NAME      after the script, call its global function NAME() until it returns a false
+//                    value: a device's main loop calling into Python once per event. This port
+//                    frees garbage only once control has been back in JavaScript (mp/heap.py);
+//                    returning from each call does that without an await (each await of a promise
+//                    keeps ~29 bytes of the heap for good in this port: a loop of awaits leaks)
 //
 // The script runs with top-level `await` allowed, so it can drive MicroPython's asyncio (whose
 // event loop this port hands to JavaScript's). sys.argv is [SCRIPT, ARG...]. Exit status: the
@@ -19,7 +24,7 @@
 import fs from "node:fs";
 import path from "node:path";
 
-const USAGE = "usage: node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... SCRIPT.py [ARG...]";
+const USAGE = "usage: node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... [--loop NAME] SCRIPT.py [ARG...]";
 
 function fail(message) {
     process.stderr.write("run.mjs: " + message + "\n");
@@ -34,15 +39,16 @@ function parseSize(text) {
 }
 
 function parseArgs(argv) {
-    const opts = { heap: 1048576, pystack: 8192, copies: [], script: null, args: [] };
+    const opts = { heap: 1048576, pystack: 8192, copies: [], loop: null, script: null, args: [] };
     let i = 0;
     for (; i < argv.length; i++) {
         const a = argv[i];
-        if (a === "--heap" || a === "--pystack" || a === "--copy") {
+        if (a === "--heap" || a === "--pystack" || a === "--copy" || a === "--loop") {
             if (i + 1 >= argv.length) fail(a + " needs a value\n" + USAGE);
             const v = argv[++i];
             if (a === "--heap") opts.heap = parseSize(v);
             else if (a === "--pystack") opts.pystack = parseSize(v);
+            else if (a === "--loop") opts.loop = v;
             else {
                 const eq = v.indexOf("=");
                 if (eq <= 0 || !v.slice(eq + 1).startsWith("/")) fail("--copy wants HOST=/abs/mp/path, got '" + v + "'");
@@ -98,6 +104,11 @@ async function main() {
     let status = 0;
     try {
         await mp.runPythonAsync(code);
+        if (opts.loop !== null) {
+            const fn = mp.globals.get(opts.loop);
+            if (typeof fn !== "function") fail("--loop: the script defines no function " + opts.loop);
+            while (fn()) { /* one event per call */ }
+        }
     } catch (e) {
         if (e && e.name === "PythonError") {
             if (e.type === "SystemExit") {

@@ -1,4 +1,5 @@
-"""Expected tensors exported by tests/test_micropython.py, checked on MicroPython.
+"""Expected tensors exported by tests/test_micropython.py, checked on MicroPython (decoded tensors,
+or the files of a device store).
 
 An expectation file NAME.json holds {"name", "chain", "nnc", "tensors": [{"name", "type" ("f" float32 or
 "i" int32), "shape", "bytes", "crc32", "raw"}]}; "raw" names a file with the tensor's little-endian bytes.
@@ -41,3 +42,27 @@ def mismatch(expected, name, shape, values, raw=None):
     if raw is not None and bytes(values) != raw:
         return "%s: bytes differ from the expected tensor" % name
     return None
+
+
+def store_mismatches(index, expected, directory, buf):
+    """What differs between the tensors of a device store (its index, nnc_device.store) and an
+    expectation: a list of messages, empty when every file is the expected tensor bit for bit.
+    ``buf``: a bytearray the files are read through."""
+    errors = []
+    got = [t["name"] for t in index["tensors"]]
+    want = [e["name"] for e in expected["tensors"]]
+    if got != want:
+        errors.append("tensors %r, expected %r" % (got, want))
+    for t, e in zip(index["tensors"], expected["tensors"]):
+        crc = size = 0
+        with open(directory + "/" + t["file"], "rb") as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                crc = binascii.crc32(memoryview(buf)[:n], crc)
+                size += n
+        if t["dtype"] != "<%s4" % e["type"] or t["shape"] != e["shape"] or size != e["bytes"] \
+                or crc & 0xFFFFFFFF != e["crc32"]:
+            errors.append("%s: the stored file differs from the expected tensor" % t["name"])
+    return errors

@@ -8,63 +8,15 @@
 # would check what it writes to flash) and drops it. The heap must never grow beyond HEAP_BYTES.
 # Prints the gc.mem_free() low-water mark; exits with status 1 on any difference or if the heap
 # was too small.
-import gc
-import sys
+from heap import HeapTooSmall, Meter, io_wait  # first: the heap is measured before anything else is loaded
 
-# The WebAssembly port's heap grows instead of failing an allocation (MicroPython's automatic split
-# heap), and gc.mem_free() counts the 128 MiB it may still add. The heap the runner asked for is the
-# first region: growing past it means a device with that heap would have run out of memory. Its GC
-# also only runs once control is back in JavaScript, so between two awaits every allocation, garbage
-# included, has to fit: a stricter test than a board, which collects whenever the heap is full.
-WASM = sys.platform == "webassembly"
-GROWTH_RESERVE = (128 << 20) if WASM else 0
-TOTAL = gc.mem_alloc() + gc.mem_free()
-
-import asyncio  # noqa: E402  (the heap is measured before anything else is loaded)
+import asyncio  # noqa: E402
+import gc  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 from decoder_core.stream import StreamDecoder  # noqa: E402
 from expect import load, mismatch  # noqa: E402
-
-if WASM:
-    import js
-
-    def io_wait():
-        # Where a device's reader waits for its UART or socket. Awaiting a JavaScript promise
-        # returns control to JavaScript, where this port runs its GC.
-        return js.Promise.resolve(None)
-else:
-    def io_wait():
-        return asyncio.sleep_ms(0)
-
-
-class HeapTooSmall(Exception):
-    pass
-
-
-class Meter:
-    """gc.mem_free() low-water mark and gc.mem_alloc() peak at the checkpoints; fails if the heap grew."""
-
-    def __init__(self, heap):
-        self.capacity = TOTAL - GROWTH_RESERVE
-        if not (heap * 9 // 10 <= self.capacity <= heap):
-            raise SystemExit("heap accounting: %d usable bytes for a %d-byte heap (port changed?)"
-                             % (self.capacity, heap))
-        self.low = self.capacity
-        self.peak = 0
-        self.where = None
-
-    def check(self, where):
-        alloc = gc.mem_alloc()
-        free = gc.mem_free()
-        if alloc + free != TOTAL:
-            raise HeapTooSmall("the heap grew from %d to %d bytes at %s: %d bytes are not enough"
-                               % (self.capacity, alloc + free - GROWTH_RESERVE, where, self.capacity))
-        if free - GROWTH_RESERVE < self.low:
-            self.low = free - GROWTH_RESERVE
-            self.where = where
-        if alloc > self.peak:
-            self.peak = alloc
 
 
 class ChunkQueue:
