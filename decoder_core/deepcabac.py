@@ -404,6 +404,9 @@ class TensorSteps:
         self.base = base
         self.hist = hist
 
+    def _window(self):
+        return self.out, self.lo, self.hi, self.base, self.hist
+
     def run(self):
         if self._steps is None:
             self._steps = self._positions()
@@ -448,11 +451,7 @@ class TensorSteps:
             ep_offsets, ep_states, ep_bits, ep_first = coding.entry_points
             sum_offset = 0
 
-        out = self.out
-        lo = self.lo
-        hi = self.hi
-        base = self.base
-        hist = self.hist
+        out, lo, hi, base, hist = self._window()
         state = 0
         nb = 0
         trans = StateTransTab
@@ -510,11 +509,7 @@ class TensorSteps:
                                 # Only in a raster scan: windows may end anywhere.
                                 self.nbins = nbins
                                 yield WINDOW_DONE
-                                out = self.out
-                                lo = self.lo
-                                hi = self.hi
-                                base = self.base
-                                hist = self.hist
+                                out, lo, hi, base, hist = self._window()
                             while engine.p > engine.safe:
                                 yield NEED_INPUT
                             data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
@@ -658,11 +653,7 @@ class TensorSteps:
                 engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
                 self.nbins = nbins
                 yield WINDOW_DONE
-                out = self.out
-                lo = self.lo
-                hi = self.hi
-                base = self.base
-                hist = self.hist
+                out, lo, hi, base, hist = self._window()
                 data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
         engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
         if nbins > max_bins:

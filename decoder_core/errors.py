@@ -29,3 +29,20 @@ class NNCError(ValueError):
 class Incomplete(NNCError):
     """A header parsed from the first bytes of an NNR unit needs more of them (streaming: wait for
     more input and parse again). Never raised once the whole unit is there."""
+
+
+def move_offset(exc, offset):
+    """Give ``exc`` (an NNCError) the offset ``offset``, rewriting the "(element, at byte N)" its
+    message ends with. Returns False, changing nothing, when the message was reworded since."""
+    where = []
+    if exc.element:
+        where.append(exc.element)
+    where.append("at byte %d" % exc.offset)
+    suffix = " (%s)" % ", ".join(where)
+    message = exc.args[0]
+    if not message.endswith(suffix):
+        return False
+    where[-1] = "at byte %d" % offset
+    exc.args = (message[:-len(suffix)] + " (%s)" % ", ".join(where),)
+    exc.offset = offset
+    return True

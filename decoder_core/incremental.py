@@ -31,7 +31,7 @@ Pure Python for CPython and MicroPython; on CPython the compiled backend runs th
 from . import backend
 from .compat import from_raw, zeros
 from .deepcabac import NEED_INPUT, WHOLE, ArithmeticDecoder, TensorCoding, TensorSteps, lookahead_bytes, preamble
-from .errors import Incomplete, NNCError
+from .errors import Incomplete, NNCError, move_offset
 from .payload import _block_roles, _entry_points, _prod, _split
 from .reconstruction import level_values, step_size
 from .tables import NNR_CPT_DC, NNR_NDU, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT, NNR_PT_RAW_FLOAT
@@ -754,13 +754,5 @@ def _rebase(exc, start, base):
 
 
 def _replace_offset(exc, offset):
-    where = []
-    if exc.element:
-        where.append(exc.element)
-    where.append("at byte %d" % exc.offset)
-    suffix = " (%s)" % ", ".join(where)
-    message = exc.args[0]
-    exc.offset = offset
-    where[-1] = "at byte %d" % offset
-    if message.endswith(suffix):
-        exc.args = (message[:-len(suffix)] + " (%s)" % ", ".join(where),)
+    if not move_offset(exc, offset):
+        exc.offset = offset

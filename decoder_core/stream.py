@@ -18,7 +18,7 @@ Pure Python for CPython and MicroPython (no numpy)::
 """
 
 from .decoder import Decoder
-from .errors import NNCError
+from .errors import NNCError, move_offset
 from .incremental import SliceFramer
 from .limits import DEFAULT_MAX_UNIT_SIZE, exceeded  # noqa: F401 (DEFAULT_MAX_UNIT_SIZE re-exported)
 from .units import nnr_unit_size
@@ -256,16 +256,6 @@ def _rebase(exc, start, base):
     offset, keeping NNCError's message format."""
     if exc.offset is None or start == base:
         return
-    where = []
-    if exc.element:
-        where.append(exc.element)
-    where.append("at byte %d" % exc.offset)
-    suffix = " (%s)" % ", ".join(where)
-    message = exc.args[0]
-    if not message.endswith(suffix):
+    if not move_offset(exc, exc.offset + start - base):
         # Offsets into joined partial data are relative to the joined payload: keep them.
-        exc.args = (message + " [in the NNR unit at stream byte %d]" % start,)
-        return
-    exc.offset += start - base
-    where[-1] = "at byte %d" % exc.offset
-    exc.args = (message[:-len(suffix)] + " (%s)" % ", ".join(where),)
+        exc.args = (exc.args[0] + " [in the NNR unit at stream byte %d]" % start,)
