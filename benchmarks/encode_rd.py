@@ -34,9 +34,9 @@ sys.path.insert(0, HERE)
 
 import nnc_edge  # noqa: E402
 from nnc_edge import modelio  # noqa: E402
-from nnc_edge.cabac_encoder import encoder_backend  # noqa: E402
+from nnc_edge.encoder.cabac_encoder import encoder_backend  # noqa: E402
 from nnc_edge.parallel import check_threads  # noqa: E402
-from nnc_edge.quantize import trellis_backend  # noqa: E402
+from nnc_edge.encoder.quantize import trellis_backend  # noqa: E402
 
 import _minilm  # noqa: E402
 

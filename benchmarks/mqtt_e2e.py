@@ -160,7 +160,7 @@ def full_stream(reference_venv, cache):
     except RuntimeError:
         pass
     from nnc_edge import modelio
-    from nnc_edge.encoding import encode
+    from nnc_edge.encoder.encoding import encode
     out = os.path.join(cache, "all-minilm-l6-v2_nnc-edge_qp-32.nnc")
     if not os.path.exists(out):
         with open(out + ".part", "wb") as f:

@@ -45,7 +45,7 @@ sys.path.insert(0, HERE)
 import _minilm  # noqa: E402
 import nnc_edge  # noqa: E402
 from nnc_edge import modelio, updates  # noqa: E402
-from nnc_edge.encoding import Encoder  # noqa: E402
+from nnc_edge.encoder.encoding import Encoder  # noqa: E402
 
 try:
     import zstandard

@@ -413,6 +413,8 @@ class TensorSteps:
         return next(self._steps)
 
     def _positions(self):
+        # The hot loop, one function on purpose: locals and inline bins; a call per bin would cost
+        # more than the bin.
         engine = self.engine
         coding = self.coding
         if self.count == 0 or (coding.profile == 1 and coding.codebook_size == 1):

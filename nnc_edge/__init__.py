@@ -1,4 +1,18 @@
-"""nnc-edge: ISO/IEC 15938-17 Neural Network Coding for edge devices."""
+"""nnc-edge: ISO/IEC 15938-17 Neural Network Coding for edge devices, the CPython face of decoder_core.
+
+* decoding with numpy: ``decoding`` (``decode``, ``Decoder``), ``streaming`` (``StreamDecoder``,
+  ``decode_stream``, ``iter_decode``), ``parallel`` (payloads on threads), ``sinks`` (tensors written
+  to files as they are decoded), ``modelio`` (.safetensors / .npz), ``atomicfile``;
+* ``encoder/``: the encoder (``encode``, ``Encoder``);
+* ``updates`` (incremental updates, their records and chain state) and ``signing`` (Ed25519);
+* the ``nnc-edge`` command: ``cli`` (the command registry, ``__main__``), a ``*_cli`` module per
+  command group, and ``demo``.
+
+Importing nnc_edge loads the decoding side only: the encoder and the updates are imported on first
+use (below), numpy is the only dependency outside the standard library. Only the command line
+(``*_cli``, ``demo``) imports ``transports.mqtt``; ``signing`` uses ``transports.ed25519`` on first
+use. Nothing outside the command line imports a ``*_cli`` module.
+"""
 
 from decoder_core import LimitError, Limits, NNCError
 
@@ -15,9 +29,9 @@ _UPDATES = ("encode_update", "apply_update", "read_update_info", "model_digest",
 
 
 def __getattr__(name):
-    # The encoder (nnc_edge.encoding) is imported on first use: decoding never loads it.
+    # The encoder (nnc_edge.encoder.encoding) is imported on first use: decoding never loads it.
     if name in ("encode", "Encoder"):
-        from . import encoding
+        from .encoder import encoding
         return getattr(encoding, name)
     if name in _UPDATES:
         from . import updates

@@ -251,7 +251,7 @@ async def _rounds(settings, args, receiver, device, out):
     from transports import mqtt
     from transports.envelope import FULL, UPDATE
 
-    from .encoding import encode
+    from .encoder.encoding import encode
     from .updates import ChainState, encode_update, model_digest
 
     rng = np.random.default_rng(args.seed)

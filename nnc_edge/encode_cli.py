@@ -19,7 +19,7 @@ from decoder_core import NNCError
 from .atomicfile import write_file
 from .cli import EXIT_INVALID, CommandError, arguments, command, read_model
 from .decoding import decode
-from .encoding import Encoder, load_tensors
+from .encoder.encoding import Encoder, load_tensors
 from .stream_cli import _size
 
 

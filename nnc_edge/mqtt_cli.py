@@ -1,5 +1,5 @@
 """``nnc-edge publish``, ``nnc-edge receive`` and ``nnc-edge demo``: MQTT delivery (registered via
-cli.EXTENSIONS). The protocol is described in transports/mqtt.py; the demo is nnc_edge/demo.py.
+cli.EXTENSIONS). The protocol is described in transports/mqtt/; the demo is nnc_edge/demo.py.
 
 Connection options are named as mosquitto_pub/mosquitto_sub name them: --username/-u,
 --password/-P (or --password-file, or the environment variable NNC_EDGE_MQTT_PASSWORD, which keep it
@@ -186,10 +186,7 @@ def _publication(path, kind):
         if kind == "update":
             raise CommandError("%s is a model file: make an update bitstream with 'nnc-edge update'" % path,
                                EXIT_INVALID)
-        try:
-            from .encoding import encode
-        except ImportError:
-            raise CommandError("this nnc-edge cannot encode %s: publish an .nnc bitstream" % path, EXIT_INVALID)
+        from .encoder.encoding import encode
         tensors = read_model(path)
         try:
             return encode(tensors), "full"

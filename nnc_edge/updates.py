@@ -141,9 +141,9 @@ from decoder_core.units import ParserState, nnr_unit_size, parse_unit
 from . import modelio
 from .atomicfile import clear_stale, commit, discard, remove, temp_beside
 from .decoding import empty_bitstream
+from .encoder.unitwriter import nnr_unit
 from .sinks import open_sink
 from .streaming import DEFAULT_CHUNK_SIZE
-from .unitwriter import nnr_unit
 
 __all__ = [
     "UPDATE_INFO_UNIT_TYPE", "UpdateInfo", "ChainState", "model_digest", "update_topology", "read_update_info",
@@ -1466,13 +1466,13 @@ def sparsify(difference, sparsity=None, row_sparsity=None):
 
 def _encoder_for(state, tca, hdsp, threads, reflist):
     """An update-chain Encoder carrying the chain state (TCA bases, HDSP history, depths, ids)."""
-    from .encoding import Encoder  # the host side only: devices import nnc_edge.updates without the encoder
+    from .encoder.encoding import Encoder  # the host side only: devices import nnc_edge.updates without the encoder
 
     # NNCodec needs names and the (empty) NNR_TPL unit; our updates name tensors by index instead.
     enc = Encoder(profile=1, parent_signalling=True, tca=tca, hdsp=hdsp, threads=threads, topology=reflist is None,
                   reflist=reflist)
     if state is not None:
-        # The encoder's chain (nnc_edge.encoding._Chain) mirrors the decoder state kept in the ChainState.
+        # The encoder's chain (nnc_edge.encoder.encoding._Chain) mirrors the decoder state kept in the ChainState.
         chain = enc.chain
         for name, levels in state.bases.items():
             chain.bases[name] = np.ascontiguousarray(levels, dtype=np.int32).reshape(-1)
@@ -1497,7 +1497,7 @@ def _with_record(body, info, nncodec_compatible):
     str_end = nnr_unit_size(body, 0)[0]
     if not nncodec_compatible:
         return body[:str_end] + info.unit() + body[str_end:]
-    from .unitwriter import model_parameter_set_unit
+    from .encoder.unitwriter import model_parameter_set_unit
 
     state = ParserState()
     parse_unit(body, 0, str_end, state)

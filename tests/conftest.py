@@ -32,7 +32,7 @@ def bits_to_bytes(text):
     """Bytes from a string of '0'/'1' (spaces, '|' and '_' ignored); the length must be whole bytes.
 
     Used to assemble syntax structures by hand from the standard's tables, independently of
-    nnc_edge.bitwriter, so a bug shared by the writer and the parser cannot hide.
+    nnc_edge.encoder.bitwriter, so a bug shared by the writer and the parser cannot hide.
     """
     s = "".join(c for c in text if c in "01")
     if len(s) != len(text.replace(" ", "").replace("|", "").replace("_", "")):

@@ -2,7 +2,7 @@
 
 Expected values come from the standard's definitions (the ue(k) / ie(k) pseudo-code, ISO/IEC 60559
 little-endian floats, NUL-terminated UTF-8 strings, 6.3.5 byte_alignment()); round trips through
-nnc_edge.bitwriter.BitWriter then check that the writer is the reader's mirror.
+nnc_edge.encoder.bitwriter.BitWriter then check that the writer is the reader's mirror.
 """
 
 import random
@@ -12,7 +12,7 @@ import pytest
 
 from decoder_core import NNCError
 from decoder_core.bitreader import MAX_STRING_BYTES, BitReader
-from nnc_edge.bitwriter import BitWriter
+from nnc_edge.encoder.bitwriter import BitWriter
 
 
 def reader(raw, start=0, end=None):

@@ -1,4 +1,4 @@
-"""The DeepCABAC encoder (nnc_edge.cabac_encoder) against the decoder and against NNCodec's streams.
+"""The DeepCABAC encoder (nnc_edge.encoder.cabac_encoder) against the decoder and against NNCodec's streams.
 
 * Every conformance vector is decoded to its integer levels with the decoder's lower-level functions,
   re-encoded with the same header parameters and our parameter optimizer (supplement 5.3), and the NDU
@@ -18,9 +18,9 @@ from decoder_core.deepcabac import ArithmeticDecoder, TensorCoding, _ctx, decode
 from decoder_core.errors import NNCError
 from decoder_core.tables import CtxParameterList, NNR_NDU, NNR_PT_INT, StateTransTab
 from decoder_core.units import ParserState, nnr_unit_size, parse_unit
-from nnc_edge import cabac_encoder
-from nnc_edge._cabac_tables import EST_BITS_1_511
-from nnc_edge.cabac_encoder import (
+from nnc_edge.encoder import cabac_encoder
+from nnc_edge.encoder._cabac_tables import EST_BITS_1_511
+from nnc_edge.encoder.cabac_encoder import (
     ArithmeticEncoder, SegmentTensor, block_rows, dq_reconstruction_indices, encode_segment,
     encode_tensor_levels, scan_positions,
 )

@@ -12,7 +12,7 @@ import pytest
 import decoder_core
 import nnc_edge
 from nnc_edge import cli, modelio
-from nnc_edge.unitwriter import aggregate_unit
+from nnc_edge.encoder.unitwriter import aggregate_unit
 from decoder_core.units import nnr_unit_size
 from conftest import CONFORMANCE_DIR, REPO
 from test_conformance import assert_bit_exact, expected_tensors, read_vector

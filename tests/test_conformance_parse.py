@@ -1,13 +1,13 @@
 """Every conformance vector parses unit by unit (decoder_core.units.parse_unit, a fresh ParserState)
 to the expected unit sequence, profile, tensor names and shapes (the .npz keys and shapes, in order),
-and nnc_edge.unitwriter writes every parsed unit back to the same bytes.
+and nnc_edge.encoder.unitwriter writes every parsed unit back to the same bytes.
 """
 
 import numpy as np
 
 from decoder_core.tables import NNR_MPS, NNR_NDU, NNR_PT_FLOAT, NNR_PT_INT, NNR_STR, NNR_TPL
 from decoder_core.units import parse_units
-from nnc_edge import unitwriter as uw
+from nnc_edge.encoder import unitwriter as uw
 
 
 def walk(data):

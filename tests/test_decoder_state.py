@@ -9,7 +9,7 @@ import decoder_core
 from decoder_core import NNCError
 from decoder_core.tables import NNR_PT_RAW_FLOAT, NNR_QNT, NNR_TPL, NNR_TPL_REFLIST, NNR_TPL_UNREC
 from decoder_core.units import _inflate, parse_units
-from nnc_edge import unitwriter as uw
+from nnc_edge.encoder import unitwriter as uw
 from nnc_edge.decoding import to_numpy
 
 

@@ -15,7 +15,7 @@ from conftest import REPO
 from decoder_core.tables import NNR_AGG, NNR_NDU, NNR_PT_BLOCK
 from nnc_edge import cli, encode_cli, modelio
 from nnc_edge.cli import iter_units
-from nnc_edge.encoding import Encoder
+from nnc_edge.encoder.encoding import Encoder
 
 SUMMARY = re.compile(r"^(?P<model>\S+) -> (?P<out>\S+): (?P<tensors>\d+) tensors?, (?P<params>\d+) parameters, "
                      r"\S+ \S+ -> \S+ \S+ \(\S+x\), (?P<bpp>[\d.]+) bits/parameter, (?P<quality>.*), [\d.]+ s$")
@@ -109,7 +109,7 @@ def test_encode_npz_and_exact_summary(capsys, tmp_path):
     modelio.save(str(path), {"a": np.arange(12, dtype=np.int32).reshape(3, 4)})
     status, stdout, _ = run(capsys, "encode", path, "-o", tmp_path / "ints.nnc")
     assert status == 0 and "exact (integer tensors only)" in stdout
-    grid = {"w": (np.arange(-20, 20, dtype=np.float32).reshape(5, 8) * nnc_edge.quantize.step_size(-32, 2))}
+    grid = {"w": (np.arange(-20, 20, dtype=np.float32).reshape(5, 8) * nnc_edge.encoder.quantize.step_size(-32, 2))}
     modelio.save(str(path), grid)
     status, stdout, _ = run(capsys, "encode", path, "-o", tmp_path / "grid.nnc", "--no-dq")
     assert status == 0 and ", exact, " in stdout  # values on the quantization grid come back exactly

@@ -1,13 +1,13 @@
 """The host encoder's public API (nnc_edge.encode, nnc_edge.Encoder) through our own decoder.
 
 * Every option round-trips: the decoder returns exactly QuantizedTensor.reconstruct() of what the
-  encoder quantized (and that equals nnc_edge.quantize.quantize_tensor() called directly), and the
+  encoder quantized (and that equals nnc_edge.encoder.quantize.quantize_tensor() called directly), and the
   error stays within the mode's bound (step/2 uniform and codebook, 2 steps for the DQ trellis).
 * Integer tensors (NNR_PT_INT) and NNR_PT_RAW_FLOAT come back exactly.
 * Stream structure: partial-data units never exceed max_unit_bytes, NNR_AGG units carry correct entry
   points, NNR_PT_BLOCK groups, profile-0 / profile-1 headers.
 * Update chains through Encoder / Decoder: parent signalling, TCA, HDSP, omitted all-zero tensors.
-* The compiled entropy coder (nnc_edge._cabac_encoder) writes the same bytes as the Python one.
+* The compiled entropy coder (nnc_edge.encoder._cabac_encoder) writes the same bytes as the Python one.
 """
 
 import os
@@ -23,11 +23,12 @@ from decoder_core.deepcabac import TensorCoding
 from decoder_core.tables import (
     NNR_AGG, NNR_MPS, NNR_NDU, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT, NNR_PT_RAW_FLOAT, NNR_STR, NNR_TPL,
 )
-from nnc_edge import cabac_encoder, modelio
-from nnc_edge.cabac_encoder import SegmentTensor, dq_reconstruction_indices, encode_segment
+from nnc_edge import modelio
+from nnc_edge.encoder import cabac_encoder
+from nnc_edge.encoder.cabac_encoder import SegmentTensor, dq_reconstruction_indices, encode_segment
 from nnc_edge.cli import iter_units
-from nnc_edge.encoding import Encoder, encode, load_tensors
-from nnc_edge.quantize import QuantizationWarning, quantize_tensor, step_size
+from nnc_edge.encoder.encoding import Encoder, encode, load_tensors
+from nnc_edge.encoder.quantize import QuantizationWarning, quantize_tensor, step_size
 
 
 def rng(seed):
@@ -513,8 +514,8 @@ def test_chain_state_follows_shapes_and_omissions():
 def compiled_or_skip():
     if cabac_encoder._compiled is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("nnc_edge._cabac_encoder is not built (pip install -e .)")
-        pytest.skip("nnc_edge._cabac_encoder is not built")
+            pytest.fail("nnc_edge.encoder._cabac_encoder is not built (pip install -e .)")
+        pytest.skip("nnc_edge.encoder._cabac_encoder is not built")
 
 
 def random_segment(seed):
@@ -603,7 +604,7 @@ def test_compiled_encoder_refuses_what_python_refuses(monkeypatch):
 
 def test_pure_python_encoder_writes_the_same_stream(monkeypatch):
     compiled_or_skip()
-    from nnc_edge import quantize
+    from nnc_edge.encoder import quantize
     tensors = model(7)
     options = dict(scan_order=1, row_skip=True, codebook=2, threads=1)
     tensors["fc.weight"][::4] = 0

@@ -15,7 +15,7 @@ from decoder_core import limits as limits_module
 from decoder_core.stream import StreamDecoder as CoreStreamDecoder
 from decoder_core.tables import NNR_NDU, NNR_PT_RAW_FLOAT
 from decoder_core.units import ParserState, parse_units
-from nnc_edge import unitwriter as uw
+from nnc_edge.encoder import unitwriter as uw
 
 from conftest import CONFORMANCE_DIR, require_compiled_backend
 

@@ -183,7 +183,7 @@ def test_partial_data_units_join_on_micropython(micropython, vectors, tmp_path):
     # p1_model_dict with the NDU of its third tensor re-coded as partial-data units (6.4.3.1).
     from decoder_core.units import ParserState, parse_unit
     from decoder_core.tables import NNR_NDU
-    from nnc_edge import unitwriter
+    from nnc_edge.encoder import unitwriter
 
     with open(os.path.join(vectors, "p1_model_dict.nnc"), "rb") as f:
         data = f.read()

@@ -16,7 +16,7 @@ import pytest
 
 import nnc_edge
 from nnc_edge import cli, modelio
-from nnc_edge.encoding import encode
+from nnc_edge.encoder.encoding import encode
 from nnc_edge.updates import ChainState, encode_update, model_digest
 from transports import envelope, mqtt
 from transports.envelope import FULL, UPDATE
@@ -414,3 +414,14 @@ def test_demo_with_its_own_broker(capsys):
     assert cli.main(["demo", "--rounds", "2", "-q"]) == 0
     out = capsys.readouterr().out
     assert "embedded amqtt" in out and out.count("bit for bit") == 2
+
+
+def test_publishing_a_model_file_encodes_it(tmp_path):
+    # `nnc-edge publish model.safetensors` publishes the model's full bitstream, as `nnc-edge encode`
+    # writes it.
+    from nnc_edge.mqtt_cli import _publication
+    tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) / 7, "b": np.ones(3, dtype=np.float32)}
+    path = str(tmp_path / "m.safetensors")
+    modelio.save(path, tensors)
+    data, kind = _publication(path, "auto")
+    assert kind == "full" and bytes(data) == bytes(nnc_edge.encode(modelio.load(path)))

@@ -13,7 +13,7 @@ import pytest
 
 import nnc_edge
 from nnc_edge import modelio, signing
-from nnc_edge.encoding import encode
+from nnc_edge.encoder.encoding import encode
 from transports import mqtt
 from transports.envelope import FULL
 

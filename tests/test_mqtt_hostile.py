@@ -16,7 +16,7 @@ import pytest
 import nnc_edge
 from decoder_core import NNCError
 from nnc_edge import modelio
-from nnc_edge.encoding import encode
+from nnc_edge.encoder.encoding import encode
 from nnc_edge.updates import ChainState, encode_update, model_digest
 from transports import envelope, mqtt
 from transports.envelope import FULL, UPDATE

@@ -16,8 +16,9 @@ import nnc_edge
 from decoder_core import NNCError
 from decoder_core.tables import NNR_NDU
 from decoder_core.units import ParserState, parse_unit
-from nnc_edge import modelio, unitwriter
-from nnc_edge.encoding import encode
+from nnc_edge import modelio
+from nnc_edge.encoder import unitwriter
+from nnc_edge.encoder.encoding import encode
 from transports import envelope, mqtt
 from transports.envelope import FULL, UPDATE, Assembly
 

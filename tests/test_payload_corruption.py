@@ -18,7 +18,7 @@ from decoder_core import NNCError, backend
 from decoder_core.tables import NNR_AGG, NNR_CPT_BI, NNR_CPT_BN, NNR_CPT_DC, NNR_CPT_LS, NNR_NDU, NNR_PT_BLOCK
 from decoder_core.tables import NNR_PT_INT
 from decoder_core.units import ParserState, nnr_unit_size, parse_unit
-from nnc_edge.unitwriter import aggregate_unit, compressed_data_unit
+from nnc_edge.encoder.unitwriter import aggregate_unit, compressed_data_unit
 from test_payload_types import Stream, codebook_values, ndu_fields, prod, random_levels
 
 

@@ -1,6 +1,6 @@
 """Payload types and tools the reference encoder never writes (issue 3), in streams built here.
 
-Streams are assembled with nnc_edge.unitwriter and coded with nnc_edge.cabac_encoder, then decoded with
+Streams are assembled with nnc_edge.encoder.unitwriter and coded with nnc_edge.encoder.cabac_encoder, then decoded with
 decoder_core.decode and nnc_edge.decode. Expected values are computed independently in this file:
 QuantParam * stepSize (7.3.6 / supplement 4.1) rounded to float32, codebook values * stepSize in float64
 (supplement 4.3), and numpy's own split / moveaxis for topology_tensor_dimension_mapping (7.3.1).
@@ -16,10 +16,10 @@ import nnc_edge
 from decoder_core import backend
 from decoder_core.tables import NNR_CPT_BI, NNR_CPT_BN, NNR_CPT_DC, NNR_CPT_LS, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT
 from decoder_core.tables import NNR_PT_RAW_FLOAT
-from nnc_edge.cabac_encoder import (
+from nnc_edge.encoder.cabac_encoder import (
     SegmentTensor, TensorCoding, block_roles, dq_reconstruction_indices, encode_segment,
 )
-from nnc_edge.unitwriter import (
+from nnc_edge.encoder.unitwriter import (
     aggregate_unit, compressed_data_unit, layer_parameter_set_unit, model_parameter_set_unit, partial_data_units,
     raw_float_payload, start_unit,
 )

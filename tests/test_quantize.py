@@ -1,4 +1,4 @@
-"""The host quantizers (nnc_edge.quantize): error bounds, decodability of DQ levels, codebooks, bit depth,
+"""The host quantizers (nnc_edge.encoder.quantize): error bounds, decodability of DQ levels, codebooks, bit depth,
 qp handling, and equality with NNCodec 2.1.3's quantizer when the reference venv is present."""
 
 import os
@@ -13,14 +13,14 @@ from decoder_core import payload
 from decoder_core.bitreader import BitReader
 from decoder_core.tables import NNR_PT_FLOAT, NNR_PT_INT, StateTransTab
 from decoder_core.units import integer_codebook as parse_integer_codebook
-from nnc_edge import quantize as q
-from nnc_edge.bitwriter import BitWriter
+from nnc_edge.encoder import quantize as q
+from nnc_edge.encoder.bitwriter import BitWriter
 
 REFERENCE_VENV = os.environ.get("NNC_REFERENCE_VENV", "/tmp/refvenv")
 REFERENCE_PYTHON = os.path.join(REFERENCE_VENV, "bin", "python")
 
 BACKENDS = ["python", pytest.param("cython", marks=pytest.mark.skipif(
-    q.trellis_backend() != "cython", reason="nnc_edge._trellis is not built (needs Cython and a C compiler)"))]
+    q.trellis_backend() != "cython", reason="nnc_edge.encoder._trellis is not built (needs Cython and a C compiler)"))]
 
 
 def rng(seed):
@@ -233,8 +233,8 @@ def test_dq_row_skipping_with_block_scan(backend, shape, scan_order):
 @pytest.mark.parametrize("shape,scan_order,lambda_scale", [((40, 27), 1, 0.0), ((35, 50), 2, 2.0), ((20, 3, 7), 1, 0.0),
                                                         ((64, 33), 0, 1.0)])
 def test_dq_round_trip_through_the_entropy_coder(shape, scan_order, lambda_scale):
-    """Profile 1 with row skipping: the levels survive nnc_edge.cabac_encoder and our decoder exactly."""
-    cabac = pytest.importorskip("nnc_edge.cabac_encoder")
+    """Profile 1 with row skipping: the levels survive nnc_edge.encoder.cabac_encoder and our decoder exactly."""
+    cabac = pytest.importorskip("nnc_edge.encoder.cabac_encoder")
     from decoder_core.deepcabac import ArithmeticDecoder, TensorCoding, decode_tensor_levels
     w = weights(31, shape, zero_rows=(0, 3, 9, 17), sparsity=0.5)
     n, qp = q.quantize_dq(w, -30, 2, scan_order=scan_order, row_skip=True, lambda_scale=lambda_scale)
@@ -257,9 +257,9 @@ def test_dq_row_skipping_with_raster_scan_needs_nothing_special():
     assert (decoded_dq(n, 0, True) == n).all()
 
 
-@pytest.mark.skipif(q.trellis_backend() != "cython", reason="nnc_edge._trellis is not built")
+@pytest.mark.skipif(q.trellis_backend() != "cython", reason="nnc_edge.encoder._trellis is not built")
 def test_trellis_backends_agree():
-    from nnc_edge import _trellis
+    from nnc_edge.encoder import _trellis
     assert _trellis.branches() == q._BRANCHES
     r = rng(21)
     for i in range(12):
@@ -605,7 +605,7 @@ def test_codebook_egk_equals_nncodec(reference):
 
 
 def test_round_levels_accepts_zero_dimensional_tensors():
-    from nnc_edge.quantize import _round_levels
+    from nnc_edge.encoder.quantize import _round_levels
     w = np.float32(0.75)
     out = _round_levels(w, -8, 2)  # step 2^-2: 0.75 / 0.25 = 3
     assert out.shape == () and float(out) == 3.0

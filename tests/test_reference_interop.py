@@ -25,7 +25,7 @@ import nnc_edge
 from conftest import CONFORMANCE_DIR
 from decoder_core.tables import NNR_NDU, NNR_PT_RAW_FLOAT
 from nnc_edge.cli import iter_units
-from nnc_edge.encoding import Encoder
+from nnc_edge.encoder.encoding import Encoder
 
 REFERENCE_VENV = os.environ.get("NNC_REFERENCE_VENV", "/tmp/refvenv")
 REFERENCE_PYTHON = os.path.join(REFERENCE_VENV, "bin", "python")

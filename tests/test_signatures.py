@@ -12,7 +12,7 @@ import pytest
 import nnc_edge
 from decoder_core import NNCError
 from nnc_edge import cli, modelio, signing
-from nnc_edge.encoding import encode
+from nnc_edge.encoder.encoding import encode
 from nnc_edge.signing import ReplayError, SignatureError
 from nnc_edge.updates import encode_update
 from transports import envelope, mqtt

@@ -186,7 +186,7 @@ def test_iter_feed_reuse_overwrites_one_array_per_typecode(backend):
 def _in_aggregate(data, first, last):
     """``data`` with its units first..last-1 moved into one NNR_AGG unit."""
     from decoder_core.decoder import unit_spans
-    from nnc_edge import unitwriter
+    from nnc_edge.encoder import unitwriter
     spans = list(unit_spans(data))
     agg = unitwriter.aggregate_unit([data[s:e] for s, e in spans[first:last]])
     return data[:spans[first][0]] + agg + data[spans[last - 1][1]:]

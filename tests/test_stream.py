@@ -15,7 +15,7 @@ from decoder_core.stream import StreamDecoder as CoreStreamDecoder
 from decoder_core.tables import NNR_NDU
 from decoder_core.units import ParserState, parse_unit
 from nnc_edge.decoding import to_numpy
-from nnc_edge import unitwriter
+from nnc_edge.encoder import unitwriter
 
 from conftest import CONFORMANCE_DIR, conformance_manifest
 

@@ -1,4 +1,4 @@
-"""NNR units of clause 6.3 (and the profile-1 additions): nnc_edge.unitwriter builds them,
+"""NNR units of clause 6.3 (and the profile-1 additions): nnc_edge.encoder.unitwriter builds them,
 decoder_core.units.parse_unit and decoder_core.decode read them.
 
 Key fields are also checked against bits assembled by hand from the syntax tables (the U/UE/IE/F32/ST
@@ -20,11 +20,11 @@ from decoder_core.tables import (
     NNR_TPL_PRUN, NNR_TPL_REFLIST,
 )
 from decoder_core.units import MAX_AGG_NESTING, ParserState, parse_unit, parse_units
-from nnc_edge import unitwriter as uw
+from nnc_edge.encoder import unitwriter as uw
 from nnc_edge.decoding import to_numpy
 
 
-# --- hand assembly of bits (6.1.3), independent of nnc_edge.bitwriter --------------------------------------
+# --- hand assembly of bits (6.1.3), independent of nnc_edge.encoder.bitwriter --------------------------------------
 def U(n, v):
     assert 0 <= v < (1 << n)
     return format(v, "0%db" % n) if n else ""

@@ -62,7 +62,7 @@ class Seeds:
     extension the verifying receiver accepts; ``final`` is one more full model, for the end."""
 
     def __init__(self):
-        from nnc_edge.encoding import encode
+        from nnc_edge.encoder.encoding import encode
         from nnc_edge.updates import ChainState, encode_update, model_digest
         import nnc_edge
         rng = np.random.default_rng(0)

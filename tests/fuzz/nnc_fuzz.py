@@ -2,7 +2,7 @@
 
 Every input is a conformance vector changed by one mutator (bit flips, byte edits, truncations, splices
 of two vectors, unit reordering, nnr_unit_size edits, NDU / MPS / NNR_STR header fields re-encoded with
-extreme values by nnc_edge.unitwriter, partial-data counters, aggregate units) and fed to one target:
+extreme values by nnc_edge.encoder.unitwriter, partial-data counters, aggregate units) and fed to one target:
 ``decoder_core.decode`` (a Decoder), ``decoder_core.StreamDecoder.feed`` in chunks of random sizes, or
 ``nnc_edge.decode`` / ``nnc_edge.StreamDecoder`` (numpy, one or two threads), each stream decoder also
 in slice mode (``slice_elements`` one of SLICE_ELEMENTS), on the compiled backend or, for a share of
@@ -42,7 +42,7 @@ from decoder_core.tables import (
 from decoder_core.units import ParserState, parse_unit
 
 import nnc_edge
-from nnc_edge import unitwriter as uw
+from nnc_edge.encoder import unitwriter as uw
 
 FUZZ_LIMITS = Limits(max_tensor_elements=1 << 21, max_decoded_bytes=1 << 25, max_unit_size=1 << 20,
                      max_bins_per_tensor=1 << 22)

@@ -14,8 +14,9 @@ choices are the encoder's, the smaller NDU wins:
 * a float tensor is sent as NNR_PT_RAW_FLOAT (exact) where coding it does not make it smaller;
 * with an update chain and ``hdsp``, the segment is coded with and without HDSP (supplement 5.6).
 
-Quantization is nnc_edge.quantize (NNCodec's levels with the default options), entropy coding
-nnc_edge.cabac_encoder (byte-identical with NNCodec for the same levels), units nnc_edge.unitwriter.
+Quantization is nnc_edge.encoder.quantize (NNCodec's levels with the default options), entropy
+coding nnc_edge.encoder.cabac_encoder (byte-identical with NNCodec for the same levels), units
+nnc_edge.encoder.unitwriter.
 """
 
 import math
@@ -29,9 +30,9 @@ from decoder_core.tables import (
     NNR_CPT_BI, NNR_CPT_BN, NNR_CPT_LS, NNR_PT_BLOCK, NNR_PT_INT, NNR_PT_RAW_FLOAT, NNR_TPL_UNREC,
 )
 
-from . import modelio
+from .. import modelio
+from ..parallel import check_threads
 from .cabac_encoder import SegmentTensor, block_roles, encode_segment
-from .parallel import check_threads
 from .quantize import DEFAULT_QP, DEFAULT_QP_DENSITY, DEFAULT_UNARY_LENGTH_MINUS1, quantize_tensor
 from .unitwriter import (
     MAX_PARTIAL_UNITS, MAX_SHORT_UNIT_SIZE, MAX_UNIT_SIZE, aggregate_unit, compressed_data_unit,
@@ -373,12 +374,15 @@ class _Job:
         tca = self.tca_for([name], [count])
         item = self.segment_tensor(name, qt, dims, tca, row_skip_flag)
         fields, payload, unit, segment = self.ndu([name], qt.payload_type, qt, dims, [item], tca)
-        coded = segment.tensors[0]
-        report = TensorReport(name, tuple(array.shape), qt.payload_type, qt.qp, qt.dq_flag,
-                              len(qt.codebook) if qt.codebook is not None else 0, qt.scan_order,
-                              1 if coded.row_skip_flag is not None else 0, coded.hist_dep_sig_prob_enabled_flag,
-                              1 if tca else 0, len(unit), qt if self.enc.keep_quantized else None)
+        report = self.tensor_report(name, array, qt.payload_type, qt, segment.tensors[0], tca, unit)
         return _Coded(fields, payload, unit, [(name, qt.levels, report)], qt.payload_type)
+
+    def tensor_report(self, name, array, payload_type, qt, coded, tca, unit):
+        """The TensorReport of a tensor coded into ``unit`` (``coded``: its CodedTensor)."""
+        return TensorReport(name, tuple(array.shape), payload_type, qt.qp, qt.dq_flag,
+                            len(qt.codebook) if qt.codebook is not None else 0, qt.scan_order,
+                            1 if coded.row_skip_flag is not None else 0, coded.hist_dep_sig_prob_enabled_flag,
+                            1 if tca else 0, len(unit), qt if self.enc.keep_quantized else None)
 
     def row_skip_variants(self, name, array, qt, requantize):
         """The NDU of qt, and with row skipping where it has all-zero rows; the smaller one."""
@@ -463,11 +467,7 @@ class _Job:
         coded = dict(zip(payload_order, segment.tensors))
         members = []
         for name, role, array, qt in zip(names, roles, arrays, qts):
-            c = coded[role]
-            report = TensorReport(name, tuple(array.shape), NNR_PT_BLOCK, qt.qp, qt.dq_flag,
-                                  len(qt.codebook) if qt.codebook is not None else 0, qt.scan_order,
-                                  1 if c.row_skip_flag is not None else 0, c.hist_dep_sig_prob_enabled_flag,
-                                  1 if tca else 0, len(unit), qt if self.enc.keep_quantized else None)
+            report = self.tensor_report(name, array, NNR_PT_BLOCK, qt, coded[role], tca, unit)
             members.append((name, qt.levels, report))
         return _Coded(fields, payload, unit, members, NNR_PT_BLOCK)
 
@@ -621,7 +621,7 @@ class Encoder:
       (qp - 2^(qp_density + 1), a quarter of the step) or a qp; ``qp_per_tensor``: name -> qp,
       overriding both for that tensor.
     * ``dq`` (True): dependent quantization (trellis); ``lambda_scale`` (0): its rate term (see
-      nnc_edge.quantize.quantize_dq); ``bitdepth``: integer-aligned bit depth (5.5).
+      nnc_edge.encoder.quantize.quantize_dq); ``bitdepth``: integer-aligned bit depth (5.5).
     * ``codebook``: 0 off, 1 always, 2 where the NDU gets smaller (NNCodec's codebook_mode).
     * ``scan_order`` (0): block scan 1..4 with entry points for tensors of 2 or more dimensions.
     * ``row_skip`` (True): profile-1 row skipping, signalled per tensor where it has all-zero rows
@@ -692,7 +692,18 @@ class Encoder:
             if missing:
                 raise ValueError("tensor %r is not in the reflist" % missing[0])
         groups = _groups(tensors, opts["block"])
-        job = _Job(self, opts, mps, parent, self._chain)
+        results = self._code(groups, _Job(self, opts, mps, parent, self._chain), tensors, progress)
+        stream = self._assemble(results, opts, mps)
+        self._update_chain(results)
+        reports = {}
+        for coded in results:
+            for name, _, report in coded.members:
+                reports[name] = report
+        self.report = [reports[name] for name, _ in tensors]
+        return stream
+
+    def _code(self, groups, job, tensors, progress):
+        """The _Coded NDU of each group, in stream order (coded on threads when there are several)."""
         total = sum(int(a.size) for _, a in tensors)
         done = 0
         results = []
@@ -705,14 +716,7 @@ class Encoder:
             for group in groups:
                 results.append(job(group, tensors))
                 done = self._progress(progress, group, tensors, done, total)
-        stream = self._assemble(results, opts, mps)
-        self._update_chain(results)
-        reports = {}
-        for coded in results:
-            for name, _, report in coded.members:
-                reports[name] = report
-        self.report = [reports[name] for name, _ in tensors]
-        return stream
+        return results
 
     def _progress(self, progress, group, tensors, done, total):
         done += sum(int(tensors[i][1].size) for i in group.members)

@@ -484,7 +484,7 @@ class _TrellisRun:
         if self.backend not in ("cython", "python"):
             raise ValueError("unknown trellis backend %r" % (backend,))
         if self.backend == "cython" and _trellis_ext is None:
-            raise ImportError("nnc_edge._trellis is not built (install with Cython and a C compiler)")
+            raise ImportError("nnc_edge.encoder._trellis is not built (install with Cython and a C compiler)")
         self.lam = lam
         self.rate = rate
 

@@ -1,9 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 # distutils: extra_compile_args = -ffp-contract=off
-"""Compiled twin of nnc_edge.quantize._trellis_python: the 8-state dependent-quantization trellis.
+"""Compiled twin of nnc_edge.encoder.quantize._trellis_python: the 8-state dependent-quantization trellis.
 
 Same arithmetic in the same order (double precision, no fused multiply-add, ties keep the first
-branch), so both give identical levels; nnc_edge.quantize documents the algorithm (supplement 5.2)
+branch), so both give identical levels; nnc_edge.encoder.quantize documents the algorithm (supplement 5.2)
 and the optional rate term.
 """
 

@@ -420,6 +420,7 @@ class _Tensor:
         The pseudo pass (5.3) follows NNCodec: it binarizes n rather than k, keeps nb across block
         rows, ignores the codebook limits, and only marks where the estimators are reset.
         """
+        # The hot loop, one function on purpose: in Python a call per position costs more than its bins.
         sig, sig_tca, sig_hdsp, sign, sign_tca, gtx, gtx_tca, gtx2 = groups
         levels = self.levels
         h, w, bh, bw = self.h, self.w, self.bh, self.bw

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Compiled twin of nnc_edge.cabac_encoder.encode_tensor_levels(): the same bins in the same order,
+"""Compiled twin of nnc_edge.encoder.cabac_encoder.encode_tensor_levels(): the same bins in the same order,
 so both give byte-identical segments (tests/test_encoding.py checks it).
 
 The Python ArithmeticEncoder's registers (out, low, nbits, range, t) are read before and written
@@ -91,7 +91,7 @@ cdef int32_t CTXP[36]
 cdef int32_t EST0[1024]         # EstBits[512 + i][0], i = -512..511
 cdef int32_t EST1[1024]
 cdef bint _ready = False
-_py = None                      # nnc_edge.cabac_encoder, imported on first use (it imports this module)
+_py = None                      # nnc_edge.encoder.cabac_encoder, imported on first use (it imports this module)
 
 
 cdef _init():
@@ -112,7 +112,7 @@ cdef _init():
         for j in range(4):
             CTXP[4 * i + j] = CtxParameterList[i][j]
         if SHIFT0[i] != CtxParameterList[i][0] + 4 or SHIFT1[i] != CtxParameterList[i][1]:
-            raise RuntimeError("nnc_edge._cabac_encoder: compiled-in shifts differ from CtxParameterList")
+            raise RuntimeError("nnc_edge.encoder._cabac_encoder: compiled-in shifts differ from CtxParameterList")
     for i in range(-512, 512):
         # ce._EST0[i] for negative i, without relying on wraparound (off in this module)
         EST0[512 + i] = ce._EST0[i & 1023]
@@ -280,6 +280,7 @@ cdef inline int neighbour_class(int64_t nb) noexcept nogil:
 
 cdef void code_levels(Pass* P, Enc* e) noexcept nogil:
     """quant_tensor() for both passes (cabac_encoder._Tensor.code_levels, same quirks)."""
+    # The hot loop, one function on purpose: state in C locals, and bin for bin as _Tensor.code_levels.
     cdef const int32_t* levels = P.levels
     cdef Py_ssize_t h = P.h, w = P.w, bh = P.bh, bw = P.bw
     cdef Py_ssize_t by, bx, y, y_end, x_end, pos, row

@@ -1,0 +1,547 @@
+"""The device side: ``Receiver`` acts on the messages of the status and data topics (independent of
+the connection, which ``transports.mqtt.connection.run_receiver`` keeps), ``ModelStore`` is the model
+in a directory, ``FullModelWriter`` and ``UpdateWriter`` write a publication into it.
+
+Receiver (``Receiver`` + ``run_receiver``): subscribes to the status and to exactly one data
+topic, ``P/M/seq/T/+`` for the version T it needs next: the one after its own, or the last full
+model when its version is not on the announced chain (never had a model, or was offline across a
+new full model). Retained messages arrive at once on subscribing, live ones as they are published
+(so a full model streams into the decoder while it is being published). Messages are put back in order and applied once. After ``gap_timeout``
+seconds without the missing message the data topic is subscribed again (the broker re-sends the
+retained copies); after another ``gap_timeout`` the publication is abandoned. Only a complete
+publication whose SHA-256 digest matches changes the model, atomically; anything else leaves the
+previous model as it was and is logged (logger ``nnc_edge.mqtt``). A refusal never moves the
+device to an older version (see ``Receiver``).
+"""
+
+import asyncio
+import hashlib
+import os
+import time
+from collections import OrderedDict, deque
+
+from decoder_core import NNCError
+
+from .. import envelope
+from ..envelope import FULL, UPDATE, Assembly, Status, digest_hex
+from .settings import DEFAULT_GAP_TIMEOUT, DEFAULT_PREFIX, _ranges, log, topics
+
+# How many refused publications a device remembers, and how many events and applied publications
+# it keeps for inspection: bounded, since each refusal may come from an attacker.
+MAX_REMEMBERED = 256
+MAX_EVENTS = 100
+MAX_REASON_CHARS = 400
+
+
+# --- device side: the model in a directory --------------------------------------------------------
+class ModelStore:
+    """The device's current model: ``DIR/model.safetensors``, its version in the file's metadata
+    (``nnc_edge.seq``, ``nnc_edge.digest``, ``nnc_edge.kind``), always replaced atomically.
+
+    Updates are applied with ``nnc_edge.updates.apply_update``, which checks the update record
+    inside the bitstream against the model's own digest and keeps the decoder state of an update
+    chain in a file beside the model. ``allow_anonymous`` (default True) also applies updates
+    without a record (e.g. written by NNCodec): the envelope's parent version already ties them to
+    this model. ``apply_update(base_tensors, update_bytes) -> new_tensors`` replaces the rule.
+    """
+
+    FILENAME = "model.safetensors"
+
+    def __init__(self, directory, model, apply_update=None, threads=None, allow_anonymous=True):
+        from nnc_edge import modelio
+        self.directory = os.fspath(directory)
+        self.model = model
+        self.path = os.path.join(self.directory, self.FILENAME)
+        self.apply_update = apply_update
+        self.allow_anonymous = allow_anonymous
+        self.threads = threads
+        os.makedirs(self.directory, exist_ok=True)
+        self.version = None
+        if os.path.exists(self.path):
+            try:
+                meta = modelio.load_metadata(self.path)
+                if meta.get("nnc_edge.model") == model:
+                    self.version = (int(meta["nnc_edge.seq"]), envelope.digest_from_hex(meta["nnc_edge.digest"]))
+            except (KeyError, ValueError, OSError) as exc:  # ModelFormatError and NNCError are ValueErrors
+                log.warning("%s: no usable version in its metadata (%s); fetching the full model", self.path, exc)
+
+    def describe(self):
+        if self.version is None:
+            return "no model"
+        return "version %d (%s)" % (self.version[0], digest_hex(self.version[1])[:12])
+
+    def metadata(self, env):
+        return {"nnc_edge.model": self.model, "nnc_edge.seq": str(env.seq), "nnc_edge.digest": digest_hex(env.digest),
+                "nnc_edge.kind": env.kind}
+
+    def begin(self, env):
+        return FullModelWriter(self, env) if env.kind == FULL else UpdateWriter(self, env)
+
+
+class FullModelWriter:
+    """A full model streaming into the store: each body is decoded as it comes (tensors go to a
+    temporary file); ``commit()`` renames it onto the model once everything checked out."""
+
+    def __init__(self, store, env):
+        from nnc_edge.sinks import SafetensorsSink
+        from nnc_edge.streaming import DEFAULT_SLICE_ELEMENTS, StreamDecoder
+        self.store = store
+        self.env = env
+        # Slices: the writer's memory does not follow the model's largest tensor.
+        self.decoder = StreamDecoder(slice_elements=DEFAULT_SLICE_ELEMENTS)
+        self.sink = SafetensorsSink(store.path, metadata=store.metadata(env))
+        self.tensors = 0
+
+    def feed(self, body):
+        for name, shape, start, array in self.decoder.iter_feed(body):
+            self.sink.write_slice(name, shape, start, array)
+            self.tensors += start == 0
+
+    def commit(self):
+        try:
+            self.decoder.close()
+            self.sink.close()
+        finally:
+            self.abort()
+        self.store.version = (self.env.seq, self.env.digest)
+
+    def abort(self):
+        self.decoder.release_threads()
+        self.sink.abort()
+
+
+class UpdateWriter:
+    """An update collected in memory (updates are small; the envelope's total is checked first),
+    then applied to the current model and written atomically."""
+
+    def __init__(self, store, env):
+        self.store = store
+        self.env = env
+        self.data = bytearray()
+        self.tensors = 0
+
+    def feed(self, body):
+        self.data += body
+
+    def commit(self):
+        from nnc_edge import modelio, updates
+        path = self.store.path
+        metadata = self.store.metadata(self.env)
+        if self.store.apply_update is not None:
+            new = self.store.apply_update(modelio.load(path), bytes(self.data))
+            updates.write_model(path, new, None, metadata)
+        else:
+            # Patched in a copy of the model file, never loaded whole; the decoder state of an update
+            # chain (temporal context adaptation) lives beside the model.
+            new = updates._apply(path, bytes(self.data), path, threads=self.store.threads,
+                                 allow_anonymous=self.store.allow_anonymous, metadata=metadata)
+        self.tensors = len(new)
+        self.store.version = (self.env.seq, self.env.digest)
+
+    def abort(self):
+        self.data = bytearray()
+
+
+# --- the receiver: what the device does with each message ---------------------------------------
+class Receiver:
+    """The device's side of the protocol, independent of the MQTT connection (``run_receiver``
+    drives it): feed it the messages of the status topic and of ``subscription()``.
+
+    ``applied`` lists (seq, kind, bytes, seconds from first message to model written) of the last
+    publications applied; ``events`` the last reasons for what was refused or abandoned.
+    ``verify(envelope)`` (e.g. a signature check of the extension field) runs on the first message
+    of each publication, before anything of it is used; an NNCError from it refuses the publication.
+
+    Anyone who can publish to the broker can send anything: whatever one message makes go wrong is
+    logged and the message dropped (``handle``), and what is remembered about refused messages is
+    bounded (MAX_REMEMBERED publications, MAX_EVENTS events). A refusal never moves the device to an
+    older version: it keeps its model until a publication it can apply arrives (a new full model,
+    or another publication of the next version), and says so every ``gap_timeout`` while the status
+    announces a version it does not have.
+    """
+
+    def __init__(self, store, prefix=DEFAULT_PREFIX, gap_timeout=DEFAULT_GAP_TIMEOUT,
+                 max_buffered=envelope.DEFAULT_MAX_BUFFERED, max_update_bytes=256 << 20, clock=time.monotonic,
+                 on_applied=None, on_current=None, verify=None):
+        self.store = store
+        self.verify = verify
+        self.model = store.model
+        self.topics = topics(prefix, store.model)
+        self.gap_timeout = gap_timeout
+        self.max_buffered = max_buffered
+        self.max_update_bytes = max_update_bytes
+        self.clock = clock
+        self.on_applied = on_applied
+        self.on_current = on_current
+        self.status = None
+        self.target = None
+        self.diverged = False     # the status shows that the device's version is not on the publisher's chain
+        self.resubscribe = False  # subscribe to the target again to have its retained messages re-sent
+        self.subscribed = None    # the data topic filter run_receiver has subscribed to (acknowledged)
+        self.connected = False    # run_receiver is connected and subscribed to the status
+        self.refused = _Bounded(MAX_REMEMBERED)     # _identity() of publications refused for good
+        # Those verify() refused: an unsigned or forged copy of a bitstream must not make the device
+        # ignore the genuine signed publication of the same bytes (its extension differs).
+        self.unverified = _Bounded(MAX_REMEMBERED)
+        self.deferred = _Bounded(MAX_REMEMBERED)    # digest -> clock: failed here (disk, ...), left alone until
+        self.blocked = None       # (seq, digest, reason) of the last publication refused
+        self.behind_since = None  # clock reading: since then the device lags the status and nothing arrives
+        self.assembly = None
+        self.writer = None
+        self.started = None
+        self.applied = _Recent(maxlen=MAX_EVENTS)
+        self.events = _Recent(maxlen=MAX_EVENTS)
+        self.target = self._next_target()
+
+    @property
+    def up_to_date(self):
+        """True when the device has the version the publisher's status announces."""
+        st = self.status
+        return (st is not None and st.seq > 0 and self.assembly is None
+                and self.store.version == (st.seq, st.digest))
+
+    def _check_current(self):
+        if self.on_current is not None and self.up_to_date:
+            self.on_current()
+
+    # --- what to subscribe to ------------------------------------------------------------------
+    def subscription(self):
+        """The data topic filter to be subscribed to now (None: only the status)."""
+        return None if self.target is None else self.topics.publication(self.target)
+
+    def _next_target(self):
+        cur = self.store.version
+        st = self.status
+        if st is None:
+            return cur[0] + 1 if cur else None
+        if not st.seq:
+            return cur[0] + 1 if cur else 1
+        if self.diverged or cur is None:
+            return st.full_seq
+        k, d = cur
+        if st.full_seq <= k <= st.seq:
+            # On the chain (an update's parent check proves the digest when it arrives).
+            if k < st.seq or d == st.digest:
+                return k + 1
+        elif st.pending is not None and (k, d) == st.pending[:2]:
+            return k + 1  # applied as it was published; the status follows
+        self._event("warning", "model %s: the device's %s is not on the published chain (current version %d, "
+                    "full model %d): fetching the full model" % (self.model, self.store.describe(), st.seq,
+                                                                  st.full_seq))
+        self.diverged = True
+        return st.full_seq
+
+    def _retarget(self, reason=None):
+        target = self._next_target()
+        if target != self.target:
+            if self.assembly is not None:
+                self._abandon(reason or "now fetching version %d" % target, refuse=False)
+            self.target = target
+
+    # --- input ---------------------------------------------------------------------------------
+    async def handle(self, topic, payload):
+        """Act on one message of the status or data topic. Whatever goes wrong is logged and the
+        message dropped: no topic, status or envelope may end the service. (Cancellation and
+        KeyboardInterrupt are not Exceptions: they still stop it.)"""
+        try:
+            if topic == self.topics.status:
+                self.on_status(payload)
+                return
+            where = self.topics.parse_data(topic)
+            if where is not None:
+                await self.on_data(where[0], where[1], payload)
+        except Exception as exc:
+            self._unexpected("the message on %s" % envelope.excerpt(topic, 120, quote=False), exc)
+
+    def tick(self):
+        """Act on a gap: after ``gap_timeout`` seconds without progress, subscribe again so that the
+        broker re-sends the retained messages; after another ``gap_timeout``, abandon. Retry
+        publications that failed for a local reason once their pause is over, and report a
+        device that cannot reach the announced version."""
+        try:
+            now = self.clock()
+            self._retry_deferred(now)
+            self._check_gap(now)
+            self._report_lag(now)
+        except Exception as exc:
+            self._unexpected("the gap check", exc)
+
+    def _unexpected(self, what, exc):
+        # A bug, or an input nobody foresaw: the traceback is for the report; the publication being
+        # assembled may be half-fed to its writer, so it is dropped (and retried after a pause).
+        log.error("model %s: %s raised %s: %s; ignored", self.model, what, type(exc).__name__, _reason(exc),
+                  exc_info=exc)
+        self.events.append("%s raised %s" % (what, type(exc).__name__))
+        try:
+            self._abandon("%s raised %s" % (what, type(exc).__name__), refuse=None)
+        except Exception:  # the writer's cleanup failed too; the assembly is dropped all the same
+            log.exception("model %s: dropping the publication being assembled failed", self.model)
+
+    def on_status(self, payload):
+        if not payload:
+            self.status = Status(self.model)
+        else:
+            try:
+                self.status = envelope.parse_status(payload, self.model)
+            except NNCError as exc:
+                self._event("warning", "ignored status of model %s: %s" % (self.model, _reason(exc)))
+                return
+        a = self.assembly
+        if a is not None:
+            announced = self._announced(a.first.seq)
+            if announced is not None and announced != a.first.digest:
+                self._abandon("the status announces another publication of version %d" % a.first.seq, refuse=False)
+        self._retarget()
+        self._check_current()
+
+    def _announced(self, seq):
+        st = self.status
+        if st is None:
+            return None
+        if st.seq == seq:
+            return st.digest
+        if st.pending is not None and st.pending[0] == seq:
+            return st.pending[1]
+        return None
+
+    async def on_data(self, seq, index, payload):
+        if not payload:
+            return  # a retained message being deleted
+        try:
+            env = envelope.parse(payload)
+        except NNCError as exc:
+            self._event("warning", "ignored message %s: %s" % (self.topics.data(seq, index), _reason(exc)))
+            return
+        if env.model != self.model or env.seq != seq or env.index != index:
+            self._event("warning", "ignored message %s: its envelope says model %s, version %d, message %d"
+                        % (self.topics.data(seq, index), envelope.excerpt(env.model), env.seq, env.index))
+            return
+        if seq != self.target or self.clock() < self.deferred.get(env.digest, 0):
+            return
+        identity = _identity(env)
+        if identity in self.refused or identity in self.unverified:
+            return
+        announced = self._announced(seq)
+        if announced is not None and announced != env.digest:
+            return  # left over from an earlier, interrupted publication of this version
+        a = self.assembly
+        if a is not None and not env.same_publication(a.first):
+            self._abandon("superseded by another publication of version %d" % seq, refuse=False)
+            a = None
+        if a is None:
+            if not self._acceptable(env):
+                return
+            a = self.assembly = Assembly(env, self.max_buffered)
+            a.last_progress = self.started = self.clock()
+            try:
+                self.writer = self.store.begin(env)
+            except (OSError, ValueError) as exc:
+                self._abandon("cannot start writing %s: %s" % (self.store.path, _reason(exc)), refuse=None)
+                return
+        confirmed = False  # the bytes received are those the digest names
+        try:
+            bodies = a.add(env)
+            if bodies:
+                a.last_progress = self.clock()
+            for body in bodies:
+                await asyncio.to_thread(self.writer.feed, body)
+            if a.complete:
+                a.check()
+                confirmed = True
+                await asyncio.to_thread(self.writer.commit)
+        except NNCError as exc:
+            # With signatures, bytes not yet known to be the signed ones may be a forged copy under a
+            # genuine envelope: refusing their digest would make the device ignore the real publication.
+            # Not refused for good, then retried after a pause: the retained copies that come again on
+            # resubscribing could be the same bad ones, which must not make a busy loop.
+            self._abandon(_reason(exc), refuse=True if confirmed or self.verify is None else None)
+            return
+        except (OSError, ValueError) as exc:  # a full disk, an unreadable model file, ...
+            self._abandon("%s: %s (retrying in %g s)" % (type(exc).__name__, _reason(exc), self.gap_timeout),
+                          refuse=None)
+            return
+        if a.complete:
+            self._done(a)
+
+    def _acceptable(self, env):
+        if env.total == 0:
+            from nnc_edge.decoding import empty_bitstream
+            self._refuse(env, str(empty_bitstream()))  # never taken for an empty model
+            return False
+        if self.verify is not None:
+            try:
+                self.verify(env)
+            except NNCError as exc:
+                self.unverified.add(_identity(env))
+                self._event("warning", "model %s: refused %s: %s; %s"
+                            % (self.model, env.describe(), _reason(exc), self._standing("the model")))
+                return False
+        if env.kind == UPDATE:
+            if self.store.version is not None and not os.path.exists(self.store.path):
+                self._event("warning", "model %s: %s has gone: fetching the full model" % (self.model, self.store.path))
+                self.store.version = None
+                self._retarget()
+                return False
+            cur = self.store.version
+            if cur != (env.parent_seq, env.parent_digest):
+                self._refuse(env, "it applies to version %d (%s), the device has %s"
+                             % (env.parent_seq, digest_hex(env.parent_digest)[:12], self.store.describe()))
+                return False
+            if env.total > self.max_update_bytes:
+                self._refuse(env, "%d bytes, more than the limit of %d" % (env.total, self.max_update_bytes))
+                return False
+        return True
+
+    def _refuse(self, env, reason, verb="refused"):
+        """Refuse a publication for good for what it is: it is not retried, and the device stays at
+        its version (going to an older full model would be a step back)."""
+        self.refused.add(_identity(env))
+        self.blocked = (env.seq, env.digest, reason)
+        self._event("warning", "model %s: %s %s: %s; %s"
+                    % (self.model, verb, env.describe(), reason, self._standing("the model")))
+
+    def _done(self, a):
+        env = a.first
+        seconds = self.clock() - self.started
+        tensors = self.writer.tensors
+        self.assembly = self.writer = None
+        self.blocked = None
+        if env.kind == FULL:
+            self.diverged = False
+        self.applied.append((env.seq, env.kind, env.total, seconds))
+        log.info("model %s: applied %s: %d bytes in %d message%s%s, %.2f s -> %s (%d tensors)", self.model,
+                 env.describe(), env.total, env.count, "" if env.count == 1 else "s",
+                 " (%d duplicates dropped)" % a.duplicates if a.duplicates else "",
+                 seconds, self.store.path, tensors)
+        # The next version, whatever the status says now: it may still announce the previous one
+        # (the status follows the data); the next status message is checked against the chain.
+        self.target = env.seq + 1
+        if self.on_applied is not None:
+            self.on_applied(env)
+        self._check_current()
+
+    # --- the clock -----------------------------------------------------------------------------
+    def _retry_deferred(self, now):
+        for digest in [d for d, until in self.deferred.items() if now >= until]:
+            del self.deferred[digest]
+            self.resubscribe = True
+
+    def _check_gap(self, now):
+        a = self.assembly
+        if a is None or now - a.last_progress <= self.gap_timeout:
+            return
+        missing = "messages %s of %d missing for %.1f s" % (_ranges(a.missing()), a.first.count,
+                                                           now - a.last_progress)
+        if not a.refetched:
+            a.refetched = True
+            a.last_progress = now
+            self.resubscribe = True
+            log.info("model %s: %s: %s; asking the broker for them again", self.model, a.first.describe(), missing)
+        else:
+            self._abandon(missing, refuse=False)
+
+    def _report_lag(self, now):
+        """Every ``gap_timeout`` without progress while the status announces a version the device
+        does not have: say which, and why it is not coming."""
+        if self.assembly is not None or not self._lagging():
+            self.behind_since = None
+            return
+        if self.behind_since is None:
+            self.behind_since = now
+            return
+        if now - self.behind_since < self.gap_timeout:
+            return
+        if self._blocked_on_target():
+            why = "version %d was refused (%s); waiting for another publication of it or a new full model" \
+                  % (self.blocked[0], self.blocked[2])
+        else:
+            why = "nothing usable of version %s has arrived for %.0f s" % (self.target, now - self.behind_since)
+        self.behind_since = now
+        self._event("warning", "model %s: the status announces version %d, but %s: %s"
+                    % (self.model, self.status.seq, self._standing("the device", "the device has no model"), why))
+
+    def _blocked_on_target(self):
+        # A refused publication explains the lag unless the status names another one for its version.
+        if self.blocked is None or self.blocked[0] != self.target:
+            return False
+        announced = self._announced(self.target)
+        return announced is None or announced == self.blocked[1]
+
+    def _lagging(self):
+        st = self.status
+        if st is None or not st.seq:
+            return False
+        cur = self.store.version
+        return cur is None or cur[0] < st.seq or (cur[0] == st.seq and cur[1] != st.digest)
+
+    # --- giving up -----------------------------------------------------------------------------
+    def _abandon(self, reason, refuse):
+        """Drop the publication being assembled. ``refuse``: True for good (its content is bad),
+        None for ``gap_timeout`` seconds (a local failure), False not at all: its retained messages
+        are asked for again at once."""
+        a = self.assembly
+        if a is None:
+            return
+        writer = self.writer
+        self.assembly = self.writer = None
+        if writer is not None:
+            writer.abort()
+        if refuse:
+            self._refuse(a.first, reason, "abandoned")
+            return
+        if refuse is None:
+            self.deferred[a.first.digest] = self.clock() + self.gap_timeout
+        else:
+            self.resubscribe = True
+        self._event("warning", "model %s: abandoned %s: %s; %s"
+                    % (self.model, a.first.describe(), reason, self._standing("the model")))
+
+    def _standing(self, subject, none="the device still has no model"):
+        """Where the device stays after a failure: "<subject> stays at version N (digest)", or ``none``."""
+        if self.store.version is None:
+            return none
+        return "%s stays at %s" % (subject, self.store.describe())
+
+    def _event(self, level, message):
+        self.events.append(message)
+        getattr(log, level)(message)
+
+
+def _reason(exc):
+    # Errors may quote what a message carried (a tensor name, a record): cut for the log.
+    return envelope.excerpt(str(exc), MAX_REASON_CHARS, quote=False)
+
+
+def _identity(env):
+    """What Envelope.same_publication compares, the extension (up to 64 KiB) by its digest: a refusal
+    is of what the envelope says, and a copy that says anything else (another parent, count, total or
+    signature with the same bitstream digest) may be the genuine publication."""
+    return (env.kind, env.seq, env.parent_seq, env.parent_digest, env.count, env.total, env.digest,
+            hashlib.sha256(bytes(env.ext)).digest())
+
+
+class _Recent(deque):
+    """A ring buffer (deque with maxlen) that can also be sliced, like the list it replaces."""
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return list(self)[index]
+        return deque.__getitem__(self, index)
+
+
+class _Bounded(OrderedDict):
+    """A dict (or, with ``add``, a set) of at most ``limit`` keys: adding to a full one forgets the
+    oldest. Forgetting a refusal costs only checking that publication again."""
+
+    def __init__(self, limit):
+        OrderedDict.__init__(self)
+        self.limit = limit
+
+    def __setitem__(self, key, value):
+        OrderedDict.__setitem__(self, key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+    def add(self, key):
+        self[key] = True
