@@ -19,6 +19,7 @@ MP_SCRIPTS = os.path.join(HERE, "mp")
 MP_LIBRARY = ("expect.py", "heap.py")
 DECODER_CORE = os.path.join(REPO, "decoder_core")
 NNC_DEVICE = os.path.join(REPO, "nnc_device")
+PORTABLE_TRANSPORTS = ("__init__.py", "envelope.py", "report.py", "ed25519.py")
 PACKAGE = "@micropython/micropython-webassembly-pyscript"
 CONFORMANCE = (os.environ.get("NNC_CONFORMANCE_DIR")
                or os.path.join(os.path.dirname(REPO), "shared", "conformance", "nncodec-2.1.3"))
@@ -50,7 +51,14 @@ def run_micropython(script, args=(), heap=1 << 20, copies=(), timeout=600, loop=
     pairs; one to /lib/decoder_core or /lib/nnc_device (e.g. .mpy files) replaces the source.
     ``loop``: the name of a function run.mjs then calls until it returns False (run.mjs --loop).
     Returns the CompletedProcess (text output)."""
-    cmd = [node(), RUNNER, "--heap", str(heap)]
+    return subprocess.run(micropython_command(script, args, heap, copies, loop), cwd=HERE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=timeout)
+
+
+def micropython_command(script, args=(), heap=1 << 20, copies=(), loop=None, options=()):
+    """The command run_micropython runs; ``options``: further run.mjs options (e.g. --mqtt URL).
+    Run it with cwd=HERE."""
+    cmd = [node(), RUNNER, "--heap", str(heap)] + list(options)
     if loop is not None:
         cmd += ["--loop", loop]
     for name in MP_LIBRARY:
@@ -62,9 +70,15 @@ def run_micropython(script, args=(), heap=1 << 20, copies=(), timeout=600, loop=
     for host, target in copies:
         cmd += ["--copy", "%s=%s" % (host, target)]
     cmd.append(script)
-    cmd += list(args)
-    return subprocess.run(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=timeout)
+    return cmd + list(args)
+
+
+def portable_transports(dest):
+    """The modules of transports/ that MicroPython runs, copied into ``dest`` (for /lib/transports)."""
+    os.makedirs(dest, exist_ok=True)
+    for name in PORTABLE_TRANSPORTS:
+        shutil.copyfile(os.path.join(REPO, "transports", name), os.path.join(dest, name))
+    return dest
 
 
 def load_manifest(root=CONFORMANCE):

@@ -3,7 +3,8 @@
 // @micropython/micropython-webassembly-pyscript) with a fixed heap, after copying host files into
 // the port's (Emscripten, in-memory) filesystem. Relays the script's output and exit status.
 //
-//   node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... [--loop NAME] SCRIPT.py [ARG...]
+//   node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... [--loop NAME]
+//                [--mqtt URL [--persist HOST=MP] [--crash-on TEXT:N]] SCRIPT.py [ARG...]
 //
 //   --heap SIZE      MicroPython GC heap in bytes, or with a k / m suffix (default 1m)
 //   --pystack WORDS  MicroPython Python-stack size in words (default 8192)
@@ -15,6 +16,16 @@
 //                    frees garbage only once control has been back in JavaScript (mp/heap.py);
 //                    returning from each call does that without an await (each await of a promise
 //                    keeps ~29 bytes of the heap for good in this port: a loop of awaits leaks)
+//   --mqtt URL       a real MQTT connection (npm package mqtt) for the script: the JavaScript module
+//                    `mqttbridge` (mqtt_bridge.mjs; mp/jsmqtt.py puts umqtt.simple's API on it).
+//                    The --loop function then returns True (call again), IDLE (2: nothing to do,
+//                    called again when a message arrives or after 20 ms) or a false value (stop);
+//                    between calls JavaScript runs its event loop. SIGTERM ends the loop.
+//   --persist HOST=MP  with --mqtt: the device's flash. HOST (a directory) is copied to MP before the
+//                    script runs and MP back to HOST when it ends, or is killed by --crash-on
+//   --crash-on TEXT:N  with --mqtt: power loss once N messages whose topic contains TEXT were handed
+//                    to the script: MP is saved to HOST as it is, the connection dropped without a
+//                    DISCONNECT (the broker publishes the last will), exit status 137
 //
 // The script runs with top-level `await` allowed, so it can drive MicroPython's asyncio (whose
 // event loop this port hands to JavaScript's). sys.argv is [SCRIPT, ARG...]. Exit status: the
@@ -24,7 +35,8 @@
 import fs from "node:fs";
 import path from "node:path";
 
-const USAGE = "usage: node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... [--loop NAME] SCRIPT.py [ARG...]";
+const USAGE = "usage: node run.mjs [--heap SIZE] [--pystack WORDS] [--copy HOST=MP]... [--loop NAME]\n"
+    + "                   [--mqtt URL [--persist HOST=MP] [--crash-on TEXT:N]] SCRIPT.py [ARG...]";
 
 function fail(message) {
     process.stderr.write("run.mjs: " + message + "\n");
@@ -39,20 +51,27 @@ function parseSize(text) {
 }
 
 function parseArgs(argv) {
-    const opts = { heap: 1048576, pystack: 8192, copies: [], loop: null, script: null, args: [] };
+    const opts = { heap: 1048576, pystack: 8192, copies: [], loop: null, mqtt: null, persist: null, crashOn: null,
+                   script: null, args: [] };
     let i = 0;
     for (; i < argv.length; i++) {
         const a = argv[i];
-        if (a === "--heap" || a === "--pystack" || a === "--copy" || a === "--loop") {
+        if (["--heap", "--pystack", "--copy", "--loop", "--mqtt", "--persist", "--crash-on"].includes(a)) {
             if (i + 1 >= argv.length) fail(a + " needs a value\n" + USAGE);
             const v = argv[++i];
             if (a === "--heap") opts.heap = parseSize(v);
             else if (a === "--pystack") opts.pystack = parseSize(v);
             else if (a === "--loop") opts.loop = v;
-            else {
+            else if (a === "--mqtt") opts.mqtt = v;
+            else if (a === "--crash-on") {
+                const colon = v.lastIndexOf(":");
+                if (colon <= 0 || !/^\d+$/.test(v.slice(colon + 1))) fail("--crash-on wants TEXT:N, got '" + v + "'");
+                opts.crashOn = [v.slice(0, colon), parseInt(v.slice(colon + 1), 10)];
+            } else {
                 const eq = v.indexOf("=");
-                if (eq <= 0 || !v.slice(eq + 1).startsWith("/")) fail("--copy wants HOST=/abs/mp/path, got '" + v + "'");
-                opts.copies.push([v.slice(0, eq), v.slice(eq + 1)]);
+                if (eq <= 0 || !v.slice(eq + 1).startsWith("/")) fail(a + " wants HOST=/abs/mp/path, got '" + v + "'");
+                if (a === "--persist") opts.persist = [v.slice(0, eq), v.slice(eq + 1)];
+                else opts.copies.push([v.slice(0, eq), v.slice(eq + 1)]);
             }
         } else if (a.startsWith("--")) {
             fail("unknown option " + a + "\n" + USAGE);
@@ -61,6 +80,7 @@ function parseArgs(argv) {
         }
     }
     if (i >= argv.length) fail(USAGE);
+    if ((opts.persist || opts.crashOn) && !opts.mqtt) fail("--persist and --crash-on go with --mqtt");
     opts.script = argv[i];
     opts.args = argv.slice(i + 1);
     return opts;
@@ -98,6 +118,16 @@ async function main() {
         if (!fs.existsSync(host)) fail("--copy source does not exist: " + host);
         copyInto(mp.FS, host, target);
     }
+    if (opts.persist !== null) {
+        if (fs.existsSync(opts.persist[0])) copyInto(mp.FS, opts.persist[0], opts.persist[1]);
+        else mp.FS.mkdirTree(opts.persist[1]);
+    }
+    let bridge = null;
+    if (opts.mqtt !== null) {
+        const { Bridge } = await import("./mqtt_bridge.mjs");
+        bridge = new Bridge(mp, opts);
+        mp.registerJsModule("mqttbridge", bridge.module());
+    }
     // sys.argv as JSON: MicroPython's json parses it without touching the script's globals.
     mp.runPython("import sys, json\nsys.argv[:] = json.loads(" + JSON.stringify(JSON.stringify(
         [opts.script, ...opts.args])) + ")\ndel sys, json");
@@ -107,7 +137,8 @@ async function main() {
         if (opts.loop !== null) {
             const fn = mp.globals.get(opts.loop);
             if (typeof fn !== "function") fail("--loop: the script defines no function " + opts.loop);
-            while (fn()) { /* one event per call */ }
+            if (bridge !== null) await bridge.loop(fn);
+            else while (fn()) { /* one event per call */ }
         }
     } catch (e) {
         if (e && e.name === "PythonError") {
@@ -132,6 +163,7 @@ async function main() {
     for (const [buf, write] of [[M._stdoutBuffer, process.stdout], [M._stderrBuffer, process.stderr]]) {
         if (buf && buf.length) write.write(new TextDecoder().decode(new Uint8Array(buf)) + "\n");
     }
+    if (bridge !== null) bridge.end();
     process.exitCode = status;
 }
 

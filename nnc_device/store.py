@@ -11,7 +11,9 @@
   (one byte per element, HDSP, 6.7) ``h<G>_<K>.bin``;
 * the index ``index<G>.json``: ``{"format", "version", "generation", "digest", "sequence",
   "root", "tensors": [{"name", "dtype" ("<f4" or "<i4"), "shape", "file"}], "chain": [{"name",
-  "count", "levels", "history"}]}``. ``read_index(directory)`` returns it.
+  "count", "levels", "history"}], "meta"}``. ``read_index(directory)`` returns it. ``meta`` is
+  whatever the caller passed to StoreSession (e.g. the MQTT version the generation holds), committed
+  with the files it describes.
 
 G is the generation. A run writes generation G + 1 beside G: its files, then ``index<G+1>.tmp``,
 which it renames to ``index<G+1>.json``. That rename is the commit point, and it never replaces a
@@ -273,10 +275,11 @@ class StoreSession:
     """One bitstream pushed into the store in ``directory``: ``feed(chunk)`` as the bytes arrive,
     then ``close()``, which commits and returns the new index; on any error the session removes
     what it wrote and re-raises (``abort()`` does the same for a transfer given up). See the module
-    docstring for ``update``. ``slice_elements``, ``window`` and ``limits`` go to StreamDecoder.
+    docstring for ``update`` and ``meta``. ``slice_elements``, ``window`` and ``limits`` go to StreamDecoder.
     Starting a session clears what an interrupted one left behind."""
 
-    def __init__(self, directory, update=None, slice_elements=DEFAULT_SLICE_ELEMENTS, window=None, limits=None):
+    def __init__(self, directory, update=None, slice_elements=DEFAULT_SLICE_ELEMENTS, window=None, limits=None,
+                 meta=None):
         if sys.byteorder != "little":
             raise StoreError("the store writes its files in the host's byte order, which must be little-endian")
         self.directory = _normalize(directory)
@@ -291,6 +294,7 @@ class StoreSession:
         self.slice_elements = slice_elements
         self.window = window
         self.limits = limits
+        self.meta = meta
         self.record = None
         # The tensors this run writes: name -> (dtype, shape, file), and their names in stream order.
         # The index's dicts are built only to commit: a model of many tensors keeps less meanwhile.
@@ -521,7 +525,7 @@ class StoreSession:
             sequence, root = self.base["sequence"], _unhex(self.base["root"])
         return {"format": FORMAT, "version": VERSION, "generation": self.generation, "digest": _hex(digest),
                 "sequence": sequence, "root": _hex(root), "tensors": tensors,
-                "chain": [entries[n] for n in sorted(entries)]}
+                "chain": [entries[n] for n in sorted(entries)], "meta": self.meta}
 
     def _commit(self, index):
         tmp = "%s%d.tmp" % (_INDEX, self.generation)

@@ -36,7 +36,9 @@ The status of a model is a retained JSON object (see ``status_payload``)::
 
 ``seq``/``digest`` is the current version, ``full_seq`` the last full model; the retained chain is
 ``full_seq`` .. ``seq`` and ``counts`` gives each one's number of messages. ``pending`` is
-``{"seq", "digest", "count"}`` while a publication is under way (or was interrupted).
+``{"seq", "digest", "count"}`` while a publication is under way (or was interrupted). An optional
+``rollout`` (``{"from", "percent", "devices"}``) limits versions from ``from`` on to a staged-rollout
+wave: its fields and the wave test are ``transports.report``'s (``parse_rollout``, ``in_wave``).
 
 Everything here reads what anyone who may publish to the broker sends: sizes are checked before
 anything is allocated, and text from a message goes into errors through ``excerpt`` only.
@@ -245,27 +247,32 @@ def messages(model, kind, seq, bodies, parent_seq=0, parent_digest=NO_DIGEST, ex
 
 
 # --- the retained status --------------------------------------------------------------------------
-def status_payload(model, seq, digest, full_seq, counts, pending=None):
+def status_payload(model, seq, digest, full_seq, counts, pending=None, rollout=None):
     """The JSON status: current version (seq, digest), the retained chain full_seq .. seq with each
-    publication's message count, and ``pending`` = (seq, digest, count) of a publication under way."""
+    publication's message count, ``pending`` = (seq, digest, count) of a publication under way, and
+    the ``rollout`` wave (a dict, see transports.report; omitted when None)."""
     status = {"v": 1, "model": model, "seq": seq, "digest": digest_hex(digest) if seq else None,
               "full_seq": full_seq, "counts": list(counts), "pending": None}
     if pending is not None:
         status["pending"] = {"seq": pending[0], "digest": digest_hex(pending[1]), "count": pending[2]}
+    if rollout is not None:
+        status["rollout"] = rollout
     return json.dumps(status).encode("utf-8")
 
 
 class Status:
     """A parsed status: ``seq``, ``digest`` (bytes or None), ``full_seq``, ``counts``, ``pending``
-    (None or (seq, digest, count))."""
+    (None or (seq, digest, count)), ``rollout`` (None or the wave's dict, unchecked: parsed by
+    transports.report.parse_rollout where it is used)."""
 
-    def __init__(self, model, seq=0, digest=None, full_seq=0, counts=(), pending=None):
+    def __init__(self, model, seq=0, digest=None, full_seq=0, counts=(), pending=None, rollout=None):
         self.model = model
         self.seq = seq
         self.digest = digest
         self.full_seq = full_seq
         self.counts = list(counts)
         self.pending = pending
+        self.rollout = rollout
 
     def chain(self):
         """(seq, message count) of every retained publication, the full model first."""
@@ -273,8 +280,24 @@ class Status:
             return []
         return [(self.full_seq + i, c) for i, c in enumerate(self.counts)]
 
+    def announced(self, seq):
+        """The digest this status names for version ``seq`` (the current one or the one pending), or
+        None when it names none; a message of that version with another digest is left over from an
+        interrupted publication."""
+        if self.seq == seq:
+            return self.digest
+        if self.pending is not None and self.pending[0] == seq:
+            return self.pending[1]
+        return None
+
+    def supersedes(self, env):
+        """True when this status names another publication for ``env``'s version."""
+        digest = self.announced(env.seq)
+        return digest is not None and digest != env.digest
+
     def payload(self):
-        return status_payload(self.model, self.seq, self.digest, self.full_seq, self.counts, self.pending)
+        return status_payload(self.model, self.seq, self.digest, self.full_seq, self.counts, self.pending,
+                              self.rollout)
 
 
 def _int_field(obj, name, low=0, high=0xFFFFFFFF):
@@ -355,6 +378,7 @@ def parse_status(payload, model=None):
         status.pending = (_int_field(pending, "seq", 1),
                           digest_from_hex(pending.get("digest"), "status pending digest"),
                           _int_field(pending, "count", 1, MAX_COUNT))
+    status.rollout = obj.get("rollout")
     return status
 
 
