@@ -199,7 +199,7 @@ def main():
     import _minilm
     import nnc_edge
     from nnc_edge import modelio
-    from nnc_edge.demo import MosquittoProcess
+    from nnc_edge.cli.demo import MosquittoProcess
     from nnc_edge.updates import encode_update
     from transports import mqtt
     from transports.envelope import FULL, UPDATE

@@ -5,13 +5,13 @@
   to files as they are decoded), ``modelio`` (.safetensors / .npz), ``atomicfile``;
 * ``encoder/``: the encoder (``encode``, ``Encoder``);
 * ``updates`` (incremental updates, their records and chain state) and ``signing`` (Ed25519);
-* the ``nnc-edge`` command: ``cli`` (the command registry, ``__main__``), a ``*_cli`` module per
-  command group, and ``demo``.
+* ``cli/``: the ``nnc-edge`` command: the command registry (``cli/__init__``, ``__main__``), a module
+  per command group (``decode``, ``stream``, ``encode``, ``update``, ``mqtt``, ``keys``), and ``demo``.
 
 Importing nnc_edge loads the decoding side only: the encoder and the updates are imported on first
 use (below), numpy is the only dependency outside the standard library. Only the command line
-(``*_cli``, ``demo``) imports ``transports.mqtt``; ``signing`` uses ``transports.ed25519`` on first
-use. Nothing outside the command line imports a ``*_cli`` module.
+(``cli/``) imports ``transports.mqtt``; ``signing`` uses ``transports.ed25519`` on first use.
+Nothing outside the command line imports ``nnc_edge.cli``.
 """
 
 from decoder_core import LimitError, Limits, NNCError

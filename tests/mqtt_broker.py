@@ -10,7 +10,7 @@ optional password authentication (mosquitto_passwd) and TLS with a CA generated 
 import os
 import subprocess
 
-from nnc_edge.demo import LOOPBACK, MosquittoProcess, mosquitto_binary  # noqa: F401 (for the tests)
+from nnc_edge.cli.demo import LOOPBACK, MosquittoProcess, mosquitto_binary  # noqa: F401 (for the tests)
 
 
 def _run(args, cwd):

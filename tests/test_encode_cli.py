@@ -13,8 +13,9 @@ import pytest
 import nnc_edge
 from conftest import REPO
 from decoder_core.tables import NNR_AGG, NNR_NDU, NNR_PT_BLOCK
-from nnc_edge import cli, encode_cli, modelio
-from nnc_edge.cli import iter_units
+from nnc_edge import cli, modelio
+from nnc_edge.cli import encode as encode_cli
+from nnc_edge.cli.decode import iter_units
 from nnc_edge.encoder.encoding import Encoder
 
 SUMMARY = re.compile(r"^(?P<model>\S+) -> (?P<out>\S+): (?P<tensors>\d+) tensors?, (?P<params>\d+) parameters, "

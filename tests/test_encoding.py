@@ -26,7 +26,7 @@ from decoder_core.tables import (
 from nnc_edge import modelio
 from nnc_edge.encoder import cabac_encoder
 from nnc_edge.encoder.cabac_encoder import SegmentTensor, dq_reconstruction_indices, encode_segment
-from nnc_edge.cli import iter_units
+from nnc_edge.cli.decode import iter_units
 from nnc_edge.encoder.encoding import Encoder, encode, load_tensors
 from nnc_edge.encoder.quantize import QuantizationWarning, quantize_tensor, step_size
 

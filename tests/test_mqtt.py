@@ -419,7 +419,7 @@ def test_demo_with_its_own_broker(capsys):
 def test_publishing_a_model_file_encodes_it(tmp_path):
     # `nnc-edge publish model.safetensors` publishes the model's full bitstream, as `nnc-edge encode`
     # writes it.
-    from nnc_edge.mqtt_cli import _publication
+    from nnc_edge.cli.mqtt import _publication
     tensors = {"w": np.arange(12, dtype=np.float32).reshape(3, 4) / 7, "b": np.ones(3, dtype=np.float32)}
     path = str(tmp_path / "m.safetensors")
     modelio.save(path, tensors)

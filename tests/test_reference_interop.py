@@ -24,7 +24,7 @@ import pytest
 import nnc_edge
 from conftest import CONFORMANCE_DIR
 from decoder_core.tables import NNR_NDU, NNR_PT_RAW_FLOAT
-from nnc_edge.cli import iter_units
+from nnc_edge.cli.decode import iter_units
 from nnc_edge.encoder.encoding import Encoder
 
 REFERENCE_VENV = os.environ.get("NNC_REFERENCE_VENV", "/tmp/refvenv")

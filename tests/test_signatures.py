@@ -202,7 +202,7 @@ def test_cli_applies_the_bytes_it_verified_not_a_later_copy_of_the_file(signed_u
         with open(path, "wb") as f:  # an attacker replaces the file right after it was read
             f.write(data[:-1] + bytes([data[-1] ^ 0x10]))
         return data
-    monkeypatch.setattr("nnc_edge.keys_cli.read_input", read_then_swap)
+    monkeypatch.setattr("nnc_edge.cli.keys.read_input", read_then_swap)
     assert apply(d) == 0
     base, new = models()
     expected = nnc_edge.apply_update(base, genuine, allow_anonymous=False)

@@ -27,7 +27,7 @@ the envelopes themselves are ``transports.envelope``, which MicroPython loads wi
 Imports decoder_core, ``transports.envelope`` and ``transports.chain_record``, and nnc_edge on first
 use only (the unit writer to re-cut NDUs, the decoder and the update code on the device); aiomqtt is
 imported when a connection is made, so importing this package stays light. Nothing may import the
-CLI (``nnc_edge.*_cli``).
+CLI (``nnc_edge.cli``).
 """
 
 from .connection import backoff_delays, is_mqtt_error, run_receiver

@@ -12,10 +12,11 @@ import time
 
 from decoder_core import NNCError
 
-from . import modelio
-from .cli import CommandError, EXIT_INVALID, alternative, arguments, invalid, output_paths, topology_of
-from .sinks import open_sink
-from .streaming import DEFAULT_CHUNK_SIZE, DEFAULT_SLICE_ELEMENTS, StreamDecoder, iter_decode
+from .. import modelio
+from . import CommandError, EXIT_INVALID, alternative, arguments, invalid
+from .decode import output_paths, topology_of
+from ..sinks import open_sink
+from ..streaming import DEFAULT_CHUNK_SIZE, DEFAULT_SLICE_ELEMENTS, StreamDecoder, iter_decode
 
 
 class ProgressLine:

@@ -16,11 +16,11 @@ import numpy as np
 
 from decoder_core import NNCError
 
-from .atomicfile import write_file
-from .cli import EXIT_INVALID, CommandError, arguments, command, read_model
-from .decoding import decode
-from .encoder.encoding import Encoder, load_tensors
-from .stream_cli import _size
+from ..atomicfile import write_file
+from . import EXIT_INVALID, CommandError, arguments, command, read_model
+from ..decoding import decode
+from ..encoder.encoding import Encoder, load_tensors
+from .stream import _size
 
 
 class EncodeProgress:

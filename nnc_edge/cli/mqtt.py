@@ -1,5 +1,5 @@
 """``nnc-edge publish``, ``nnc-edge receive`` and ``nnc-edge demo``: MQTT delivery (registered via
-cli.EXTENSIONS). The protocol is described in transports/mqtt/; the demo is nnc_edge/demo.py.
+cli.EXTENSIONS). The protocol is described in transports/mqtt/; the demo is nnc_edge/cli/demo.py.
 
 Connection options are named as mosquitto_pub/mosquitto_sub name them: --username/-u,
 --password/-P (or --password-file, or the environment variable NNC_EDGE_MQTT_PASSWORD, which keep it
@@ -21,8 +21,8 @@ from decoder_core import NNCError
 
 from transports.chain_record import default_state_dir
 
-from . import modelio
-from .cli import EXIT_INVALID, EXIT_IO, CommandError, arguments, command, read_input, read_model
+from .. import modelio
+from . import EXIT_INVALID, EXIT_IO, CommandError, arguments, command, read_input, read_model
 
 PASSWORD_ENV = "NNC_EDGE_MQTT_PASSWORD"
 
@@ -156,7 +156,7 @@ def _publish(args):
     if args.max_message_bytes < mqtt.MIN_MESSAGE_BYTES:
         raise CommandError("--max-message-bytes must be at least %d" % mqtt.MIN_MESSAGE_BYTES, EXIT_INVALID)
     from transports.chain_record import ChainRecord
-    from .keys_cli import publisher_signing
+    from .keys import publisher_signing
     record = ChainRecord(args.state_dir, args.prefix, args.model)
     publisher = mqtt.Publisher(settings, args.model, prefix=args.prefix, max_message_bytes=args.max_message_bytes,
                                retries=args.retries, record=record, **publisher_signing(args))
@@ -186,7 +186,7 @@ def _publication(path, kind):
         if kind == "update":
             raise CommandError("%s is a model file: make an update bitstream with 'nnc-edge update'" % path,
                                EXIT_INVALID)
-        from .encoder.encoding import encode
+        from ..encoder.encoding import encode
         tensors = read_model(path)
         try:
             return encode(tensors), "full"
@@ -194,7 +194,7 @@ def _publication(path, kind):
             raise CommandError("%s: %s" % (path, exc), EXIT_INVALID)
     data = read_input(path)
     if kind == "auto":
-        from .updates import read_update_info
+        from ..updates import read_update_info
         try:
             kind = "update" if read_update_info(data) is not None else "full"
         except NNCError as exc:
@@ -252,7 +252,7 @@ def _receive_command(args):
         store = mqtt.ModelStore(args.out, args.model, threads=args.threads)
     except (OSError, modelio.ModelFormatError) as exc:
         raise CommandError("cannot use %s: %s" % (args.out, exc))
-    from .keys_cli import receiver_verifier
+    from .keys import receiver_verifier
     receiver = mqtt.Receiver(store, prefix=args.prefix, gap_timeout=args.gap_timeout,
                              verify=receiver_verifier(args, store))
     reached = asyncio.run(_receive(settings, receiver, args.once, args.timeout))

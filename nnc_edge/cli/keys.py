@@ -11,11 +11,11 @@ import sys
 
 from decoder_core import NNCError
 
-from .cli import EXIT_INVALID, CommandError, alternative, arguments, command, read_input
+from . import EXIT_INVALID, CommandError, alternative, arguments, command, read_input
 
 
 def _signing():
-    from . import signing
+    from .. import signing
     return signing
 
 
@@ -113,7 +113,7 @@ def run_sign(args):
 
 
 def _update_info(path, data):
-    from .updates import read_update_info
+    from ..updates import read_update_info
     try:
         return read_update_info(data)
     except NNCError as exc:
@@ -196,7 +196,7 @@ def run_apply_signed(args):
     """Verify every update, then apply them with the sequence record written first: an exit status
     other than 0 means the model is as it was, and a kill at any point leaves a record that the
     next run reads right (see signing.SequenceStore)."""
-    from .update_cli import run_apply
+    from .update import run_apply
     signing = _signing()
     if not args.model:
         raise CommandError("--trusted-key needs --model NAME", EXIT_INVALID)
@@ -206,7 +206,7 @@ def run_apply_signed(args):
     try:
         interrupted = store.settle(args.model)
         if interrupted is not None:
-            from .updates import remove_stale_states
+            from ..updates import remove_stale_states
             remove_stale_states(*interrupted)  # what an apply killed after replacing the model left
         last = store.last(args.model)
     except NNCError as exc:

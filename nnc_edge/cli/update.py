@@ -10,11 +10,11 @@ import os
 
 from decoder_core import NNCError
 
-from . import modelio
-from .atomicfile import Batch
-from .cli import CommandError, EXIT_INVALID, arguments, check_readable, command, read_model
-from .streaming import DEFAULT_CHUNK_SIZE
-from .updates import AnonymousUpdateError, ChainState, apply_update, encode_update, model_digest, read_update_info
+from .. import modelio
+from ..atomicfile import Batch
+from . import CommandError, EXIT_INVALID, arguments, check_readable, command, read_model
+from ..streaming import DEFAULT_CHUNK_SIZE
+from ..updates import AnonymousUpdateError, ChainState, apply_update, encode_update, model_digest, read_update_info
 
 
 def _fraction(text):

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from . import modelio
+from .. import modelio
 
 LOOPBACK = "127.0.0.1"
 
@@ -251,8 +251,8 @@ async def _rounds(settings, args, receiver, device, out):
     from transports import mqtt
     from transports.envelope import FULL, UPDATE
 
-    from .encoder.encoding import encode
-    from .updates import ChainState, encode_update, model_digest
+    from ..encoder.encoding import encode
+    from ..updates import ChainState, encode_update, model_digest
 
     rng = np.random.default_rng(args.seed)
     train, test = make_data(rng)
@@ -301,7 +301,7 @@ async def _rounds(settings, args, receiver, device, out):
 
 
 def _decoded(data):
-    from .decoding import decode
+    from ..decoding import decode
     return decode(data)
 
 
