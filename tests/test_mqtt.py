@@ -78,9 +78,9 @@ def broker(tmp_path_factory):
 class Device:
     """A receiver task with its model directory, connected through run_receiver."""
 
-    def __init__(self, settings, directory, model, gap_timeout=2.0):
+    def __init__(self, settings, directory, model, gap_timeout=2.0, **kw):
         self.store = mqtt.ModelStore(directory, model, threads=1)
-        self.rx = mqtt.Receiver(self.store, gap_timeout=gap_timeout)
+        self.rx = mqtt.Receiver(self.store, gap_timeout=gap_timeout, **kw)
         self.stop = asyncio.Event()
         self.task = asyncio.ensure_future(mqtt.run_receiver(settings, self.rx, self.stop, backoff=(0.1, 0.5), tick=0.1))
 

@@ -2,11 +2,14 @@
 is in the repository, password accounts for the publisher and two devices.
 
 A device receives its own model (here signed, and checked against the publisher's key), is refused
-another model's topics, and cannot change its own model's retained status."""
+another model's topics, and cannot change its own model's retained status. It writes its own report
+(and the broker its last will) but no other device's report, nor one under another model."""
 
 import asyncio
 import os
+import signal
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,8 +17,9 @@ import pytest
 import nnc_edge
 from nnc_edge import modelio, signing
 from nnc_edge.encoder.encoding import encode
-from transports import mqtt
+from transports import mqtt, report
 from transports.envelope import FULL
+from transports.mqtt import fleet
 
 from mqtt_broker import MosquittoProcess, mosquitto_binary
 
@@ -103,6 +107,54 @@ def test_device_reads_only_its_own_model(broker, tmp_path):
     asyncio.run(asyncio.wait_for(scenario(), 4 * WAIT))
 
 
+def test_device_writes_only_its_own_report(broker, tmp_path):
+    async def reports(model):
+        return (await fleet.read_fleet(settings(broker, "publisher"), "nnc", model, quiet=0.3)).devices
+
+    async def scenario():
+        status = await mqtt.Publisher(settings(broker, "publisher"), "kws").publish(encode(model(3)), FULL)
+        store = mqtt.ModelStore(tmp_path / "kws", "kws", threads=1)
+        rx = mqtt.Receiver(store, device_id="kws-device-01")
+        stop = asyncio.Event()
+        rx.on_current = stop.set
+        await asyncio.wait_for(mqtt.run_receiver(settings(broker, "kws-device-01"), rx, stop, tick=0.1), WAIT)
+        own = (await reports("kws"))["kws-device-01"]
+        assert own["state"] == "current" and own["seq"] == status.seq
+
+        forged = report.report_payload("kws-device-02", "failed", error="forged")
+        async with settings(broker, "kws-device-01").client("probe") as client:
+            await client.publish(report.report_topic("nnc", "kws", "kws-device-02"), forged, qos=1, retain=True)
+            await client.publish(report.report_topic("nnc", "vad", "kws-device-01"), forged, qos=1, retain=True)
+        assert list(await reports("kws")) == ["kws-device-01"]
+        assert await reports("vad") == {}
+
+    asyncio.run(asyncio.wait_for(scenario(), 4 * WAIT))
+
+    # Killed, the device's last will reaches its report topic through the ACL.
+    env = dict(os.environ, NNC_EDGE_MQTT_PASSWORD=ACCOUNTS["vad-device-01"])
+    proc = subprocess.Popen([sys.executable, "-m", "nnc_edge", "receive", "--broker", broker.url, "-u", "vad-device-01",
+                             "--model", "vad", "--out", str(tmp_path / "vad"), "--id", "vad-device-01"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        async def state():
+            return (await reports("vad")).get("vad-device-01", {}).get("state")
+
+        async def until(wanted):
+            for _ in range(int(WAIT / 0.3)):
+                if await state() == wanted:
+                    return
+            raise AssertionError("vad-device-01 never reported %s" % wanted)
+        asyncio.run(until("current"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+        asyncio.run(until("offline"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(WAIT)
+        proc.stderr.close()
+
+
 def test_the_documented_acl_is_the_tested_one():
     with open(os.path.join(REPO, "docs", "mosquitto-acl.md")) as f:
         doc = f.read()
@@ -111,4 +163,5 @@ def test_the_documented_acl_is_the_tested_one():
     # Every rule the document shows is in the file the test runs with.
     rules = [line for line in acl.splitlines() if line.startswith(("user ", "topic "))]
     shown = [line for line in doc.splitlines() if line.startswith(("user ", "topic "))]
+    assert "topic write nnc/kws/devices/kws-device-01" in shown
     assert shown and set(shown) <= set(rules)

@@ -308,7 +308,7 @@ def _int_field(obj, name, low=0, high=0xFFFFFFFF):
     return value
 
 
-def _check_nesting(text, limit):
+def _check_nesting(text, limit, what="status"):
     """NNCError when brackets outside strings nest deeper than ``limit``: json.loads recurses once
     per level, and b"[" * 100000 would exhaust the stack (RecursionError) before failing."""
     depth = 0
@@ -326,7 +326,7 @@ def _check_nesting(text, limit):
         elif c == "[" or c == "{":
             depth += 1
             if depth > limit:
-                raise NNCError("status nests deeper than %d levels" % limit, None, "status")
+                raise NNCError("%s nests deeper than %d levels" % (what, limit), None, what)
         elif c == "]" or c == "}":
             depth -= 1
 

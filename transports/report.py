@@ -45,7 +45,7 @@ import json
 
 from decoder_core.errors import NNCError
 
-from .envelope import check_model_name, digest_hex, excerpt
+from .envelope import _check_nesting, check_model_name, digest_hex, excerpt
 
 REPORT_VERSION = 1
 CURRENT = "current"
@@ -58,6 +58,10 @@ WAITING = "waiting"
 OFFLINE = "offline"
 STATES = (CURRENT, DOWNLOADING, APPLYING, FAILED, REJECTED, ROLLED_BACK, WAITING)
 MAX_ERROR_CHARS = 200
+# A report is about 300 bytes and nests two levels ({"applied": {...}}); anything far larger or
+# deeper is not one, and whoever may publish to the broker may send it.
+MAX_REPORT_BYTES = 4096
+MAX_REPORT_DEPTH = 2
 BUCKETS = 10000
 MAX_WAVE_DEVICES = 1000  # a list longer than this belongs in percent; bounds what a device parses
 CLIENT_ID_PREFIX = "nnc-edge-"
@@ -112,15 +116,28 @@ def will_payload(device_id):
 
 
 def parse_report(payload):
-    """A report or last will as a dict, checked for ``v``, ``id`` and ``state``; NNCError otherwise."""
+    """A report or last will as a dict, checked for ``v``, ``id``, ``state`` and the types of
+    ``seq``, ``target``, ``error`` and ``time``; NNCError otherwise (a report comes from anyone who
+    may publish to the broker: its size and nesting are checked before it is parsed)."""
+    if len(payload) > MAX_REPORT_BYTES:
+        raise NNCError("device report of %d bytes, more than %d" % (len(payload), MAX_REPORT_BYTES), None, "report")
     try:
-        obj = json.loads(bytes(payload).decode("utf-8"))
-    except (UnicodeError, ValueError):
-        raise NNCError("device report is not JSON", None, "report")
+        text = bytes(payload).decode("utf-8")
+    except UnicodeError:
+        raise NNCError("device report is not UTF-8", None, "report")
+    _check_nesting(text, MAX_REPORT_DEPTH, "device report")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise NNCError("device report is not JSON: %s" % excerpt(payload), None, "report")
     if not isinstance(obj, dict) or obj.get("v") != REPORT_VERSION or not isinstance(obj.get("id"), str):
         raise NNCError("not a version %d device report: %s" % (REPORT_VERSION, excerpt(payload)), None, "report")
     if obj.get("state") not in STATES + (OFFLINE,):
         raise NNCError("device report state %s is unknown" % excerpt(obj.get("state")), None, "report state")
+    for name, types in (("seq", (int,)), ("target", (int,)), ("time", (int, float)), ("error", (str,))):
+        value = obj.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, types)):
+            raise NNCError("device report %s has the wrong type: %s" % (name, excerpt(value)), None, "report " + name)
     return obj
 
 

@@ -23,7 +23,7 @@ from ..decoding import empty_bitstream
 
 # Modules that register further subcommands or options when imported.
 EXTENSIONS = ("nnc_edge.cli.decode", "nnc_edge.cli.stream", "nnc_edge.cli.encode", "nnc_edge.cli.mqtt",
-              "nnc_edge.cli.update", "nnc_edge.cli.keys")
+              "nnc_edge.cli.update", "nnc_edge.cli.keys", "nnc_edge.cli.fleet")
 
 EXIT_IO = 1
 EXIT_INVALID = 2

@@ -3,7 +3,8 @@ cli.EXTENSIONS). The protocol is described in transports/mqtt/; the demo is nnc_
 
 Connection options are named as mosquitto_pub/mosquitto_sub name them: --username/-u,
 --password/-P (or --password-file, or the environment variable NNC_EDGE_MQTT_PASSWORD, which keep it
-out of the process list), --cafile, --cert, --key, --insecure, --id, --keepalive.
+out of the process list), --cafile, --cert, --key, --insecure, --id (for receive: the device id,
+which also makes its client id), --keepalive.
 
 ``nnc-edge receive --config FILE`` reads the same options from a TOML file (the device service,
 deploy/nnc-edge-receive@.service): each key is a long option's name, options on the command line win.
@@ -41,7 +42,7 @@ def _positive_float(text):
     return value
 
 
-def add_broker_arguments(parser, required=True):
+def add_broker_arguments(parser, required=True, device=False):
     group = parser.add_argument_group("broker connection (as mosquitto_pub/mosquitto_sub name them)")
     group.add_argument("--broker", required=required, metavar="URL",
                        help="mqtt://HOST[:PORT] (default port 1883) or mqtts://HOST[:PORT] (TLS, default 8883)"
@@ -56,7 +57,13 @@ def add_broker_arguments(parser, required=True):
     group.add_argument("--key", help="the client certificate's private key (PEM)")
     group.add_argument("--insecure", action="store_true",
                        help="with TLS, do not check that the broker's certificate names its host")
-    group.add_argument("--id", dest="client_id", help="MQTT client id (default: a random one)")
+    if device:
+        # A device's client id is made from its id (transports.report), so one option names both.
+        group.add_argument("--id", dest="device_id", metavar="DEVICE",
+                           help="the device's id: it reports to PREFIX/MODEL/devices/DEVICE and connects as "
+                                "client nnc-edge-DEVICE (default: no reports, a random client id)")
+    else:
+        group.add_argument("--id", dest="client_id", help="MQTT client id (default: a random one)")
     group.add_argument("--keepalive", type=_positive_int, default=30, metavar="SECONDS",
                        help="MQTT keepalive interval (default %(default)s)")
     group.add_argument("--prefix", default="nnc",
@@ -74,7 +81,8 @@ def broker_settings(args, url=None):
         password = os.environ.get(PASSWORD_ENV)
     try:
         return BrokerSettings(url or args.broker, username=args.username, password=password, cafile=args.cafile,
-                              cert=args.cert, key=args.key, insecure=args.insecure, client_id=args.client_id,
+                              cert=args.cert, key=args.key, insecure=args.insecure,
+                              client_id=getattr(args, "client_id", None),
                               keepalive=args.keepalive)
     except ValueError as exc:
         raise CommandError(str(exc), EXIT_INVALID)
@@ -247,6 +255,12 @@ def _receive_command(args):
     from transports import mqtt
     args.config_options.settle(args)
     _check_model_name(args.model)
+    if args.device_id is not None:
+        from transports.report import check_device_id
+        try:
+            check_device_id(args.device_id)
+        except ValueError as exc:
+            raise CommandError("--id: %s" % exc, EXIT_INVALID)
     settings = broker_settings(args)
     try:
         store = mqtt.ModelStore(args.out, args.model, threads=args.threads)
@@ -254,7 +268,7 @@ def _receive_command(args):
         raise CommandError("cannot use %s: %s" % (args.out, exc))
     from .keys import receiver_verifier
     receiver = mqtt.Receiver(store, prefix=args.prefix, gap_timeout=args.gap_timeout,
-                             verify=receiver_verifier(args, store))
+                             verify=receiver_verifier(args, store), device_id=args.device_id)
     reached = asyncio.run(_receive(settings, receiver, args.once, args.timeout))
     if not reached:
         raise CommandError("model %s is not at the published version after %g s (the device has %s)"
@@ -302,7 +316,7 @@ def _receive_arguments(parser):
                              "taken from the file's folder, and options on the command line win")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only problems")
     parser.add_argument("-v", "--verbose", action="store_true", help="log MQTT details too")
-    add_broker_arguments(parser)
+    add_broker_arguments(parser, device=True)
     parser.set_defaults(config_options=ConfigOptions(parser))
 
 

@@ -21,6 +21,8 @@ Modules:
   ``FullModelWriter``, ``UpdateWriter``).
 * ``connection``: ``run_receiver``, the device's connection loop, and the reconnecting (backoff)
   both sides share.
+* ``fleet``: the fleet view, the devices' retained reports (``transports.report``) read back
+  (``read_fleet``, ``wait_for``, ``Fleet``); imported as ``transports.mqtt.fleet``.
 
 Everything public is importable from here (``from transports.mqtt import Publisher``). CPython only:
 the envelopes themselves are ``transports.envelope``, which MicroPython loads without this package.

@@ -6,8 +6,10 @@ disconnect, and quieting asyncio's harmless socket races. aiomqtt is imported on
 import asyncio
 import contextlib
 import errno
+import functools
 import random
 
+from .. import report
 from .settings import log
 
 
@@ -69,7 +71,9 @@ def is_mqtt_error(exc):
 async def run_receiver(settings, receiver, stop=None, backoff=(1.0, 60.0), tick=1.0):
     """Keep the receiver connected until ``stop`` (an asyncio.Event) is set: subscribe to the status
     and to the receiver's data topic, hand it every message, and reconnect after a lost connection
-    with exponential backoff."""
+    with exponential backoff. A receiver with a device id connects as that device (its client id,
+    whatever ``settings`` says, so that many devices may share one ``settings``) with its last will,
+    and publishes its report on every change."""
     stop = stop or asyncio.Event()
     with _quiet_socket_races(asyncio.get_running_loop()):
         await _keep_connected(settings, receiver, stop, backoff, tick)
@@ -78,10 +82,14 @@ async def run_receiver(settings, receiver, stop=None, backoff=(1.0, 60.0), tick=
 async def _keep_connected(settings, receiver, stop, backoff, tick):
     import aiomqtt
     delays = backoff_delays(*backoff)
+    identity = {}
+    if receiver.device_id is not None:
+        identity = {"identifier": report.client_id(receiver.device_id),
+                    "will": (receiver.report_topic, report.will_payload(receiver.device_id))}
     while not stop.is_set():
         client = None
         try:
-            async with settings.client("dev") as client:
+            async with settings.client("dev", **identity) as client:
                 log.info("model %s: connected to %r, the device has %s", receiver.model, settings,
                          receiver.store.describe())
                 delays = backoff_delays(*backoff)
@@ -106,7 +114,11 @@ async def _serve(client, receiver, stop, tick):
     stopper = asyncio.ensure_future(stop.wait())
     receiver.subscribed = None
     receiver.connected = True
+    # Published again on each connection: the last will may have replaced it in between.
+    receiver.reported = None
+    receiver.send_report = functools.partial(_send_report, client, receiver)
     try:
+        await receiver.flush_report()
         while not stop.is_set():
             want = receiver.subscription()
             if want != subscribed or receiver.resubscribe:
@@ -127,9 +139,22 @@ async def _serve(client, receiver, stop, tick):
                 waiter = None
                 await receiver.handle(message.topic.value, message.payload)
             receiver.tick()
+            await receiver.flush_report()
     finally:
         receiver.connected = False
+        receiver.send_report = None
         for task in (waiter, stopper):
             if task is not None and not task.done():
                 task.cancel()
         await asyncio.gather(*(t for t in (waiter, stopper) if t is not None), return_exceptions=True)
+
+
+async def _send_report(client, receiver, payload):
+    import aiomqtt
+    try:
+        await client.publish(receiver.report_topic, payload, qos=1, retain=True)
+    except aiomqtt.MqttError as exc:
+        # The connection is going: the report is sent again once it is back. Raising here would make
+        # the receiver drop the publication it is applying.
+        receiver.reported = None
+        log.debug("model %s: report of device %s not sent: %s", receiver.model, receiver.device_id, exc)

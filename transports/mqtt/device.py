@@ -12,6 +12,11 @@ retained copies); after another ``gap_timeout`` the publication is abandoned. On
 publication whose SHA-256 digest matches changes the model, atomically; anything else leaves the
 previous model as it was and is logged (logger ``nnc_edge.mqtt``). A refusal never moves the
 device to an older version (see ``Receiver``).
+
+With a device id, the receiver also reports (``transports.report``): ``run_receiver`` publishes
+the report retained to ``P/M/devices/ID`` whenever it changes, connects with the client id made from
+the id and leaves a last will that marks the device offline. This receiver knows no staged rollout:
+its states are current, downloading, applying, failed and rejected.
 """
 
 import asyncio
@@ -22,7 +27,7 @@ from collections import OrderedDict, deque
 
 from decoder_core import NNCError
 
-from .. import envelope
+from .. import envelope, report
 from ..envelope import FULL, UPDATE, Assembly, Status, digest_hex
 from .settings import DEFAULT_GAP_TIMEOUT, DEFAULT_PREFIX, _ranges, log, topics
 
@@ -162,8 +167,13 @@ class Receiver:
 
     def __init__(self, store, prefix=DEFAULT_PREFIX, gap_timeout=DEFAULT_GAP_TIMEOUT,
                  max_buffered=envelope.DEFAULT_MAX_BUFFERED, max_update_bytes=256 << 20, clock=time.monotonic,
-                 on_applied=None, on_current=None, verify=None):
+                 on_applied=None, on_current=None, verify=None, device_id=None):
         self.store = store
+        self.device_id = device_id
+        self.report_topic = None if device_id is None else report.report_topic(prefix, store.model, device_id)
+        self.failure = None       # (state, error) of the last publication that failed or was refused
+        self.reported = None      # what the last report published said, but its time
+        self.send_report = None   # async (payload) -> None, set by run_receiver while connected
         self.verify = verify
         self.model = store.model
         self.topics = topics(prefix, store.model)
@@ -292,6 +302,8 @@ class Receiver:
             if announced is not None and announced != a.first.digest:
                 self._abandon("the status announces another publication of version %d" % a.first.seq, refuse=False)
         self._retarget()
+        if not self._lagging():
+            self.failure = None  # the failed publication is no longer the one the device is missing
         self._check_current()
 
     def _announced(self, seq):
@@ -348,6 +360,7 @@ class Receiver:
             if a.complete:
                 a.check()
                 confirmed = True
+                await self.flush_report()
                 await asyncio.to_thread(self.writer.commit)
         except NNCError as exc:
             # With signatures, bytes not yet known to be the signed ones may be a forged copy under a
@@ -373,8 +386,8 @@ class Receiver:
                 self.verify(env)
             except NNCError as exc:
                 self.unverified.add(_identity(env))
-                self._event("warning", "model %s: refused %s: %s; %s"
-                            % (self.model, env.describe(), _reason(exc), self._standing("the model")))
+                self.failure = (report.REJECTED, "refused %s: %s" % (env.describe(), _reason(exc)))
+                self._event("warning", "model %s: %s; %s" % (self.model, self.failure[1], self._standing("the model")))
                 return False
         if env.kind == UPDATE:
             if self.store.version is not None and not os.path.exists(self.store.path):
@@ -397,15 +410,15 @@ class Receiver:
         its version (going to an older full model would be a step back)."""
         self.refused.add(_identity(env))
         self.blocked = (env.seq, env.digest, reason)
-        self._event("warning", "model %s: %s %s: %s; %s"
-                    % (self.model, verb, env.describe(), reason, self._standing("the model")))
+        self.failure = (report.REJECTED, "%s %s: %s" % (verb, env.describe(), reason))
+        self._event("warning", "model %s: %s; %s" % (self.model, self.failure[1], self._standing("the model")))
 
     def _done(self, a):
         env = a.first
         seconds = self.clock() - self.started
         tensors = self.writer.tensors
         self.assembly = self.writer = None
-        self.blocked = None
+        self.blocked = self.failure = None
         if env.kind == FULL:
             self.diverged = False
         self.applied.append((env.seq, env.kind, env.total, seconds))
@@ -419,6 +432,39 @@ class Receiver:
         if self.on_applied is not None:
             self.on_applied(env)
         self._check_current()
+
+    # --- the report (transports.report) ----------------------------------------------------------
+    def report_state(self):
+        a = self.assembly
+        if a is not None:
+            return report.APPLYING if a.complete else report.DOWNLOADING
+        if self.failure is not None:
+            return self.failure[0]
+        return report.DOWNLOADING if self._lagging() else report.CURRENT
+
+    def report(self):
+        """The report's payload when it says something the last one published did not, else None
+        (also without a device id)."""
+        if self.device_id is None:
+            return None
+        seq, digest = self.store.version or (0, None)
+        state = self.report_state()
+        target = None if state == report.CURRENT else self.target
+        error = self.failure[1] if self.failure is not None else None
+        applied = self.applied[-1] if self.applied else None
+        key = (state, seq, digest, target, error, applied)
+        if key == self.reported:
+            return None
+        self.reported = key
+        return report.report_payload(self.device_id, state, seq, digest, target, error, int(time.time()), applied)
+
+    async def flush_report(self):
+        """Publish the report if it changed (through ``send_report``, while connected)."""
+        if self.send_report is None:
+            return
+        payload = self.report()
+        if payload is not None:
+            await self.send_report(payload)
 
     # --- the clock -----------------------------------------------------------------------------
     def _retry_deferred(self, now):
@@ -491,6 +537,7 @@ class Receiver:
             return
         if refuse is None:
             self.deferred[a.first.digest] = self.clock() + self.gap_timeout
+            self.failure = (report.FAILED, "abandoned %s: %s" % (a.first.describe(), reason))
         else:
             self.resubscribe = True
         self._event("warning", "model %s: abandoned %s: %s; %s"

@@ -61,17 +61,20 @@ class BrokerSettings:
     def __repr__(self):
         return "%s://%s:%d" % ("mqtts" if self.tls else "mqtt", self.host, self.port)
 
-    def client(self, role="client", inflight=20):
-        """A new aiomqtt.Client (``async with`` connects it) for up to ``inflight`` calls at once."""
+    def client(self, role="client", inflight=20, identifier=None, will=None):
+        """A new aiomqtt.Client (``async with`` connects it) for up to ``inflight`` calls at once.
+        ``identifier`` replaces the client id, ``will`` = (topic, payload) is a retained QoS 1 last will."""
         import aiomqtt  # on first use: `import transports.mqtt` stays light
         tls = None
         if self.tls:
             tls = aiomqtt.TLSParameters(ca_certs=self.cafile, certfile=self.cert, keyfile=self.key)
-        identifier = self.client_id or "nnc-edge-%s-%s" % (role, uuid.uuid4().hex[:12])
+        identifier = identifier or self.client_id or "nnc-edge-%s-%s" % (role, uuid.uuid4().hex[:12])
+        if will is not None:
+            will = aiomqtt.Will(will[0], will[1], qos=1, retain=True)
         client = aiomqtt.Client(self.host, self.port, username=self.username, password=self.password,
                                 identifier=identifier, clean_session=True, keepalive=self.keepalive, logger=paho_log,
                                 timeout=self.timeout, tls_params=tls, tls_insecure=self.insecure if self.tls else None,
-                                max_inflight_messages=inflight)
+                                max_inflight_messages=inflight, will=will)
         client.pending_calls_threshold = inflight + 4  # aiomqtt warns above this many calls in flight
         return client
 
