@@ -422,7 +422,6 @@ class TensorSteps:
                 yield WINDOW_DONE  # 6.8: a one-entry codebook codes no bins; every QuantParam is 0.
         for status in preamble(engine, coding, self):
             yield status
-        count = self.count
         h = self.h
         w = self.w
         dq = coding.dq_flag

@@ -4,9 +4,7 @@ A tensor is returned as (name, dims, values, levels): values an array('f') or ar
 row-major order, levels the integer QuantParam array (None for NNR_PT_RAW_FLOAT).
 """
 
-from array import array
-
-from .compat import from_raw, zeros
+from .compat import from_raw
 from . import backend
 from .deepcabac import ArithmeticDecoder, TensorCoding, check_codable, decode_tensor_values
 from .errors import NNCError
