@@ -12,13 +12,15 @@ Each message is an envelope header followed by whole NNR units. The header (netw
          2    1  version         1
          3    1  flags           bit 0: update (0: full model); other bits 0
          4    4  seq             the model version this publication produces (>= 1)
-         8    4  parent_seq      the version an update applies to (0 for a full model)
+         8    4  parent_seq      the version an update applies to; for a full model 0, or the version
+                                 whose model it restores (a rollback or a compaction, below)
         12    2  index           this message's number, 0 .. count - 1
         14    2  count           messages in the publication
         16    4  offset          where this message's units start in the bitstream
         20    4  total           bytes of the whole bitstream
         24   32  digest          SHA-256 of the whole bitstream (the units of all messages, in order)
-        56   32  parent_digest   the digest of the publication that made version parent_seq (zeros for full)
+        56   32  parent_digest   the digest of the publication that made version parent_seq (zeros when
+                                 parent_seq is 0)
         88    1  model_len       bytes of the model name
         89    2  ext_len         bytes of the extension field
         91       model           the model name, UTF-8
@@ -27,7 +29,10 @@ Each message is an envelope header followed by whole NNR units. The header (netw
 
 A model *version* is the pair (seq, digest): the sequence number and the digest of the bitstream
 that produced it. An update names its parent version, so a device applies it only to exactly
-that model.
+that model. A full model that names a parent *restores* it: its model is the one version
+parent_seq made (``nnc-edge rollback --to``, or a compaction of the chain into a full model). A
+device that still holds version (parent_seq, parent_digest) takes the new version without
+downloading it; the others download it as any full model. Signatures cover the parent digest.
 
 The status of a model is a retained JSON object (see ``status_payload``)::
 
@@ -187,8 +192,9 @@ def parse(payload):
         _bad("seq 0 is reserved (no model)", 4, "seq")
     if kind == UPDATE and not 0 < parent_seq < seq:
         _bad("update %d names parent %d, which is not an older version" % (seq, parent_seq), 8, "parent_seq")
-    if kind == FULL and (parent_seq or parent_digest != NO_DIGEST):
-        _bad("a full model has no parent", 8, "parent_seq")
+    if kind == FULL and (parent_seq >= seq or (parent_seq == 0) != (parent_digest == NO_DIGEST)):
+        _bad("full model %d restores version %d, which is not an older one with a digest" % (seq, parent_seq), 8,
+             "parent_seq")
     if count == 0 or index >= count:
         _bad("message index %d of %d" % (index, count), 12, "index")
     body_start = HEADER_BYTES + model_len + ext_len
@@ -217,8 +223,8 @@ def messages(model, kind, seq, bodies, parent_seq=0, parent_digest=NO_DIGEST, ex
     """
     if kind not in (FULL, UPDATE):
         raise ValueError("kind must be %r or %r" % (FULL, UPDATE))
-    if kind == FULL and (parent_seq or parent_digest != NO_DIGEST):
-        raise ValueError("a full model has no parent")
+    if kind == FULL and (parent_seq >= seq or (parent_seq == 0) != (parent_digest == NO_DIGEST)):
+        raise ValueError("a full model restores no version (0 and no digest) or an older one with its digest")
     if kind == UPDATE and not 0 < parent_seq < seq:
         raise ValueError("update %d needs a parent version between 1 and %d" % (seq, seq - 1))
     if not 0 < seq <= 0xFFFFFFFF:

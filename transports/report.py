@@ -33,11 +33,14 @@ The last will (``will_payload``), set at connect, replaces the report with ``{"v
 "state": "offline"}`` when the device goes away without disconnecting.
 
 The staged rollout is recorded in the retained status as ``"rollout": {"from": S, "percent": P,
-"devices": [ID, ...]}`` (``percent`` and ``devices`` each optional): versions S and later are for the
-devices in the wave only, those listed by id and those whose ``bucket`` (a stable hash of the id:
-the first 4 bytes of SHA-256 of its UTF-8, big-endian, modulo 10000) is below P * 100. Widening
+"devices": [ID, ...], "halted": true}`` (``percent``, ``devices`` and ``halted`` each optional):
+versions S and later are for the devices in the wave only, those listed by id and those whose
+``bucket`` (a stable hash of the id: the first 4 bytes of SHA-256 of its UTF-8, big-endian, modulo
+10000) is below P * 100. Widening
 the wave keeps every device that was in it. A device outside the wave stays on its version (it
-still fetches versions before S) and reports ``waiting``. No ``rollout`` (or null): every device.
+still fetches versions before S) and reports ``waiting``. ``halted`` (set when too many devices of
+the wave failed: ``nnc-edge rollout --max-failures``) stops the wave: no device takes a version from
+S on any more, those that have one keep it. No ``rollout`` (or null): every device.
 """
 
 import hashlib
@@ -148,13 +151,15 @@ def bucket(device_id):
     return ((h[0] << 24) | (h[1] << 16) | (h[2] << 8) | h[3]) % BUCKETS
 
 
-def rollout_field(first_seq, percent=None, devices=None):
+def rollout_field(first_seq, percent=None, devices=None, halted=False):
     """The status's ``rollout`` value (a dict) for a wave of versions from ``first_seq`` on."""
     wave = {"from": first_seq}
     if percent is not None:
         wave["percent"] = percent
     if devices is not None:
         wave["devices"] = sorted(devices)
+    if halted:
+        wave["halted"] = True
     return parse_rollout(wave)
 
 
@@ -176,11 +181,13 @@ def parse_rollout(value):
             or not all(isinstance(d, str) for d in devices)):
         raise NNCError("status rollout devices must be a list of at most %d ids" % MAX_WAVE_DEVICES, None,
                        "status rollout")
+    if not isinstance(value.get("halted", False), bool):
+        raise NNCError("status rollout halted must be true or false", None, "status rollout")
     return value
 
 
 def in_wave(device_id, rollout):
-    """True when versions from ``rollout["from"]`` on are for this device (always without a wave)."""
+    """True when the wave includes this device (always without a wave), halted or not."""
     if rollout is None:
         return True
     return device_id in rollout.get("devices", ()) or bucket(device_id) < rollout.get("percent", 0) * (BUCKETS // 100)
@@ -188,6 +195,6 @@ def in_wave(device_id, rollout):
 
 def highest_version(device_id, rollout, announced):
     """The newest version this device may take when the status announces ``announced``."""
-    if in_wave(device_id, rollout):
+    if rollout is None or (in_wave(device_id, rollout) and not rollout.get("halted")):
         return announced
     return min(announced, rollout["from"] - 1)
