@@ -37,11 +37,19 @@ signature check's few KB.
 
 The device report (``transports.report``) goes to ``P/M/devices/ID`` retained on every change; the
 last will marks the device offline. A staged rollout in the status limits the device to the
-versions of its wave; outside it the device stays at its version and reports ``waiting``.
+versions of its wave (a publication under way of a later version does not stream in either);
+outside it the device stays at its version and reports ``waiting``.
+
+A full model that restores the version the device has (``nnc-edge rollback --to``; the envelope's
+parent) is taken without a download: the store's index is committed again as a new generation
+naming the same files, with the new version in its meta (``_relabel``). The agent keeps no previous
+model (no A/B, no health check): a restore of any other version is downloaded as a full model.
 """
 
 import binascii
 import hashlib
+import json
+import os
 import struct
 import time
 
@@ -208,7 +216,11 @@ class Agent:
         now = ticks_ms()
         self._tick(now)
         want = None if self.target is None else report.data_filter(self.prefix, self.model, self.target)
-        if want is not None and (want != self.subscribed or self.refetch):
+        if want is None:
+            # Nothing to fetch (e.g. outside the wave): the next target, even the same filter again,
+            # is subscribed anew so that the broker re-sends its retained messages.
+            self.subscribed = None
+        elif want != self.subscribed or self.refetch:
             self.subscribed = want
             self.refetch = False
             self.client.subscribe(want, 1)
@@ -259,7 +271,9 @@ class Agent:
             return cur[0] + 1 if cur else None
         if not st.seq:
             return cur[0] + 1 if cur else 1
-        top = report.highest_version(self.device_id, self.rollout, st.seq)
+        # The newest version the wave allows, whatever is announced: a publication under way (pending)
+        # of a version outside the wave does not stream in either.
+        top = report.highest_version(self.device_id, self.rollout, 0xFFFFFFFF)
         if cur is not None:
             k, d = cur
             if st.full_seq <= k <= st.seq and (k < st.seq or d == st.digest):
@@ -272,7 +286,7 @@ class Agent:
                 self.diverged = True
             if not self.diverged:
                 # With the newest version, the next one streams in as it is published.
-                return k + 1 if k < top or k >= st.seq else None
+                return k + 1 if k < top else None
         return st.full_seq if st.full_seq <= top else None
 
     def _retarget(self):
@@ -332,7 +346,7 @@ class Agent:
             if self.trusted is not None:
                 self._begin_verification(env, payload)
                 return
-            if not self._acceptable(env):
+            if not self._acceptable(env) or self._restore(env):
                 return
             self._begin(env)
         self._add(env)
@@ -367,7 +381,7 @@ class Agent:
         elif self.version is not None and env.seq <= self.version[0]:
             self._refuse(env, "model %s, sequence %d is not newer than sequence %d, which this device has already "
                               "applied: refused as a replay" % (env.model, env.seq, self.version[0]))
-        elif self._acceptable(env):
+        elif self._acceptable(env) and not self._restore(env):
             if self.feed_bytes is None:
                 self._begin(env)
                 self._add(env)
@@ -385,6 +399,33 @@ class Agent:
             self._refuse(env, "it applies to version %d (%s), the device has %s"
                          % (env.parent_seq, digest_hex(env.parent_digest)[:12], self._describe()))
             return False
+        return True
+
+    def _restore(self, env):
+        """A full model that restores the version the device has (``nnc-edge rollback --to``): the
+        store's index is committed again as a new generation naming the same files, with the new
+        version in its ``meta``; nothing is downloaded and the rest of the publication is ignored.
+        True when done so (a device that holds another version downloads it as any full model)."""
+        if env.kind != FULL or not env.parent_seq or self.version != (env.parent_seq, env.parent_digest):
+            return False
+        started = ticks_ms()
+        try:
+            _relabel(self.directory, {"model": self.model, "seq": env.seq, "digest": digest_hex(env.digest),
+                                      "kind": "restore"})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._say("restoring %s locally failed (%s): downloading it" % (env.describe(), _reason(exc)))
+            return False
+        self._say("%s restores version %d, which the device has: switched without downloading"
+                  % (env.describe(), env.parent_seq))
+        self.version = (env.seq, env.digest)
+        self.applied = (env.seq, "restore", 0, ticks_diff(ticks_ms(), started) / 1000)
+        self.error = None
+        self.state = report.CURRENT
+        self.diverged = False
+        self.target = env.seq + 1
+        if self.status is not None and self.status.seq >= env.seq:
+            self.target = self._next_target()
+        self._settle()
         return True
 
     def _begin(self, env):
@@ -569,6 +610,31 @@ class Agent:
     def _say(self, line):
         if self.log is not None:
             self.log("nnc-device %s/%s: %s" % (self.device_id, self.model, line))
+
+
+def _relabel(directory, meta):
+    """Commit the store's index (nnc_device.store's format) again as the next generation with
+    ``meta``: the same tensor and chain-state files, a new index file (``index<G+1>.tmp`` renamed to
+    ``index<G+1>.json``, which replaces no file), then the old index removed; a crash leaves one of
+    the two, and the store's next run clears what its index does not name."""
+    index = read_index(directory)
+    if index is None:
+        raise ValueError("the store holds no model")
+    old = index["generation"]
+    index["generation"] = old + 1
+    index["meta"] = meta
+    base = directory.rstrip("/") or "/"
+    tmp = "%s/index%d.tmp" % (base, old + 1)
+    with open(tmp, "w") as f:
+        json.dump(index, f)
+        f.flush()
+        if hasattr(os, "fsync"):
+            os.fsync(f.fileno())
+    os.rename(tmp, "%s/index%d.json" % (base, old + 1))
+    try:
+        os.remove("%s/index%d.json" % (base, old))
+    except OSError:
+        pass  # the store's next run removes it
 
 
 def _sleep_ms(ms):

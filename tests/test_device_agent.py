@@ -246,3 +246,66 @@ def test_gap_refetched_and_duplicates_dropped(setup, tmp_path):
         time.sleep(0.01)
     assert broker.report("board-1")["seq"] == 1
     assert_same_bits(stored(tmp_path), {k: np.asarray(v) for k, v in steps[0][1].items()}, "after the gap")
+
+
+def test_a_restore_of_the_version_held_is_taken_without_a_download(setup, tmp_path):
+    """A full model that restores version 1 (``nnc-edge rollback --to 1``): an agent at version 1
+    commits its index again with the new version, its tensor files untouched; an agent without a
+    model downloads it as any full model."""
+    from nnc_device.store import read_index
+    key, steps, pubs = setup
+    broker = Broker()
+    holder = device(broker, tmp_path / "holder", key, "holder")
+    publish(broker, pubs[0])
+    run(holder, broker)
+    before = snapshot(tmp_path / "holder")
+    status1 = pubs[0][0]
+    sign = signing.envelope_signer(key)
+    from transports.mqtt import split_bitstream
+    digest, payloads = envelope.messages(MODEL, envelope.FULL, 3, split_bitstream(steps[0][0], 700), 1,
+                                         status1.digest, ext=lambda d: sign(MODEL, 3, status1.digest, d))
+    restore = (envelope.Status(MODEL, 3, digest, 3, [len(payloads)]), payloads)
+    publish(broker, restore, envelope.parse_status(status1.payload()))
+    fed = []
+    original = holder._begin
+    holder._begin = lambda env: (fed.append(env.seq), original(env))[1]
+    run(holder, broker)
+    rep = broker.report("holder")
+    assert (rep["state"], rep["seq"], rep["digest"]) == ("current", 3, digest.hex())
+    assert rep["applied"]["kind"] == "restore" and rep["applied"]["bytes"] == 0 and fed == []
+    after = snapshot(tmp_path / "holder")
+    index = read_index(str(tmp_path / "holder"))
+    assert index["meta"] == {"model": MODEL, "seq": 3, "digest": digest.hex(), "kind": "restore"}
+    # The same tensor files, byte for byte; only the index is new.
+    assert {n: b for n, b in after.items() if not n.startswith("index")} == \
+        {n: b for n, b in before.items() if not n.startswith("index")}
+    assert [n for n in after if n.startswith("index")] == ["index%d.json" % index["generation"]]
+    # A restarted agent knows its version.
+    again = device(broker, tmp_path / "holder", key, "holder")
+    assert again.version == (3, digest)
+
+    newcomer = device(broker, tmp_path / "new", key, "newcomer")
+    run(newcomer, broker)
+    rep = broker.report("newcomer")
+    assert (rep["state"], rep["seq"], rep["applied"]["kind"]) == ("current", 3, "full")
+    assert rep["applied"]["bytes"] >= len(steps[0][0])  # large units re-cut into partial-data units
+    assert_same_bits(stored(tmp_path / "new"), {k: np.asarray(v) for k, v in steps[0][1].items()}, 3)
+
+
+def test_a_pending_version_outside_the_wave_does_not_stream_in(setup, tmp_path):
+    key, steps, pubs = setup
+    broker = Broker()
+    outside = next(i for i in ("dev-%d" % n for n in range(40)) if report.bucket(i) >= 5000)
+    agent = device(broker, tmp_path, key, outside)
+    publish(broker, pubs[0])
+    run(agent, broker)
+    # Version 2 under way, for half the fleet: the agent at the newest version does not subscribe to it.
+    pending = envelope.parse_status(pubs[0][0].payload())
+    pending.pending = (2, pubs[1][0].digest, len(pubs[1][1]))
+    pending.rollout = report.rollout_field(2, percent=50)
+    broker.publish_status(pending)
+    run(agent, broker)
+    assert agent.target is None
+    broker.publish_messages(2, pubs[1][1])
+    run(agent, broker)
+    assert agent.version[0] == 1 and agent.assembly is None

@@ -164,6 +164,14 @@ def test_killed_device_is_marked_offline_by_its_last_will(broker, tmp_path, caps
     run(Publisher(settings, "will").publish(steps[0][1]))
     procs = [receiver_process(broker, "will", tmp_path / d, d) for d in ("w1", "w2")]
     try:
+        # --wait-for knows only the devices that have reported: wait until both have, then ask it.
+        async def both_current():
+            for _ in range(int(WAIT / 0.2)):
+                view = await fleet.read_fleet(settings, "nnc", "will", quiet=0.2)
+                if sorted(d for d, r in view.devices.items() if r["state"] == "current") == ["w1", "w2"]:
+                    return
+            raise AssertionError("w1 and w2 are not both current: %s" % view.devices)
+        run(both_current())
         assert cli.main(["fleet", "--broker", broker.url, "--model", "will", "--wait-for", "1",
                          "--timeout", str(WAIT)]) == 0
         table = capsys.readouterr().out

@@ -11,7 +11,10 @@ checks that an update continues it, and publishes the chain again when the broke
 
 Files in the state directory, for prefix P and model M (each escaped by ``_escape``)::
 
-    P.M.json            the record, replaced atomically (a new file, fsync, rename)
+    P.M.json            the record, replaced atomically (a new file, fsync, rename); besides the
+                        chain it keeps the staged-rollout wave last written to the status
+                        (``rollout``, see transports.report), so a status published again
+                        from the record keeps it
     P.M.<digest>.nnc    the bitstream of each version on the chain
     P.M.lock            locked while a publisher works on the model
 """
@@ -20,7 +23,7 @@ import contextlib
 import json
 import os
 
-from .envelope import FULL, UPDATE, Status, digest_from_hex, digest_hex, excerpt
+from .envelope import FULL, NO_DIGEST, UPDATE, Status, digest_from_hex, digest_hex, excerpt
 
 try:
     import fcntl
@@ -56,19 +59,29 @@ def _write_atomically(path, data):
 
 class Version:
     """One published version: ``seq``, ``kind``, ``digest`` (of the bitstream; None when only
-    its number is known), ``model`` (digest of the model it makes, None until known) and
-    ``count`` (messages)."""
+    its number is known), ``model`` (digest of the model it makes, None until known), ``count``
+    (messages) and, for a full model that restores an older version (``nnc-edge rollback``),
+    ``restores`` = (seq, bitstream digest) of that version (the envelope's parent), else None."""
 
-    def __init__(self, seq, kind, digest, model, count):
+    def __init__(self, seq, kind, digest, model, count, restores=None):
         self.seq = seq
         self.kind = kind
         self.digest = digest
         self.model = model
         self.count = count
+        self.restores = restores
+
+    @property
+    def parent(self):
+        """(parent_seq, parent_digest) of the envelope of a full model: what it restores, or none."""
+        return self.restores if self.restores is not None else (0, NO_DIGEST)
 
     def to_json(self):
-        return {"seq": self.seq, "kind": self.kind, "digest": _hex(self.digest), "model": _hex(self.model),
-                "count": self.count}
+        obj = {"seq": self.seq, "kind": self.kind, "digest": _hex(self.digest), "model": _hex(self.model),
+               "count": self.count}
+        if self.restores is not None:
+            obj["restores"] = {"seq": self.restores[0], "digest": _hex(self.restores[1])}
+        return obj
 
     @classmethod
     def from_json(cls, obj):
@@ -79,7 +92,13 @@ class Version:
             raise ValueError("version seq %s is not in 1 .. 2**32 - 1" % excerpt(seq))
         if not isinstance(count, int) or count < 1:
             raise ValueError("version %d: count %s is not a positive integer" % (seq, excerpt(count)))
-        return cls(seq, obj["kind"], _unhex(obj.get("digest")), _unhex(obj.get("model")), count)
+        restores = obj.get("restores")
+        if restores is not None:
+            if (obj["kind"] != FULL or not isinstance(restores, dict) or not isinstance(restores.get("seq"), int)
+                    or not 0 < restores["seq"] < seq or not isinstance(restores.get("digest"), str)):
+                raise ValueError("version %d: restores must name an older version" % seq)
+            restores = (restores["seq"], _unhex(restores.get("digest")))
+        return cls(seq, obj["kind"], _unhex(obj.get("digest")), _unhex(obj.get("model")), count, restores)
 
 
 def _hex(digest):
@@ -101,6 +120,7 @@ class ChainRecord:
         self.base = os.path.join(self.directory, "%s.%s" % (_escape(prefix), _escape(model)))
         self.path = self.base + ".json"
         self.versions = []
+        self.rollout = None  # the staged-rollout wave of the last status written (a dict), or None
         self._lock_file = None
 
     def __repr__(self):
@@ -109,6 +129,10 @@ class ChainRecord:
     @property
     def seq(self):
         return self.versions[-1].seq if self.versions else 0
+
+    @property
+    def exists(self):
+        return os.path.exists(self.path)
 
     @property
     def top(self):
@@ -128,6 +152,7 @@ class ChainRecord:
                 obj = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             self.versions = []
+            self.rollout = None
             return self
         except (OSError, ValueError) as exc:
             raise self._damaged(exc)
@@ -138,9 +163,13 @@ class ChainRecord:
                 raise ValueError("it is the record of %s/%s" % (excerpt(obj.get("prefix")), excerpt(obj.get("model"))))
             versions = [Version.from_json(v) for v in obj.get("versions") or []]
             _check_chain(versions)
+            rollout = obj.get("rollout")
+            if rollout is not None and not isinstance(rollout, dict):
+                raise ValueError("rollout must be an object or null")
         except (ValueError, TypeError, AttributeError) as exc:
             raise self._damaged(exc)
         self.versions = versions
+        self.rollout = rollout
         return self
 
     def _damaged(self, exc):
@@ -151,6 +180,8 @@ class ChainRecord:
         os.makedirs(self.directory, exist_ok=True)
         obj = {"v": _VERSION, "prefix": self.prefix, "model": self.model, "seq": self.seq,
                "versions": [v.to_json() for v in self.versions]}
+        if self.rollout is not None:
+            obj["rollout"] = self.rollout
         _write_atomically(self.path, json.dumps(obj, indent=1).encode("utf-8"))
 
     @contextlib.contextmanager
@@ -224,14 +255,23 @@ class ChainRecord:
             v.count = count
             versions.append(v)
         self.versions = versions
+        self.rollout = status.rollout
         self.save()
 
     def status(self):
-        """The broker status this record describes (message counts as last published)."""
+        """The broker status this record describes (message counts as last published, and its wave)."""
         top = self.top
         if top is None:
             return Status(self.model)
-        return Status(self.model, top.seq, top.digest, self.versions[0].seq, [v.count for v in self.versions])
+        return Status(self.model, top.seq, top.digest, self.versions[0].seq, [v.count for v in self.versions],
+                      rollout=self.rollout)
+
+    def describe_range(self):
+        """The versions the record holds, e.g. "5..8" ("nothing" when empty)."""
+        if not self.versions:
+            return "nothing"
+        first, last = self.versions[0].seq, self.seq
+        return "%d" % first if first == last else "%d..%d" % (first, last)
 
     def missing_bitstreams(self):
         """Versions of the chain that could not be published again."""

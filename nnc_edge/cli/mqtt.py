@@ -145,47 +145,80 @@ def _connection_error(settings, exc):
                      ".npz model is encoded first. Lost connections are retried with backoff. This host's "
                      "record of the chain (--state-dir) keeps version numbers from going backwards, refuses an "
                      "update that does not continue the chain (published already, or made from another model), "
-                     "and publishes the chain again when the broker has lost it.",
+                     "and publishes the chain again when the broker has lost it. --rollout PERCENT and/or "
+                     "--devices ID,... make the new version a staged rollout: only the devices in that wave "
+                     "take it (a stable hash of the device id picks the share), the others stay on their "
+                     "version and report 'waiting'; widen it with nnc-edge rollout. Without them a wave the "
+                     "status has goes on as it is. With --max-failures N the command then watches the devices "
+                     "of the wave: exit status 0 once every one that reports is current at the new version, 1 "
+                     "when N of them report failed or rolled-back (the wave is then halted) or after --timeout.",
          examples=("nnc-edge publish model.nnc --broker mqtt://localhost --model kws",
                    "nnc-edge publish update.nnc --broker mqtts://broker.example:8883 --cafile ca.crt -u host "
                    "--model kws",
-                   "nnc-edge publish model.nnc --broker mqtt://localhost --model kws --max-message-bytes 4096"))
+                   "nnc-edge publish model.nnc --broker mqtt://localhost --model kws --max-message-bytes 4096",
+                   "nnc-edge publish update.nnc --broker mqtt://localhost --model kws --rollout 10 --max-failures 2",
+                   "nnc-edge publish update.nnc --broker mqtt://localhost --model kws --devices pi-1,pi-2"))
 def run_publish(args):
     with logging_to_stderr(args):
         return _publish(args)
 
 
 def _publish(args):
-    from transports import mqtt
     from transports.envelope import FULL, UPDATE
     _check_model_name(args.model)
     settings = broker_settings(args)
+    from .fleet import publish_wave, watch_wave
+    wave = publish_wave(args)
     data, kind = _publication(args.input, args.kind)
-    if args.max_message_bytes < mqtt.MIN_MESSAGE_BYTES:
-        raise CommandError("--max-message-bytes must be at least %d" % mqtt.MIN_MESSAGE_BYTES, EXIT_INVALID)
-    from transports.chain_record import ChainRecord
-    from .keys import publisher_signing
-    record = ChainRecord(args.state_dir, args.prefix, args.model)
-    publisher = mqtt.Publisher(settings, args.model, prefix=args.prefix, max_message_bytes=args.max_message_bytes,
-                               retries=args.retries, record=record, **publisher_signing(args))
-    try:
-        status = asyncio.run(publisher.publish(data, UPDATE if kind == "update" else FULL, seq=args.seq))
-    except NNCError as exc:
-        raise CommandError("%s: %s" % (args.input, exc), EXIT_INVALID)
-    except (ValueError, mqtt.PublishError) as exc:
-        raise CommandError("%s: %s" % (args.input, exc), EXIT_INVALID)
-    except OSError as exc:
-        raise CommandError("the publisher's record in %s: %s" % (args.state_dir, exc.strerror or exc))
-    except Exception as exc:  # aiomqtt.MqttError: a broker we cannot reach or that refuses us
-        if mqtt.is_mqtt_error(exc):
-            raise _connection_error(settings, exc)
-        raise
+    record, publisher = make_publisher(args, settings)
+    with publishing_errors(settings, args.input, args.state_dir):
+        status = asyncio.run(publisher.publish(data, UPDATE if kind == "update" else FULL, seq=args.seq,
+                                               rollout=wave))
     if not args.quiet:
         count = status.counts[-1]
         print("%s -> %r %s/%s: %s %d, %d bytes in %d message%s" % (
             args.input, settings, args.prefix, args.model, kind, status.seq, len(data), count,
             "" if count == 1 else "s"))
-    return 0
+    return watch_wave(args, settings, record, status, started=wave is not None)
+
+
+def make_publisher(args, settings):
+    """(this host's ChainRecord, the Publisher) for the options publish and rollback share: --state-dir,
+    --max-message-bytes, --retries, --signing-key."""
+    from transports import mqtt
+    from transports.chain_record import ChainRecord
+    from .keys import publisher_signing
+    if args.max_message_bytes < mqtt.MIN_MESSAGE_BYTES:
+        raise CommandError("--max-message-bytes must be at least %d" % mqtt.MIN_MESSAGE_BYTES, EXIT_INVALID)
+    record = ChainRecord(args.state_dir, args.prefix, args.model)
+    return record, mqtt.Publisher(settings, args.model, prefix=args.prefix, max_message_bytes=args.max_message_bytes,
+                                  retries=args.retries, record=record, **publisher_signing(args))
+
+
+@contextlib.contextmanager
+def broker_errors(settings):
+    """A broker we cannot reach or that refuses us (aiomqtt.MqttError) as a CommandError (status 1)."""
+    from transports import mqtt
+    try:
+        yield
+    except Exception as exc:
+        if mqtt.is_mqtt_error(exc):
+            raise _connection_error(settings, exc)
+        raise
+
+
+@contextlib.contextmanager
+def publishing_errors(settings, what, state_dir):
+    """The errors of a publication as CommandErrors: status 2 for one that cannot be made (``what``:
+    the file or model it names), 1 for the record in ``state_dir`` or the broker."""
+    from transports import mqtt
+    with broker_errors(settings):
+        try:
+            yield
+        except (NNCError, ValueError, mqtt.PublishError) as exc:
+            raise CommandError("%s: %s" % (what, exc), EXIT_INVALID)
+        except OSError as exc:
+            raise CommandError("the publisher's record in %s: %s" % (state_dir, exc.strerror or exc))
 
 
 def _publication(path, kind):
@@ -230,6 +263,8 @@ def _publish_arguments(parser):
                              "the broker lost is published again (default: $XDG_STATE_HOME/nnc-edge, else "
                              "~/.local/state/nnc-edge; now %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    from .fleet import add_wave_arguments
+    add_wave_arguments(parser, publish=True)
     add_broker_arguments(parser)
 
 
@@ -241,11 +276,16 @@ def _publish_arguments(parser):
                      "--gap-timeout for missing messages and then drops the incomplete update (the model stays "
                      "as it was), and reconnects with exponential backoff when the broker goes away. Runs until "
                      "interrupted (SIGINT/SIGTERM), or with --once until the model is at the published version. "
-                     "Logs each update applied or refused on stderr.",
+                     "Logs each update applied or refused on stderr. The model it replaces is kept as "
+                     "DIR/previous.safetensors (hard-linked, else copied): --health-check puts it back when a new "
+                     "model fails the check, and a rollback publication of a version the device holds is taken "
+                     "without downloading. Outside a staged rollout's wave the device stays at its version.",
          examples=("nnc-edge receive --broker mqtt://localhost --model kws --out /var/lib/kws",
                    "nnc-edge receive --broker mqtts://broker.example --cafile ca.crt -u kws-17 --model kws "
                    "--out model/",
-                   "nnc-edge receive --broker mqtt://localhost --model kws --out model/ --once --timeout 60"))
+                   "nnc-edge receive --broker mqtt://localhost --model kws --out model/ --once --timeout 60",
+                   "nnc-edge receive --broker mqtt://localhost --model kws --out /var/lib/kws --id pi-7 "
+                   "--health-check '/opt/kws/selftest \"$NNC_EDGE_MODEL\"' --health-timeout 120"))
 def run_receive(args):
     with logging_to_stderr(args):
         return _receive_command(args)
@@ -262,17 +302,30 @@ def _receive_command(args):
         except ValueError as exc:
             raise CommandError("--id: %s" % exc, EXIT_INVALID)
     settings = broker_settings(args)
+    health = None
+    if args.health_check is not None:
+        if args.no_previous:
+            raise CommandError("--health-check needs the previous model kept: drop --no-previous", EXIT_INVALID)
+        from transports.mqtt.device import HealthCheck
+        try:
+            health = HealthCheck(args.health_check, args.health_timeout)
+        except ValueError as exc:
+            raise CommandError("--health-check: %s" % exc, EXIT_INVALID)
     try:
-        store = mqtt.ModelStore(args.out, args.model, threads=args.threads)
+        store = mqtt.ModelStore(args.out, args.model, threads=args.threads, keep_previous=not args.no_previous)
     except (OSError, modelio.ModelFormatError) as exc:
         raise CommandError("cannot use %s: %s" % (args.out, exc))
     from .keys import receiver_verifier
     receiver = mqtt.Receiver(store, prefix=args.prefix, gap_timeout=args.gap_timeout,
-                             verify=receiver_verifier(args, store), device_id=args.device_id)
+                             verify=receiver_verifier(args, store), device_id=args.device_id, health_check=health)
     reached = asyncio.run(_receive(settings, receiver, args.once, args.timeout))
     if not reached:
         raise CommandError("model %s is not at the published version after %g s (the device has %s)"
                            % (args.model, args.timeout, store.describe()))
+    if args.once and receiver.hold == "rolled-back":
+        raise CommandError("model %s: version %s was rolled back (%s); the device has %s"
+                           % (args.model, receiver.rolled_back_seq, receiver.failure[1] if receiver.failure else
+                              "its health check failed", store.describe()))
     return 0
 
 
@@ -294,7 +347,9 @@ async def _receive(settings, receiver, once, timeout):
         stop.set()
         await task
         return False
-    return not once or receiver.up_to_date
+    # settled: at the announced version, or at the newest its rollout wave allows, or held back by
+    # a failed health check (which _receive_command reports).
+    return not once or receiver.settled
 
 
 @arguments("receive")
@@ -305,14 +360,32 @@ def _receive_arguments(parser):
                         help="how long to wait for a missing message before dropping the incomplete update "
                              "(default %(default)s)")
     parser.add_argument("--once", action="store_true",
-                        help="exit (status 0) as soon as the model is at the version the publisher announces")
+                        help="exit (status 0) as soon as the model is at the version the publisher announces, or "
+                             "at the newest its staged-rollout wave allows (status 1 when a health check rolled "
+                             "it back)")
     parser.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
                         help="give up after this long (exit status 1)")
     parser.add_argument("--threads", type=_positive_int, metavar="N",
                         help="decoding threads (default: the usable CPUs, at most 4: 1 on a Pi Zero, 4 on a Pi 5)")
+    parser.add_argument("--health-check", metavar="CMD",
+                        help="after each new model (full model, update or restore), run CMD through the shell "
+                             "(/bin/sh -c) with NNC_EDGE_MODEL (the new model file), NNC_EDGE_PREVIOUS (the "
+                             "previous one), NNC_EDGE_SEQ, NNC_EDGE_DIGEST, NNC_EDGE_KIND, NNC_EDGE_PREVIOUS_SEQ, "
+                             "NNC_EDGE_MODEL_NAME and NNC_EDGE_DEVICE in its environment; a non-zero exit or "
+                             "--health-timeout puts the previous model back (byte for byte, its chain state too), "
+                             "reports rolled-back and never fetches that version again (recorded in "
+                             "DIR/rolled-back.json)")
+    parser.add_argument("--health-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                        help="how long the health check may run before it is killed and counts as failed "
+                             "(default %(default)s)")
+    parser.add_argument("--no-previous", action="store_true",
+                        help="do not keep the previous model as DIR/previous.safetensors (saves a second model's "
+                             "disk space where hard links are not available; no health check, and restores of "
+                             "the previous version are downloaded)")
     parser.add_argument("--config", metavar="FILE",
                         help="read options from a TOML file: each key is a long option's name (broker, username, "
-                             "password-file, cafile, cert, key, model, out, trusted-key, ...), relative paths are "
+                             "password-file, cafile, cert, key, model, out, trusted-key, health-check, ...), "
+                             "relative paths are "
                              "taken from the file's folder, and options on the command line win")
     parser.add_argument("-q", "--quiet", action="store_true", help="log only problems")
     parser.add_argument("-v", "--verbose", action="store_true", help="log MQTT details too")

@@ -17,12 +17,17 @@ Modules:
 
 * ``settings``: ``BrokerSettings`` (URL, TLS, credentials), ``topics`` / ``Topics``, the defaults.
 * ``publisher``: the host side, ``Publisher`` and ``split_bitstream`` (its protocol in the docstring).
-* ``device``: the device side, ``Receiver`` and the model it keeps (``ModelStore``,
-  ``FullModelWriter``, ``UpdateWriter``).
+* ``device``: the device side, ``Receiver`` and the model it keeps (``ModelStore``, with the
+  previous model beside it, ``FullModelWriter``, ``UpdateWriter``, ``RestoreWriter``), the
+  ``HealthCheck`` run after each apply, ``DeviceLog`` (log lines that name the device).
 * ``connection``: ``run_receiver``, the device's connection loop, and the reconnecting (backoff)
   both sides share.
 * ``fleet``: the fleet view, the devices' retained reports (``transports.report``) read back
   (``read_fleet``, ``wait_for``, ``Fleet``); imported as ``transports.mqtt.fleet``.
+* ``rollout``: fleet operations on the host: widening (``change_wave``), watching (``watch``) and
+  halting (``halt_wave``) a staged rollout's wave, and restoring an older version of the chain
+  (``rollback``: ``Publisher.publish(..., restores=(seq, digest))``); imported as
+  ``transports.mqtt.rollout``.
 
 Everything public is importable from here (``from transports.mqtt import Publisher``). CPython only:
 the envelopes themselves are ``transports.envelope``, which MicroPython loads without this package.
@@ -33,7 +38,10 @@ CLI (``nnc_edge.cli``).
 """
 
 from .connection import backoff_delays, is_mqtt_error, run_receiver
-from .device import MAX_EVENTS, MAX_REASON_CHARS, MAX_REMEMBERED, FullModelWriter, ModelStore, Receiver, UpdateWriter
+from .device import (
+    DEFAULT_HEALTH_TIMEOUT, MAX_EVENTS, MAX_REASON_CHARS, MAX_REMEMBERED, DeviceLog, FullModelWriter, HealthCheck,
+    ModelStore, Receiver, RestoreWriter, UpdateWriter,
+)
 from .publisher import MessageTooSmall, Publisher, PublishError, publish_packet_bytes, read_status, split_bitstream
 from .settings import (
     DEFAULT_GAP_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, DEFAULT_PREFIX, DEFAULT_TLS_PORT, MIN_MESSAGE_BYTES,
@@ -43,5 +51,6 @@ from .settings import (
 __all__ = ["BrokerSettings", "Topics", "topics", "DEFAULT_PREFIX", "DEFAULT_MAX_MESSAGE_BYTES", "MIN_MESSAGE_BYTES",
            "DEFAULT_GAP_TIMEOUT", "DEFAULT_PORT", "DEFAULT_TLS_PORT", "Publisher", "PublishError", "MessageTooSmall",
            "split_bitstream", "publish_packet_bytes", "read_status", "Receiver", "ModelStore", "FullModelWriter",
-           "UpdateWriter", "MAX_REMEMBERED", "MAX_EVENTS", "MAX_REASON_CHARS", "run_receiver", "backoff_delays",
+           "UpdateWriter", "RestoreWriter", "HealthCheck", "DEFAULT_HEALTH_TIMEOUT", "DeviceLog", "MAX_REMEMBERED",
+           "MAX_EVENTS", "MAX_REASON_CHARS", "run_receiver", "backoff_delays",
            "is_mqtt_error", "log", "paho_log"]

@@ -75,6 +75,9 @@ async def run_receiver(settings, receiver, stop=None, backoff=(1.0, 60.0), tick=
     whatever ``settings`` says, so that many devices may share one ``settings``) with its last will,
     and publishes its report on every change."""
     stop = stop or asyncio.Event()
+    recover = getattr(receiver, "recover", None)
+    if recover is not None:
+        await recover()  # a health check a restart interrupted runs again first
     with _quiet_socket_races(asyncio.get_running_loop()):
         await _keep_connected(settings, receiver, stop, backoff, tick)
 
@@ -90,7 +93,7 @@ async def _keep_connected(settings, receiver, stop, backoff, tick):
         client = None
         try:
             async with settings.client("dev", **identity) as client:
-                log.info("model %s: connected to %r, the device has %s", receiver.model, settings,
+                _log(receiver).info("model %s: connected to %r, the device has %s", receiver.model, settings,
                          receiver.store.describe())
                 delays = backoff_delays(*backoff)
                 await _serve(client, receiver, stop, tick)
@@ -99,7 +102,8 @@ async def _keep_connected(settings, receiver, stop, backoff, tick):
             if stop.is_set():
                 break
             delay = next(delays)
-            log.warning("model %s: connection to %r: %s; reconnecting in %.1f s", receiver.model, settings, exc, delay)
+            _log(receiver).warning("model %s: connection to %r: %s; reconnecting in %.1f s", receiver.model, settings,
+                                   exc, delay)
             try:
                 await asyncio.wait_for(stop.wait(), delay)
             except asyncio.TimeoutError:
@@ -157,4 +161,9 @@ async def _send_report(client, receiver, payload):
         # The connection is going: the report is sent again once it is back. Raising here would make
         # the receiver drop the publication it is applying.
         receiver.reported = None
-        log.debug("model %s: report of device %s not sent: %s", receiver.model, receiver.device_id, exc)
+        _log(receiver).debug("model %s: report not sent: %s", receiver.model, exc)
+
+
+def _log(receiver):
+    # The receiver's logger names its device (many may share a process); a bare one has none.
+    return getattr(receiver, "log", None) or log

@@ -15,13 +15,30 @@ device to an older version (see ``Receiver``).
 
 With a device id, the receiver also reports (``transports.report``): ``run_receiver`` publishes
 the report retained to ``P/M/devices/ID`` whenever it changes, connects with the client id made from
-the id and leaves a last will that marks the device offline. This receiver knows no staged rollout:
-its states are current, downloading, applying, failed and rejected.
+the id and leaves a last will that marks the device offline.
+
+Fleet operations (as ``nnc_device.agent``): a staged rollout in the status caps what the device
+fetches (``report.highest_version``): outside the wave, or once it is halted, it takes nothing from
+version S on, drops a download of one, and reports ``waiting``. The store keeps the previous model
+beside the current one (A/B, ``ModelStore``); a ``HealthCheck`` runs after each apply, and when it
+fails the previous model is put back and the version is never fetched again (``rolled-back``). A
+full model that restores a version the device holds, as its current or previous model, is switched
+to locally (``RestoreWriter``) after its first message passed ``verify``; the rest of it is ignored.
+
+Many devices in one process (a gateway): one ``Receiver`` + ``run_receiver`` task per device, all
+sharing one ``BrokerSettings`` (each connects with its own client id) and one executor
+(``ModelStore(executor=...)``); every log line of a receiver starts with "device ID: "
+(``DeviceLog``).
 """
 
 import asyncio
+import functools
 import hashlib
+import json
+import logging
 import os
+import shutil
+import signal
 import time
 from collections import OrderedDict, deque
 
@@ -48,39 +65,281 @@ class ModelStore:
     chain in a file beside the model. ``allow_anonymous`` (default True) also applies updates
     without a record (e.g. written by NNCodec): the envelope's parent version already ties them to
     this model. ``apply_update(base_tensors, update_bytes) -> new_tensors`` replaces the rule.
+
+    A/B (``keep_previous``, default True): each apply keeps the model it replaces as
+    ``DIR/previous.safetensors``, with its version metadata and its update-chain state files
+    (``previous.safetensors.<digest>.nncstate``), for a health-check rollback
+    (``restore_previous``) and for restore publications (``holding``). Both are hard links where the
+    file system has them (no copy; else a copy). The switch: the current model is linked as
+    ``.previous.safetensors.staged``, the new model renamed over ``model.safetensors``, then the
+    staged file renamed over ``previous.safetensors``; a crash in between is finished (or undone) by
+    the next ``ModelStore`` of the directory, which compares the staged file's version with the
+    current one. Costs the disk space of a second model (none while both are the same file).
+
+    Versions a health check failed (``rolled_back``: (seq, digest) -> reason) are kept in
+    ``DIR/rolled-back.json`` (the last MAX_ROLLED_BACK) and never fetched again. The blocking work
+    (decoding, writing, copying) runs on ``executor`` (a concurrent.futures executor; None: the event
+    loop's default one): a gateway with many devices in one process passes one to all its stores.
     """
 
     FILENAME = "model.safetensors"
+    PREVIOUS = "previous.safetensors"
+    STAGED = ".previous.safetensors.staged"
+    ROLLED_BACK = "rolled-back.json"
+    CHECKING = "health-check.json"
+    MAX_ROLLED_BACK = 64
 
-    def __init__(self, directory, model, apply_update=None, threads=None, allow_anonymous=True):
-        from nnc_edge import modelio
+    def __init__(self, directory, model, apply_update=None, threads=None, allow_anonymous=True, keep_previous=True,
+                 executor=None, logger=None):
         self.directory = os.fspath(directory)
         self.model = model
         self.path = os.path.join(self.directory, self.FILENAME)
+        self.previous_path = os.path.join(self.directory, self.PREVIOUS)
         self.apply_update = apply_update
         self.allow_anonymous = allow_anonymous
         self.threads = threads
+        self.keep_previous = keep_previous
+        self.executor = executor
+        self.log = logger or log
+        self._staged = None  # (version, state file names) of the model being kept as previous
         os.makedirs(self.directory, exist_ok=True)
-        self.version = None
-        if os.path.exists(self.path):
-            try:
-                meta = modelio.load_metadata(self.path)
-                if meta.get("nnc_edge.model") == model:
-                    self.version = (int(meta["nnc_edge.seq"]), envelope.digest_from_hex(meta["nnc_edge.digest"]))
-            except (KeyError, ValueError, OSError) as exc:  # ModelFormatError and NNCError are ValueErrors
-                log.warning("%s: no usable version in its metadata (%s); fetching the full model", self.path, exc)
+        self.rolled_back = self._load_rolled_back()
+        self.version = self._read_version(self.path, warn=True)
+        self.previous_version = None
+        if keep_previous:
+            self._recover()
 
-    def describe(self):
-        if self.version is None:
+    # --- versions --------------------------------------------------------------------------------
+    def _read_version(self, path, warn=False):
+        from nnc_edge import modelio
+        if not os.path.exists(path):
+            return None
+        try:
+            meta = modelio.load_metadata(path)
+            if meta.get("nnc_edge.model") == self.model:
+                return int(meta["nnc_edge.seq"]), envelope.digest_from_hex(meta["nnc_edge.digest"])
+        except (KeyError, ValueError, OSError) as exc:  # ModelFormatError and NNCError are ValueErrors
+            if warn:
+                self.log.warning("%s: no usable version in its metadata (%s); fetching the full model", path, exc)
+        return None
+
+    def describe(self, version=False):
+        v = self.version if version is False else version
+        if v is None:
             return "no model"
-        return "version %d (%s)" % (self.version[0], digest_hex(self.version[1])[:12])
+        return "version %d (%s)" % (v[0], digest_hex(v[1])[:12])
 
-    def metadata(self, env):
+    def metadata(self, env, kind=None):
         return {"nnc_edge.model": self.model, "nnc_edge.seq": str(env.seq), "nnc_edge.digest": digest_hex(env.digest),
-                "nnc_edge.kind": env.kind}
+                "nnc_edge.kind": kind or env.kind}
 
-    def begin(self, env):
+    def kind(self):
+        """How the current model came (its ``nnc_edge.kind``: full, update or restore), or None."""
+        from nnc_edge import modelio
+        try:
+            return modelio.load_metadata(self.path).get("nnc_edge.kind")
+        except (OSError, ValueError):
+            return None
+
+    def holding(self, seq, digest):
+        """The file holding version (seq, digest), the current or the previous model, or None."""
+        if (seq, digest) == self.version and os.path.exists(self.path):
+            return self.path
+        if self.keep_previous and (seq, digest) == self.previous_version and os.path.exists(self.previous_path):
+            return self.previous_path
+        return None
+
+    def begin(self, env, source=None):
+        """The writer of a publication; ``source``: the file (``holding``) a restore copies locally."""
+        if source is not None:
+            return RestoreWriter(self, env, source)
         return FullModelWriter(self, env) if env.kind == FULL else UpdateWriter(self, env)
+
+    def commit(self, writer, take_version=True):
+        """``writer.commit()`` with the A/B switch around it (blocking: run it on the executor). With
+        ``take_version=False`` the caller sets ``version = writer.version`` itself (the receiver does,
+        on the event loop's thread, so that its state and the version change in one step)."""
+        self._stage()
+        try:
+            writer.commit()
+        except BaseException:
+            self._unstage()
+            raise
+        self._finish()
+        if take_version:
+            self.version = writer.version
+
+    # --- A/B ---------------------------------------------------------------------------------------
+    def _state_files(self, model_path):
+        """{16 hex digits: path} of the update-chain state files beside ``model_path``."""
+        from nnc_edge.updates import STATE_SUFFIX
+        head = os.path.basename(model_path) + "."
+        out = {}
+        for name in os.listdir(self.directory):
+            if name.startswith(head) and name.endswith(STATE_SUFFIX):
+                key = name[len(head):-len(STATE_SUFFIX)]
+                if len(key) == 16 and all(c in "0123456789abcdef" for c in key):
+                    out[key] = os.path.join(self.directory, name)
+        return out
+
+    def _state_name(self, model_path, key):
+        from nnc_edge.updates import STATE_SUFFIX
+        return "%s.%s%s" % (model_path, key, STATE_SUFFIX)
+
+    def _put_states(self, source, target, keys=None):
+        """Put the state files of model file ``source`` (those of ``keys``: all by default) beside
+        ``target`` under its names (same digests). Returns their keys."""
+        states = self._state_files(source)
+        keys = set(states) if keys is None else set(keys) & set(states)
+        for key in keys:
+            _place(states[key], self._state_name(target, key))
+        return keys
+
+    def _prune_states(self, target, keys):
+        """Remove the state files of model file ``target`` but those of ``keys``."""
+        for key, path in self._state_files(target).items():
+            if key not in keys:
+                _atomicfile().remove(path)
+
+    def _stage(self):
+        self._staged = None
+        if not self.keep_previous or self.version is None or not os.path.exists(self.path):
+            return
+        staged = os.path.join(self.directory, self.STAGED)
+        _atomicfile().remove(staged)
+        # The state files first, under the previous model's names (by digest: extra ones do no harm).
+        keys = self._put_states(self.path, self.previous_path)
+        _place(self.path, staged)
+        self._staged = (self.version, keys)
+
+    def _unstage(self):
+        if self._staged is not None:
+            _atomicfile().remove(os.path.join(self.directory, self.STAGED))
+            self._staged = None
+
+    def _finish(self):
+        staged, self._staged = self._staged, None
+        if staged is None:
+            return
+        os.replace(os.path.join(self.directory, self.STAGED), self.previous_path)
+        _sync_directory(self.directory)
+        self.previous_version = staged[0]
+        self._prune_states(self.previous_path, staged[1])
+
+    def _recover(self):
+        """Finish what a crash interrupted: a staged previous model, and a rollback."""
+        staged = os.path.join(self.directory, self.STAGED)
+        if os.path.exists(staged):
+            version = self._read_version(staged)
+            if version is not None and version != self.version and self.version is not None:
+                os.replace(staged, self.previous_path)
+                _sync_directory(self.directory)
+                self.log.info("%s: the previous model's switch was interrupted; finished it (%s)",
+                              self.previous_path, self.describe(version))
+            else:
+                _atomicfile().remove(staged)
+        _atomicfile().clear_stale(self.previous_path)
+        self.previous_version = self._read_version(self.previous_path)
+        if self.version is not None and self.version in self.rolled_back:
+            # Killed between recording the failed health check and putting the previous model back.
+            self.log.warning("%s: %s failed its health check (%s); putting the previous model back",
+                             self.path, self.describe(), self.rolled_back[self.version])
+            self.restore_previous()
+
+    def restore_previous(self):
+        """Put the previous model (and its chain state) back as the current one, atomically: the
+        previous file stays as it is. Without one, the current model is removed (the device had
+        none before). Returns the version now current."""
+        if self.previous_version is None or not os.path.exists(self.previous_path):
+            for path in [self.path] + list(self._state_files(self.path).values()):
+                _atomicfile().remove(path)
+            _sync_directory(self.directory)
+            self.version = None
+            return None
+        keys = self._put_states(self.previous_path, self.path)
+        _place(self.previous_path, self.path)
+        self.version = self.previous_version
+        self._prune_states(self.path, keys)
+        return self.version
+
+    # --- versions a health check failed ------------------------------------------------------------
+    def _load_rolled_back(self):
+        out = OrderedDict()
+        path = os.path.join(self.directory, self.ROLLED_BACK)
+        try:
+            with open(path, "rb") as f:
+                data = json.loads(f.read(1 << 20).decode("utf-8"))
+            for item in data["versions"]:
+                out[(int(item["seq"]), envelope.digest_from_hex(item["digest"]))] = str(item.get("reason"))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.log.warning("%s: unreadable (%s); the versions it named may be fetched again", path, exc)
+        return out
+
+    def begin_check(self, seq, digest):
+        """Record (fsynced) that version (seq, digest) is about to be committed and checked, before it
+        is: a restart that finds it current has not seen its check end (``pending_check``)."""
+        pending = self.pending_check()
+        # Counted when a restart checks the current model again; a new version starts at 1.
+        again = pending is not None and pending[:2] == (seq, digest) == self.version
+        attempts = pending[2] + 1 if again else 1
+        _atomicfile().write_file(os.path.join(self.directory, self.CHECKING), json.dumps(
+            {"v": 1, "seq": seq, "digest": digest_hex(digest), "attempts": attempts}).encode("utf-8"))
+
+    def end_check(self):
+        _atomicfile().remove(os.path.join(self.directory, self.CHECKING))
+
+    def pending_check(self):
+        """(seq, digest, attempts) of the health check a restart interrupted, or None."""
+        try:
+            with open(os.path.join(self.directory, self.CHECKING), "rb") as f:
+                data = json.loads(f.read(4096).decode("utf-8"))
+            return int(data["seq"]), envelope.digest_from_hex(data["digest"]), int(data["attempts"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def remember_rolled_back(self, seq, digest, reason):
+        """Record (fsynced) that version (seq, digest) failed its health check: never fetched again."""
+        self.rolled_back[(seq, digest)] = reason
+        while len(self.rolled_back) > self.MAX_ROLLED_BACK:
+            self.rolled_back.popitem(last=False)
+        versions = [{"seq": s, "digest": digest_hex(d), "reason": r} for (s, d), r in self.rolled_back.items()]
+        data = {"v": 1, "model": self.model, "versions": versions}
+        _atomicfile().write_file(os.path.join(self.directory, self.ROLLED_BACK),
+                              json.dumps(data, indent=1).encode("utf-8"))
+
+
+def _atomicfile():
+    from nnc_edge import atomicfile  # on first use: `import transports.mqtt` stays light
+    return atomicfile
+
+
+def _place(source, target):
+    """Make ``target`` the same bytes as ``source``, atomically: a hard link (no copy) where the file
+    system has them, else a copy; fsynced, renamed over ``target``."""
+    directory, base = os.path.split(os.path.abspath(target))
+    _atomicfile().clear_stale(target)
+    tmp = os.path.join(directory, ".%s.%s.tmp" % (base, os.urandom(4).hex()))  # atomicfile's pattern
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (FAT, some network file systems): copy
+            with open(source, "rb") as src, open(tmp, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        _atomicfile().remove(tmp)
+        raise
+    _sync_directory(directory)
+
+
+def _sync_directory(directory):
+    _atomicfile()._sync_directory(directory)  # so that a rename survives a power loss
 
 
 class FullModelWriter:
@@ -108,7 +367,7 @@ class FullModelWriter:
             self.sink.close()
         finally:
             self.abort()
-        self.store.version = (self.env.seq, self.env.digest)
+        self.version = (self.env.seq, self.env.digest)  # the store takes it once the A/B switch is done
 
     def abort(self):
         self.decoder.release_threads()
@@ -141,10 +400,123 @@ class UpdateWriter:
             new = updates._apply(path, bytes(self.data), path, threads=self.store.threads,
                                  allow_anonymous=self.store.allow_anonymous, metadata=metadata)
         self.tensors = len(new)
-        self.store.version = (self.env.seq, self.env.digest)
+        self.version = (self.env.seq, self.env.digest)  # the store takes it once the A/B switch is done
 
     def abort(self):
         self.data = bytearray()
+
+
+class RestoreWriter:
+    """A restore publication (a full model naming the version it restores) of a version the device
+    holds, as its current or its previous model: that file copied with the new version's metadata,
+    its tensors byte for byte and its update-chain state with it. Nothing is downloaded."""
+
+    def __init__(self, store, env, source):
+        self.store = store
+        self.env = env
+        self.source = source
+        self.keys = set(store._state_files(source))  # before the A/B switch adds others
+        self.tensors = 0
+
+    def feed(self, body):
+        pass  # nothing of the publication is used but its first envelope
+
+    def commit(self):
+        from nnc_edge import modelio
+        store = self.store
+        with open(self.source, "rb") as src:
+            entries, _, start = modelio.read_safetensors_layout(src, self.source)
+            header = modelio.safetensors_header([(name, dtype, shape) for _, _, name, dtype, shape in entries],
+                                                store.metadata(self.env, "restore"))
+            if self.source != store.path:
+                store._put_states(self.source, store.path, self.keys)
+            with _atomicfile().replacing(store.path) as out:
+                out.write(header)
+                src.seek(start)
+                shutil.copyfileobj(src, out, 1 << 20)
+        if self.source != store.path:
+            store._prune_states(store.path, self.keys)
+        self.tensors = len(entries)
+        self.version = (self.env.seq, self.env.digest)  # the store takes it once the A/B switch is done
+
+    def abort(self):
+        pass
+
+
+# --- the health check -----------------------------------------------------------------------------
+DEFAULT_HEALTH_TIMEOUT = 60.0
+
+
+class HealthCheck:
+    """``nnc-edge receive --health-check CMD``: after each apply (full model, update or restore) the
+    receiver runs ``command`` through the shell (``/bin/sh -c CMD``, as systemd's ExecStartPre and
+    cron do: quote paths with spaces) with the environment variables
+
+    * ``NNC_EDGE_MODEL``: the path of the new model file (DIR/model.safetensors);
+    * ``NNC_EDGE_PREVIOUS``: the previous model's (DIR/previous.safetensors; empty if there is none);
+    * ``NNC_EDGE_SEQ``, ``NNC_EDGE_DIGEST``, ``NNC_EDGE_KIND``: the new version, and how it came
+      (``full``, ``update`` or ``restore``); ``NNC_EDGE_PREVIOUS_SEQ`` (empty without one);
+    * ``NNC_EDGE_MODEL_NAME``, ``NNC_EDGE_DEVICE``: the model's name and the device id (empty
+      without one);
+
+    its stdin from /dev/null, stdout and stderr the receiver's. Exit status 0 within ``timeout``
+    seconds passes; anything else fails ("health check exited 3", "... timed out after 60 s": the
+    check and all it started, its process group, are killed). It runs as an asyncio subprocess: the
+    event loop, and the other devices of a gateway, go on meanwhile.
+    """
+
+    def __init__(self, command, timeout=DEFAULT_HEALTH_TIMEOUT):
+        if not command or not command.strip():
+            raise ValueError("the health check command is empty")
+        if not timeout > 0:
+            raise ValueError("the health check timeout must be positive")
+        self.command = command
+        self.timeout = timeout
+
+    def __repr__(self):
+        return "HealthCheck(%r, timeout=%g)" % (self.command, self.timeout)
+
+    def environment(self, store, env, kind, device_id=None):
+        previous = store.previous_version if os.path.exists(store.previous_path) else None
+        return {"NNC_EDGE_MODEL": os.path.abspath(store.path),
+                "NNC_EDGE_PREVIOUS": os.path.abspath(store.previous_path) if previous else "",
+                "NNC_EDGE_SEQ": str(env.seq), "NNC_EDGE_DIGEST": digest_hex(env.digest), "NNC_EDGE_KIND": kind,
+                "NNC_EDGE_PREVIOUS_SEQ": str(previous[0]) if previous else "",
+                "NNC_EDGE_MODEL_NAME": store.model, "NNC_EDGE_DEVICE": device_id or ""}
+
+    async def run(self, store, env, kind, device_id=None):
+        """None when the check passes, else why it failed."""
+        environ = dict(os.environ)
+        environ.update(self.environment(store, env, kind, device_id))
+        try:
+            proc = await asyncio.create_subprocess_shell(self.command, env=environ, stdin=asyncio.subprocess.DEVNULL,
+                                                         start_new_session=True)
+        except OSError as exc:
+            return "health check could not start: %s" % (exc.strerror or exc)
+        try:
+            status = await asyncio.wait_for(proc.wait(), self.timeout)
+        except asyncio.TimeoutError:
+            _kill_group(proc)
+            await proc.wait()
+            return "health check timed out after %g s" % self.timeout
+        except BaseException:  # cancelled: the check goes with the receiver
+            _kill_group(proc)
+            raise
+        if status == 0:
+            return None
+        if status < 0:
+            return "health check killed by signal %d" % -status
+        return "health check exited %d" % status
+
+
+def _kill_group(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the shell and whatever it started (start_new_session)
+    except (OSError, AttributeError):
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
 
 
 # --- the receiver: what the device does with each message ---------------------------------------
@@ -156,6 +528,9 @@ class Receiver:
     publications applied; ``events`` the last reasons for what was refused or abandoned.
     ``verify(envelope)`` (e.g. a signature check of the extension field) runs on the first message
     of each publication, before anything of it is used; an NNCError from it refuses the publication.
+    ``health_check`` (a ``HealthCheck``, or any object with ``async run(store, envelope, kind,
+    device_id)`` returning None or why it failed) runs after each apply; ``device_id`` makes it report
+    and names it in every log line (``log``, a ``DeviceLog``).
 
     Anyone who can publish to the broker can send anything: whatever one message makes go wrong is
     logged and the message dropped (``handle``), and what is remembered about refused messages is
@@ -167,9 +542,19 @@ class Receiver:
 
     def __init__(self, store, prefix=DEFAULT_PREFIX, gap_timeout=DEFAULT_GAP_TIMEOUT,
                  max_buffered=envelope.DEFAULT_MAX_BUFFERED, max_update_bytes=256 << 20, clock=time.monotonic,
-                 on_applied=None, on_current=None, verify=None, device_id=None):
+                 on_applied=None, on_current=None, verify=None, device_id=None, health_check=None):
         self.store = store
         self.device_id = device_id
+        # Every log line of a device names it: many devices may share a process (a gateway).
+        self.log = DeviceLog(device_id)
+        store.log = self.log
+        if health_check is not None and not store.keep_previous:
+            raise ValueError("a health check needs the previous model kept (ModelStore(keep_previous=True))")
+        self.health_check = health_check
+        self.rollout = None       # the status's staged-rollout wave (transports.report), checked
+        self.hold = None          # why target is None while the status announces more: "wave" or "rolled-back"
+        self.rolled_back_seq = None  # the version the last failed health check was of (the report's target)
+        self.checking = False     # a health check is running (the report says applying)
         self.report_topic = None if device_id is None else report.report_topic(prefix, store.model, device_id)
         self.failure = None       # (state, error) of the last publication that failed or was refused
         self.reported = None      # what the last report published said, but its time
@@ -210,8 +595,15 @@ class Receiver:
         return (st is not None and st.seq > 0 and self.assembly is None
                 and self.store.version == (st.seq, st.digest))
 
+    @property
+    def settled(self):
+        """True when the device has all it may take: the announced version, or the newest its
+        rollout wave allows, or it stays where a failed health check left it (``hold``)."""
+        return self.up_to_date or (self.assembly is None and self.status is not None and self.target is None
+                                   and self.hold is not None and self._lagging())
+
     def _check_current(self):
-        if self.on_current is not None and self.up_to_date:
+        if self.on_current is not None and self.settled:
             self.on_current()
 
     # --- what to subscribe to ------------------------------------------------------------------
@@ -220,6 +612,35 @@ class Receiver:
         return None if self.target is None else self.topics.publication(self.target)
 
     def _next_target(self):
+        """The version to fetch next, capped by the staged-rollout wave (``report.highest_version``)
+        and never one a health check rolled back; None (with ``hold`` saying why) for none."""
+        self.hold = None
+        target = self._chain_target()
+        st = self.status
+        if target is not None and st is not None and st.seq:
+            # Also caps what streams in live after the newest version: a publication under way
+            # (pending) of a version outside the wave is not fetched either.
+            if target > _highest_version(self.device_id, self.rollout):
+                self.hold = "wave"
+                return None
+        if target is not None and self._rolled_back(target):
+            self.hold = "rolled-back"
+            self.rolled_back_seq = target
+            return None
+        return target
+
+    def _rolled_back_reason(self):
+        seq = self.rolled_back_seq
+        reasons = [r for (s, _), r in self.store.rolled_back.items() if s == seq]
+        return "version %s was rolled back: %s" % (seq, reasons[-1] if reasons else "its health check failed")
+
+    def _rolled_back(self, seq):
+        """True when a health check rolled back version ``seq`` (the one the status names for it,
+        or any publication of it when the status names none)."""
+        announced = self._announced(seq)
+        return any(s == seq and (announced is None or announced == d) for s, d in self.store.rolled_back)
+
+    def _chain_target(self):
         cur = self.store.version
         st = self.status
         if st is None:
@@ -244,8 +665,13 @@ class Receiver:
     def _retarget(self, reason=None):
         target = self._next_target()
         if target != self.target:
-            if self.assembly is not None:
-                self._abandon(reason or "now fetching version %d" % target, refuse=False)
+            if self.assembly is not None and not self.checking:
+                if target is None and self.hold == "wave":
+                    wave = self.rollout
+                    reason = ("the staged rollout of versions from %d on is halted" % wave["from"]
+                              if wave.get("halted") else "the device is not in the staged rollout of versions "
+                              "from %d on" % wave["from"])
+                self._abandon(reason or "now fetching version %s" % target, refuse=False)
             self.target = target
 
     # --- input ---------------------------------------------------------------------------------
@@ -279,23 +705,25 @@ class Receiver:
     def _unexpected(self, what, exc):
         # A bug, or an input nobody foresaw: the traceback is for the report; the publication being
         # assembled may be half-fed to its writer, so it is dropped (and retried after a pause).
-        log.error("model %s: %s raised %s: %s; ignored", self.model, what, type(exc).__name__, _reason(exc),
+        self.log.error("model %s: %s raised %s: %s; ignored", self.model, what, type(exc).__name__, _reason(exc),
                   exc_info=exc)
         self.events.append("%s raised %s" % (what, type(exc).__name__))
         try:
             self._abandon("%s raised %s" % (what, type(exc).__name__), refuse=None)
         except Exception:  # the writer's cleanup failed too; the assembly is dropped all the same
-            log.exception("model %s: dropping the publication being assembled failed", self.model)
+            self.log.exception("model %s: dropping the publication being assembled failed", self.model)
 
     def on_status(self, payload):
         if not payload:
-            self.status = Status(self.model)
+            self.status, self.rollout = Status(self.model), None
         else:
             try:
-                self.status = envelope.parse_status(payload, self.model)
+                status = envelope.parse_status(payload, self.model)
+                rollout = report.parse_rollout(status.rollout)
             except NNCError as exc:
                 self._event("warning", "ignored status of model %s: %s" % (self.model, _reason(exc)))
                 return
+            self.status, self.rollout = status, rollout
         a = self.assembly
         if a is not None:
             announced = self._announced(a.first.seq)
@@ -304,6 +732,8 @@ class Receiver:
         self._retarget()
         if not self._lagging():
             self.failure = None  # the failed publication is no longer the one the device is missing
+        elif self.hold == "rolled-back" and self.failure is None:
+            self.failure = (report.ROLLED_BACK, self._rolled_back_reason())
         self._check_current()
 
     def _announced(self, seq):
@@ -331,7 +761,7 @@ class Receiver:
         if seq != self.target or self.clock() < self.deferred.get(env.digest, 0):
             return
         identity = _identity(env)
-        if identity in self.refused or identity in self.unverified:
+        if identity in self.refused or identity in self.unverified or (env.seq, env.digest) in self.store.rolled_back:
             return
         announced = self._announced(seq)
         if announced is not None and announced != env.digest:
@@ -345,10 +775,17 @@ class Receiver:
                 return
             a = self.assembly = Assembly(env, self.max_buffered)
             a.last_progress = self.started = self.clock()
+            # A restore of a version the device holds: switched to locally, the rest of the
+            # publication's messages ignored.
+            source = self.store.holding(env.parent_seq, env.parent_digest) if env.kind == FULL and env.parent_seq \
+                else None
             try:
-                self.writer = self.store.begin(env)
+                self.writer = self.store.begin(env) if source is None else self.store.begin(env, source)
             except (OSError, ValueError) as exc:
                 self._abandon("cannot start writing %s: %s" % (self.store.path, _reason(exc)), refuse=None)
+                return
+            if source is not None:
+                await self._restore(a, source)
                 return
         confirmed = False  # the bytes received are those the digest names
         try:
@@ -356,12 +793,15 @@ class Receiver:
             if bodies:
                 a.last_progress = self.clock()
             for body in bodies:
-                await asyncio.to_thread(self.writer.feed, body)
+                await self._blocking(self.writer.feed, body)
             if a.complete:
                 a.check()
                 confirmed = True
                 await self.flush_report()
-                await asyncio.to_thread(self.writer.commit)
+                if self.health_check is not None:
+                    await self._blocking(self.store.begin_check, env.seq, env.digest)
+                await self._blocking(self.store.commit, self.writer, False)
+                self.store.version = self.writer.version
         except NNCError as exc:
             # With signatures, bytes not yet known to be the signed ones may be a forged copy under a
             # genuine envelope: refusing their digest would make the device ignore the real publication.
@@ -373,8 +813,96 @@ class Receiver:
             self._abandon("%s: %s (retrying in %g s)" % (type(exc).__name__, _reason(exc), self.gap_timeout),
                           refuse=None)
             return
-        if a.complete:
+        if a.complete and await self._healthy(a):
             self._done(a)
+
+    async def _blocking(self, fn, *args):
+        """fn(*args) on the store's executor (None: the event loop's default one)."""
+        return await asyncio.get_running_loop().run_in_executor(self.store.executor, functools.partial(fn, *args))
+
+    async def _restore(self, a, source):
+        """Take the restore publication ``a`` from the file ``source`` the device holds."""
+        env = a.first
+        self.checking = True  # reported as applying: nothing is downloaded
+        try:
+            self.log.info("model %s: %s restores %s, which the device holds (%s): switching to it without "
+                          "downloading", self.model, env.describe(), self.store.describe((env.parent_seq,
+                                                                                           env.parent_digest)),
+                          os.path.basename(source))
+            await self.flush_report()
+            if self.health_check is not None:
+                await self._blocking(self.store.begin_check, env.seq, env.digest)
+            await self._blocking(self.store.commit, self.writer, False)
+            self.store.version = self.writer.version
+        except (OSError, ValueError) as exc:
+            self.checking = False
+            self._abandon("%s: %s (retrying in %g s)" % (type(exc).__name__, _reason(exc), self.gap_timeout),
+                          refuse=None)
+            return
+        finally:
+            self.checking = False
+        if await self._healthy(a, "restore"):
+            self._done(a, "restore", 0)
+
+    async def _healthy(self, a, kind=None):
+        """Run the health check (if any) on the model just committed; when it fails, put the previous
+        model back, remember the version for good and report rolled-back. True when it passed."""
+        if self.health_check is None:
+            return True
+        return await self._check(a.first, kind or a.first.kind)
+
+    async def recover(self):
+        """At start-up (``run_receiver`` calls it before connecting): a health check that a restart
+        interrupted (a power loss, or a model that brought the device down) is run again; if the
+        device restarted during it twice, the model counts as failed without a third try."""
+        pending = await self._blocking(self.store.pending_check)
+        if pending is None:
+            return
+        if self.health_check is None or self.store.version != pending[:2]:
+            await self._blocking(self.store.end_check)  # its model was never committed, or no check now
+            return
+        version = _Version(*pending[:2])
+        self.log.warning("model %s: the health check of %s did not end (the device restarted during it)%s",
+                         self.model, version.describe(), "" if pending[2] < 2 else " twice")
+        if pending[2] >= 2:
+            await self._rolled_back_now(version, "the device restarted during the health check %d times"
+                                        % pending[2])
+            return
+        await self._blocking(self.store.begin_check, *pending[:2])
+        kind = self.store.kind() or FULL
+        await self._check(version, kind)
+
+    async def _check(self, env, kind):
+        self.checking = True
+        try:
+            await self.flush_report()
+            reason = await self.health_check.run(self.store, env, kind, self.device_id)
+        finally:
+            self.checking = False
+        if reason is None:
+            self.log.info("model %s: the health check of %s passed", self.model, env.describe())
+            await self._blocking(self.store.end_check)
+            return True
+        await self._rolled_back_now(env, reason)
+        return False
+
+    async def _rolled_back_now(self, env, reason):
+        self.assembly = self.writer = None
+        try:
+            await self._blocking(self.store.remember_rolled_back, env.seq, env.digest, reason)
+            await self._blocking(self.store.restore_previous)
+            await self._blocking(self.store.end_check)
+        except OSError as exc:  # the record is written first: the next start puts the previous model back
+            self.failure = (report.FAILED, "%s; putting the previous model back failed: %s" % (reason, _reason(exc)))
+            self._event("error", "model %s: %s" % (self.model, self.failure[1]))
+            return
+        self.failure = (report.ROLLED_BACK, reason)
+        self.rolled_back_seq = env.seq
+        self.blocked = None
+        self._event("warning", "model %s: %s of %s: rolled back, %s; it is not fetched again"
+                    % (self.model, reason, env.describe(), self._standing("the model")))
+        self.target = self._next_target()
+        self._check_current()
 
     def _acceptable(self, env):
         if env.total == 0:
@@ -413,7 +941,7 @@ class Receiver:
         self.failure = (report.REJECTED, "%s %s: %s" % (verb, env.describe(), reason))
         self._event("warning", "model %s: %s; %s" % (self.model, self.failure[1], self._standing("the model")))
 
-    def _done(self, a):
+    def _done(self, a, kind=None, size=None):
         env = a.first
         seconds = self.clock() - self.started
         tensors = self.writer.tensors
@@ -421,14 +949,21 @@ class Receiver:
         self.blocked = self.failure = None
         if env.kind == FULL:
             self.diverged = False
-        self.applied.append((env.seq, env.kind, env.total, seconds))
-        log.info("model %s: applied %s: %d bytes in %d message%s%s, %.2f s -> %s (%d tensors)", self.model,
-                 env.describe(), env.total, env.count, "" if env.count == 1 else "s",
-                 " (%d duplicates dropped)" % a.duplicates if a.duplicates else "",
-                 seconds, self.store.path, tensors)
+        self.applied.append((env.seq, kind or env.kind, env.total if size is None else size, seconds))
+        if kind == "restore":
+            self.log.info("model %s: applied %s locally (no download), %.2f s -> %s (%d tensors)", self.model,
+                          env.describe(), seconds, self.store.path, tensors)
+        else:
+            self.log.info("model %s: applied %s: %d bytes in %d message%s%s, %.2f s -> %s (%d tensors)", self.model,
+                          env.describe(), env.total, env.count, "" if env.count == 1 else "s",
+                          " (%d duplicates dropped)" % a.duplicates if a.duplicates else "",
+                          seconds, self.store.path, tensors)
         # The next version, whatever the status says now: it may still announce the previous one
-        # (the status follows the data); the next status message is checked against the chain.
+        # (the status follows the data); the next status message is checked against the chain. When
+        # the status names this version or a later one, the chain, the wave and the rollbacks decide.
         self.target = env.seq + 1
+        if self.status is not None and self.status.seq >= env.seq:
+            self.target = self._next_target()
         if self.on_applied is not None:
             self.on_applied(env)
         self._check_current()
@@ -437,10 +972,14 @@ class Receiver:
     def report_state(self):
         a = self.assembly
         if a is not None:
-            return report.APPLYING if a.complete else report.DOWNLOADING
+            return report.APPLYING if a.complete or self.checking else report.DOWNLOADING
         if self.failure is not None:
             return self.failure[0]
-        return report.DOWNLOADING if self._lagging() else report.CURRENT
+        if not self._lagging():
+            return report.CURRENT
+        if self.target is None and self.hold == "rolled-back":
+            return report.ROLLED_BACK
+        return report.WAITING if self.target is None and self.hold == "wave" else report.DOWNLOADING
 
     def report(self):
         """The report's payload when it says something the last one published did not, else None
@@ -449,7 +988,9 @@ class Receiver:
             return None
         seq, digest = self.store.version or (0, None)
         state = self.report_state()
-        target = None if state == report.CURRENT else self.target
+        target = None if state in (report.CURRENT, report.WAITING) else self.target
+        if state == report.ROLLED_BACK:
+            target = self.rolled_back_seq
         error = self.failure[1] if self.failure is not None else None
         applied = self.applied[-1] if self.applied else None
         key = (state, seq, digest, target, error, applied)
@@ -482,15 +1023,15 @@ class Receiver:
             a.refetched = True
             a.last_progress = now
             self.resubscribe = True
-            log.info("model %s: %s: %s; asking the broker for them again", self.model, a.first.describe(), missing)
+            self.log.info("model %s: %s: %s; asking the broker for them again", self.model, a.first.describe(), missing)
         else:
             self._abandon(missing, refuse=False)
 
     def _report_lag(self, now):
         """Every ``gap_timeout`` without progress while the status announces a version the device
         does not have: say which, and why it is not coming."""
-        if self.assembly is not None or not self._lagging():
-            self.behind_since = None
+        if self.assembly is not None or not self._lagging() or self.hold is not None:
+            self.behind_since = None  # a device the wave or a rollback holds back says so in its report
             return
         if self.behind_since is None:
             self.behind_since = now
@@ -551,7 +1092,42 @@ class Receiver:
 
     def _event(self, level, message):
         self.events.append(message)
-        getattr(log, level)(message)
+        getattr(self.log, level)(message)
+
+
+class _Version:
+    """A version the store holds, for the health check of a restart (as an Envelope would say it)."""
+
+    def __init__(self, seq, digest):
+        self.seq = seq
+        self.digest = digest
+
+    def describe(self):
+        return "version %d (%s)" % (self.seq, digest_hex(self.digest)[:12])
+
+
+def _highest_version(device_id, rollout):
+    """The newest version the wave lets this device take (report.highest_version for any number of
+    versions announced). A receiver without a device id has no bucket: it is in a wave of 100
+    percent only."""
+    if device_id is not None:
+        return report.highest_version(device_id, rollout, 0xFFFFFFFF)
+    if rollout is None or (rollout.get("percent", 0) >= 100 and not rollout.get("halted")):
+        return 0xFFFFFFFF
+    return rollout["from"] - 1
+
+
+class DeviceLog(logging.LoggerAdapter):
+    """The ``nnc_edge.mqtt`` logger for one device: its lines start with "device ID: " (none without
+    an id), and records carry ``device_id`` for handlers that format it themselves."""
+
+    def __init__(self, device_id, logger=log):
+        logging.LoggerAdapter.__init__(self, logger, {"device_id": device_id})
+        self.prefix = "" if device_id is None else "device %s: " % device_id
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("extra", {}).update(self.extra)
+        return self.prefix + msg, kwargs
 
 
 def _reason(exc):

@@ -76,6 +76,9 @@ class Fleet:
         failed = sum(r["state"] in (report.FAILED, report.REJECTED, report.ROLLED_BACK) for r in reports)
         on = ", ".join("%d on %s" % (versions[v], v) for v in sorted(versions, key=_version_order))
         text = "%d device%s: %s; %d failed" % (len(reports), "" if len(reports) == 1 else "s", on or "none", failed)
+        waiting = sum(r["state"] == report.WAITING for r in reports)
+        if waiting:  # outside a staged rollout's wave (transports.mqtt.rollout)
+            text += "; %d waiting" % waiting
         if self.skipped:
             text += "; %d report%s skipped" % (self.skipped, "" if self.skipped == 1 else "s")
         return text

@@ -10,6 +10,14 @@ and publishes the whole publication again (retained messages are simply overwrit
 drop duplicates). With the host's own record of the chain (``transports.chain_record``) it never
 numbers a version below what it published before, refuses an update that does not continue the
 chain, and publishes the chain again when the broker has lost it.
+
+Every status the publisher writes keeps the staged-rollout wave (``rollout``, see
+``transports.report``) of the status it read, unless the publication starts a new wave
+(``publish(..., rollout={"percent": P, "devices": [...]})``: versions from this one on go to that
+wave only; when the status has a wave already, from that wave's first version on, so that versions
+of the old wave, a halted one's too, stay out of reach of the devices outside the new one) or
+restores an older version (``publish(..., restores=(seq, digest))``, ``nnc-edge rollback``), which
+is for every device and ends the wave. The ``pending`` status names the new wave already.
 """
 
 import asyncio
@@ -21,7 +29,7 @@ from decoder_core import NNCError
 from decoder_core.tables import NNR_NDU
 from decoder_core.units import ParserState, nnr_unit_size, parse_unit
 
-from .. import envelope
+from .. import envelope, report
 from ..envelope import FULL, NO_DIGEST, UPDATE, Status, digest_hex
 from .connection import _forget_disconnect, _quiet_socket_races, backoff_delays, is_mqtt_error
 from .settings import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PREFIX, MIN_MESSAGE_BYTES, _ranges, log, topics
@@ -172,18 +180,38 @@ class Publisher:
             raise MessageTooSmall("%s: use messages of at least %d bytes (--max-message-bytes)"
                                   % (exc, exc.min_body_bytes + header), exc.min_body_bytes)
 
-    async def publish(self, bitstream, kind=FULL, seq=None):
+    async def publish(self, bitstream, kind=FULL, seq=None, rollout=None, restores=None):
         """Publish one bitstream as the model's next version; returns the new Status.
 
         ``kind`` is FULL or UPDATE (an update applies to the current version). ``seq`` defaults to
         the current version + 1; a given one must be larger (and exactly that for an update).
+        ``rollout``: None keeps the status's staged-rollout wave as it is; a dict with ``percent``
+        (0 .. 100) and/or ``devices`` (ids) starts a wave at this version (transports.report).
+        ``restores`` = (seq, bitstream digest) of an older version: a full model whose model is that
+        version's (its envelope names it as parent, so devices that hold it switch without
+        downloading); it ends any wave. With a record, that version must be on the record's chain.
         Raises PublishError for a publication that cannot be made, aiomqtt.MqttError when the
         broker stays out of reach (a lost connection fails the attempt at once; ``retries`` more
         are made after a backoff).
         """
         if kind not in (FULL, UPDATE):
             raise ValueError("kind must be %r or %r" % (FULL, UPDATE))
+        if restores is not None and (kind != FULL or rollout is not None):
+            raise ValueError("a restoring publication is a full model, for every device (no rollout)")
+        if rollout is not None:
+            rollout = dict(rollout)
+            unknown = set(rollout) - {"percent", "devices"}
+            if unknown or not rollout:
+                raise ValueError("rollout takes percent and/or devices, not %s" % ", ".join(sorted(unknown)))
+            for device in rollout.get("devices") or ():
+                report.check_device_id(device)
+            try:
+                report.rollout_field(1, rollout.get("percent"), rollout.get("devices"))
+            except NNCError as exc:
+                raise ValueError(str(exc))
         job = _Job(self.bodies(bitstream), kind, seq)
+        job.rollout = rollout
+        job.restores = restores
         if self.record is None:
             return await self._publish(job)
         from .. import chain_record
@@ -193,7 +221,9 @@ class Publisher:
                 if kind == UPDATE:
                     job.info = _update_info(bitstream)
                 status = await self._publish(job)
-                self.record.add(chain_record.Version(status.seq, kind, status.digest, job.result, status.counts[-1]))
+                self.record.rollout = status.rollout
+                self.record.add(chain_record.Version(status.seq, kind, status.digest, job.result, status.counts[-1],
+                                                     restores))
                 return status
         except chain_record.RecordError as exc:
             raise PublishError(str(exc))
@@ -224,25 +254,37 @@ class Publisher:
         if self.record is not None:
             status = await self._restore(client, status, job.kind)
         if plan is None:
-            plan = job.plan = self._plan(status, job.bodies, job.kind, job.seq)
+            if self.record is not None and job.restores is not None:
+                job.result = self._check_restores(job.restores)
+            plan = job.plan = self._plan(status, job.bodies, job.kind, job.seq, job)
             if self.record is not None:
-                job.result = self._check_continues(plan, job)
+                if job.restores is None:
+                    job.result = self._check_continues(plan, job)
                 self.record.keep(plan.digest, b"".join(job.bodies))  # the bytes the digest is of
         elif (status.seq, status.digest) != (plan.parent_status.seq, plan.parent_status.digest):
             if plan.kind == FULL and status.seq < plan.seq:
                 # E.g. a broker restarted without persistence: a full model needs no chain.
-                plan = job.plan = self._plan(status, job.bodies, FULL, plan.seq)
+                plan = job.plan = self._plan(status, job.bodies, FULL, plan.seq, job)
             else:
                 raise PublishError("the status changed while reconnecting (now version %d): the broker "
                                    "lost it, or another publisher is active" % status.seq)
         await self._send(client, plan)
         return plan.status
 
-    def _plan(self, status, bodies, kind, seq):
+    def _plan(self, status, bodies, kind, seq, job=None):
+        if job is None:
+            job = _Job(bodies, kind, seq)
         if seq is None:
             seq = status.seq + 1
         if seq <= status.seq:
             raise PublishError("seq %d is not newer than the published version %d" % (seq, status.seq))
+        if job.restores is not None:
+            wave = None  # a restore is for every device
+        elif job.rollout is not None:
+            wave = report.rollout_field(_wave_start(status, seq), job.rollout.get("percent"),
+                                        job.rollout.get("devices"))
+        else:
+            wave = status.rollout  # an existing wave carries on
         if kind == UPDATE:
             if not status.seq:
                 raise PublishError("model %s has no published version to update: publish a full model first"
@@ -253,11 +295,17 @@ class Publisher:
             digest, payloads = self._messages(UPDATE, seq, bodies, status.seq, status.digest)
             if digest == status.digest:
                 raise _published_already(status.seq)
-            new = Status(self.model, seq, digest, status.full_seq, status.counts + [len(payloads)])
+            new = Status(self.model, seq, digest, status.full_seq, status.counts + [len(payloads)], rollout=wave)
         else:
-            digest, payloads = self._messages(FULL, seq, bodies)
-            new = Status(self.model, seq, digest, seq, [len(payloads)])
-        plan = _Plan(kind, seq, digest, payloads, status, new)
+            parent = job.restores or (0, NO_DIGEST)
+            if parent[0] >= seq:
+                raise PublishError("version %d cannot restore version %d, which is not older" % (seq, parent[0]))
+            digest, payloads = self._messages(FULL, seq, bodies, *parent)
+            new = Status(self.model, seq, digest, seq, [len(payloads)], rollout=wave)
+        plan = _Plan(kind, seq, digest, payloads, status, new, job.restores[0] if job.restores else 0)
+        # While it is published: a new wave already (devices that stream it in live must know it), a
+        # restore's end of the wave not yet (the versions of the wave are still out there).
+        plan.pending_rollout = status.rollout if job.restores is not None else wave
         # Retained messages nobody will need again: the old chain once a full model replaces it,
         # and what is left of an interrupted publication beyond this one's messages.
         stale = []
@@ -318,7 +366,7 @@ class Publisher:
                                   _ranges(missing)))
         log.warning("model %s: the broker has lost versions %d .. %d: publishing versions %d .. %d again from %s",
                     self.model, status.seq + 1, rec.seq, rec.versions[0].seq, rec.seq, rec.directory)
-        parent = (0, NO_DIGEST)
+        parent = rec.versions[0].parent
         for v in rec.versions:
             data = rec.bitstream(v)
             if hashlib.sha256(data).digest() != v.digest:
@@ -335,6 +383,17 @@ class Publisher:
         restored = rec.status()
         await self._put(client, self.topics.status, restored.payload())
         return restored
+
+    def _check_restores(self, restores):
+        """The digest of the model the version ``restores`` names makes; PublishError unless it is on
+        the record's chain with that bitstream digest."""
+        rec = self.record
+        v = rec.find(restores[0])
+        if v is None or v.digest != restores[1]:
+            raise PublishError("version %d (%s) is not in this host's record of model %s (it holds %s): it cannot "
+                               "be restored" % (restores[0], digest_hex(restores[1])[:12], self.model,
+                                                rec.describe_range()))
+        return self._model_digest(v)
 
     def _check_continues(self, plan, job):
         """For an update, the digest of the model it makes (from its update record; None without one).
@@ -387,7 +446,8 @@ class Publisher:
     # --- sending -------------------------------------------------------------------------------
     async def _send(self, client, plan):
         pending = Status(self.model, plan.parent_status.seq, plan.parent_status.digest, plan.parent_status.full_seq,
-                         plan.parent_status.counts, (plan.seq, plan.digest, len(plan.payloads)))
+                         plan.parent_status.counts, (plan.seq, plan.digest, len(plan.payloads)),
+                         plan.pending_rollout)
         await self._put(client, self.topics.status, pending.payload())
         await self._put_all(client, [(self.topics.data(plan.seq, i), p) for i, p in enumerate(plan.payloads)])
         await self._put(client, self.topics.status, plan.status.payload())
@@ -432,6 +492,19 @@ class _Job:
         self.plan = None
         self.info = None
         self.result = None
+        self.rollout = None   # a wave to start at this version (percent, devices), or None
+        self.restores = None  # (seq, digest) of the version a full model restores, or None
+
+
+def _wave_start(status, seq):
+    """The first version of a wave started by version ``seq``: ``seq``, or the first version of the
+    status's wave when there is one (halted or not): its versions stay out of reach of the devices
+    outside the new wave."""
+    try:
+        old = report.parse_rollout(status.rollout)
+    except NNCError:
+        old = None
+    return min(seq, old["from"]) if old is not None else seq
 
 
 def _published_already(seq, how=""):
@@ -445,7 +518,8 @@ def _update_info(bitstream):
 
 
 class _Plan:
-    def __init__(self, kind, seq, digest, payloads, parent_status, status):
+    def __init__(self, kind, seq, digest, payloads, parent_status, status, parent_seq=0):
+        self.parent_seq = parent_seq
         self.kind = kind
         self.seq = seq
         self.digest = digest
@@ -454,11 +528,12 @@ class _Plan:
         self.status = status
         self.total = sum(len(p) for p in payloads)
         self.stale = []
+        self.pending_rollout = status.rollout
 
     def describe(self):
         if self.kind == UPDATE:
             return "update %d on %d" % (self.seq, self.parent_status.seq)
-        return "full model %d" % self.seq
+        return "full model %d" % self.seq + (" (the model of version %d)" % self.parent_seq if self.parent_seq else "")
 
 
 def publish_packet_bytes(topic, payload, qos=1):
