@@ -21,8 +21,10 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 
-__all__ = ["temp_beside", "commit", "discard", "remove", "clear_stale", "replacing", "write_file", "Batch"]
+__all__ = ["temp_beside", "commit", "discard", "remove", "clear_stale", "replacing", "write_file", "place",
+           "sync_directory", "Batch"]
 
 _RANDOM_BYTES = 4  # 8 hex digits in the name
 
@@ -96,7 +98,7 @@ def _directory(path):
     return os.path.dirname(os.path.abspath(path))
 
 
-def _sync_directory(directory):
+def sync_directory(directory):
     """fsync a directory, so that a rename in it survives a power loss."""
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -115,7 +117,28 @@ def commit(f, tmp, path):
     directory. On an error the caller still owns the temporary file (see ``discard``)."""
     _sync(f, tmp, path)
     _rename(tmp, path)
-    _sync_directory(_directory(path))
+    sync_directory(_directory(path))
+
+
+def place(source, target):
+    """Make ``target`` the same bytes as the file ``source``, atomically: a hard link (no copy) where
+    the file system has them, else a copy, fsynced; renamed over ``target``, the directory fsynced."""
+    target = os.fspath(target)
+    directory, base = os.path.split(os.path.abspath(target))
+    clear_stale(target)
+    tmp = os.path.join(directory, ".%s.%s.tmp" % (base, os.urandom(_RANDOM_BYTES).hex()))
+    try:
+        os.link(source, tmp)
+    except OSError:  # no hard links here (FAT, some network file systems), or the name is taken: copy
+        with open(source, "rb") as src, replacing(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        return
+    try:
+        _rename(tmp, target)
+    except BaseException:
+        remove(tmp)
+        raise
+    sync_directory(directory)
 
 
 def discard(f, tmp):
@@ -184,7 +207,7 @@ class Batch:
                     remove(path)
             raise
         for directory in sorted({_directory(e[2]) for e in self._files}):
-            _sync_directory(directory)
+            sync_directory(directory)
         self._files = []
 
     def discard(self):

@@ -227,3 +227,32 @@ def test_a_batch_is_all_or_nothing(tmp_path):
             os.mkdir(str(tmp_path / "late" / "x"))
             batch.commit()
     assert sorted(os.listdir(str(tmp_path))) == ["late", "old"] and (tmp_path / "old").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_place_links_or_copies_atomically(tmp_path, monkeypatch, links):
+    # A device's previous model (A/B) is placed with atomicfile.place: a hard link where the file
+    # system has them, a copy where it does not (FAT); the old target stays until the rename.
+    source, target = tmp_path / "model.safetensors", tmp_path / "previous.safetensors"
+    source.write_bytes(b"new model" * 1000)
+    target.write_bytes(b"old model")
+    (tmp_path / ".previous.safetensors.0123abcd.tmp").write_bytes(b"left by a killed writer")
+    if not links:
+        def no_links(*args):
+            raise OSError(errno.EPERM, "no hard links on this file system")
+        monkeypatch.setattr(os, "link", no_links)
+    atomicfile.place(source, target)
+    assert target.read_bytes() == source.read_bytes()
+    assert (os.stat(target).st_ino == os.stat(source).st_ino) == links
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "previous.safetensors"]
+
+    def failing_replace(*args):
+        raise OSError(errno.ENOSPC, "no space left")
+    monkeypatch.setattr(os, "replace", failing_replace)
+    source.unlink()  # a new file: writing the linked one in place would change the target too
+    source.write_bytes(b"newer")
+    with pytest.raises(OSError) as info:
+        atomicfile.place(source, target)
+    assert info.value.filename == str(target)
+    assert target.read_bytes() == b"new model" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "previous.safetensors"]

@@ -192,7 +192,7 @@ class ModelStore:
         states = self._state_files(source)
         keys = set(states) if keys is None else set(keys) & set(states)
         for key in keys:
-            _place(states[key], self._state_name(target, key))
+            _atomicfile().place(states[key], self._state_name(target, key))
         return keys
 
     def _prune_states(self, target, keys):
@@ -209,7 +209,7 @@ class ModelStore:
         _atomicfile().remove(staged)
         # The state files first, under the previous model's names (by digest: extra ones do no harm).
         keys = self._put_states(self.path, self.previous_path)
-        _place(self.path, staged)
+        _atomicfile().place(self.path, staged)
         self._staged = (self.version, keys)
 
     def _unstage(self):
@@ -222,7 +222,7 @@ class ModelStore:
         if staged is None:
             return
         os.replace(os.path.join(self.directory, self.STAGED), self.previous_path)
-        _sync_directory(self.directory)
+        _atomicfile().sync_directory(self.directory)
         self.previous_version = staged[0]
         self._prune_states(self.previous_path, staged[1])
 
@@ -233,7 +233,7 @@ class ModelStore:
             version = self._read_version(staged)
             if version is not None and version != self.version and self.version is not None:
                 os.replace(staged, self.previous_path)
-                _sync_directory(self.directory)
+                _atomicfile().sync_directory(self.directory)
                 self.log.info("%s: the previous model's switch was interrupted; finished it (%s)",
                               self.previous_path, self.describe(version))
             else:
@@ -253,11 +253,11 @@ class ModelStore:
         if self.previous_version is None or not os.path.exists(self.previous_path):
             for path in [self.path] + list(self._state_files(self.path).values()):
                 _atomicfile().remove(path)
-            _sync_directory(self.directory)
+            _atomicfile().sync_directory(self.directory)
             self.version = None
             return None
         keys = self._put_states(self.previous_path, self.path)
-        _place(self.previous_path, self.path)
+        _atomicfile().place(self.previous_path, self.path)
         self.version = self.previous_version
         self._prune_states(self.path, keys)
         return self.version
@@ -315,31 +315,6 @@ class ModelStore:
 def _atomicfile():
     from nnc_edge import atomicfile  # on first use: `import transports.mqtt` stays light
     return atomicfile
-
-
-def _place(source, target):
-    """Make ``target`` the same bytes as ``source``, atomically: a hard link (no copy) where the file
-    system has them, else a copy; fsynced, renamed over ``target``."""
-    directory, base = os.path.split(os.path.abspath(target))
-    _atomicfile().clear_stale(target)
-    tmp = os.path.join(directory, ".%s.%s.tmp" % (base, os.urandom(4).hex()))  # atomicfile's pattern
-    try:
-        try:
-            os.link(source, tmp)
-        except OSError:  # no hard links here (FAT, some network file systems): copy
-            with open(source, "rb") as src, open(tmp, "xb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        _atomicfile().remove(tmp)
-        raise
-    _sync_directory(directory)
-
-
-def _sync_directory(directory):
-    _atomicfile()._sync_directory(directory)  # so that a rename survives a power loss
 
 
 class FullModelWriter:
