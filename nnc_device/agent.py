@@ -42,8 +42,10 @@ outside it the device stays at its version and reports ``waiting``.
 
 A full model that restores the version the device has (``nnc-edge rollback --to``; the envelope's
 parent) is taken without a download: the store's index is committed again as a new generation
-naming the same files, with the new version in its meta (``_relabel``). The agent keeps no previous
-model (no A/B, no health check): a restore of any other version is downloaded as a full model.
+naming the same files, with the new version in its meta and without the update chain's decoder state
+(``_relabel``: the host starts a new chain at a restored version, as for a device that downloads it).
+The agent keeps no previous model (no A/B, no health check): a restore of any other version is
+downloaded as a full model.
 """
 
 import binascii
@@ -614,15 +616,18 @@ class Agent:
 
 def _relabel(directory, meta):
     """Commit the store's index (nnc_device.store's format) again as the next generation with
-    ``meta``: the same tensor and chain-state files, a new index file (``index<G+1>.tmp`` renamed to
-    ``index<G+1>.json``, which replaces no file), then the old index removed; a crash leaves one of
-    the two, and the store's next run clears what its index does not name."""
+    ``meta``: the same tensor files and no chain state (at update 0 of a chain rooted at this model,
+    as after a full model), a new index file (``index<G+1>.tmp`` renamed to ``index<G+1>.json``,
+    which replaces no file), then the old index removed; a crash leaves one of the two, and the
+    store's next run clears what its index does not name (the old chain-state files too)."""
     index = read_index(directory)
     if index is None:
         raise ValueError("the store holds no model")
     old = index["generation"]
     index["generation"] = old + 1
     index["meta"] = meta
+    index["chain"] = []
+    index["sequence"], index["root"] = 0, index["digest"]
     base = directory.rstrip("/") or "/"
     tmp = "%s/index%d.tmp" % (base, old + 1)
     with open(tmp, "w") as f:

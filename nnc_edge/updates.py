@@ -460,6 +460,20 @@ class ChainState:
     bases = _read_first("_bases")
     history = _read_first("_history")
 
+    def restart(self):
+        """Start a new chain at this state's model (the host's side of a compaction, when the model is
+        published again as a full model): sequence 0, the model as root, no decoder or encoder state;
+        the error-feedback residual is kept. The next update is update 1 of the new chain: it uses no
+        decoder state, so it applies to that model on any device."""
+        self._read_stored()
+        self.sequence = 0
+        self.root = self.model
+        self._bases = {}
+        self._history = {}
+        self.encoder_depths = {}
+        self.parameter_ids = {}
+        return self
+
     def _read_stored(self):
         if self._stored is not None:
             with _StateFile(self._stored) as stored:

@@ -246,6 +246,11 @@ def test_raw_float_where_coding_does_not_pay():
     coded, _, reports = roundtrip(tensors, raw_float=False)
     assert all(r.payload_type == NNR_PT_FLOAT for r in reports)
     assert len(data) < len(coded)
+    # A set of names: those always go as their float32 values (a rollback's exact model), the others
+    # as before.
+    exact, decoded, reports = roundtrip(tensors, raw_float=frozenset({"w"}))
+    assert {r.name: r.payload_type for r in reports} == {n: NNR_PT_RAW_FLOAT for n in tensors}
+    assert decoded["w"].tobytes() == tensors["w"].tobytes() and len(exact) > len(data)
 
 
 # --- row skipping ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import pytest
 import nnc_edge
 from nnc_device.agent import Agent
 from nnc_edge import cli, signing
-from nnc_edge.updates import model_digest
+from nnc_edge.updates import encode_update, model_digest
 from transports import envelope, report
 from transports.chain_record import ChainRecord
 from transports.envelope import FULL, UPDATE
@@ -477,10 +477,17 @@ def test_rollback_to_an_update_and_to_a_full_version(broker, tmp_path, capsys):
     assert cli.main(["rollback"] + args + ["--to", "2"]) == 2
     assert "version 2 is no longer in the chain record (it holds 5)" in capsys.readouterr().err
 
-    # Back to a full version: its own bytes.
+    # Updates after it: not one made from another model, nor one that continues the decoder state of the
+    # old chain (devices that took version 5 have none).
     assert cli.main(["publish", paths[1]] + args + signed + ["-q", "--kind", "update"]) == 2  # not on v5's model
     capsys.readouterr()
-    assert cli.main(["publish", paths[2]] + args + signed + ["-q"]) == 0  # v2's model + update 3 -> v6
+    assert cli.main(["publish", paths[2]] + args + signed + ["-q"]) == 2  # v2's model, but update 3 of the chain
+    assert "continues the decoder state (TCA, HDSP) of a chain that started before version 5" in capsys.readouterr().err
+
+    # A new chain from version 5's model goes on (v6); then back to version 5, a full version: its own bytes.
+    new_chain = tmp_path / "new-chain.nnc"
+    new_chain.write_bytes(encode_update(want, steps[3][2]))
+    assert cli.main(["publish", str(new_chain)] + args + signed + ["-q"]) == 0
     assert cli.main(["rollback"] + args + signed + ["--to", "5"]) == 0
     status = run(current_status(settings, model))
     assert (status.seq, status.full_seq) == (7, 7)

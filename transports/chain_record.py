@@ -72,6 +72,12 @@ class Version:
         self.restores = restores
 
     @property
+    def compacts(self):
+        """A full model that restores the version right before it: the chain compacted into a full model
+        of the same model (``publish --compact-at``); a rollback restores an older one."""
+        return self.restores is not None and self.restores[0] == self.seq - 1
+
+    @property
     def parent(self):
         """(parent_seq, parent_digest) of the envelope of a full model: what it restores, or none."""
         return self.restores if self.restores is not None else (0, NO_DIGEST)
@@ -216,6 +222,13 @@ class ChainRecord:
 
     def has_bitstream(self, digest):
         return digest is not None and os.path.exists(self._bitstream_path(digest))
+
+    def bitstream_bytes(self, version):
+        """The size of the kept bitstream of ``version``, None when there is no copy."""
+        try:
+            return os.path.getsize(self._bitstream_path(version.digest)) if version.digest is not None else None
+        except OSError:
+            return None
 
     def bitstream(self, version):
         with open(self._bitstream_path(version.digest), "rb") as f:

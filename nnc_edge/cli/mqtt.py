@@ -42,6 +42,13 @@ def _positive_float(text):
     return value
 
 
+def _percent_or_off(text):
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError("a percentage of 0 or more (0: off), not %s" % text)
+    return value
+
+
 def add_broker_arguments(parser, required=True, device=False):
     group = parser.add_argument_group("broker connection (as mosquitto_pub/mosquitto_sub name them)")
     group.add_argument("--broker", required=required, metavar="URL",
@@ -151,13 +158,22 @@ def _connection_error(settings, exc):
                      "version and report 'waiting'; widen it with nnc-edge rollout. Without them a wave the "
                      "status has goes on as it is. With --max-failures N the command then watches the devices "
                      "of the wave: exit status 0 once every one that reports is current at the new version, 1 "
-                     "when N of them report failed or rolled-back (the wave is then halted) or after --timeout.",
+                     "when N of them report failed or rolled-back (the wave is then halted) or after --timeout. "
+                     "Chain compaction: when the updates since the last full model add up to more than "
+                     "--compact-at percent of it (default 50), the current model is published again as the next "
+                     "version, a full model (as nnc-edge rollback makes it), if that is the smaller download for "
+                     "a device that joins later and no staged rollout is in progress; devices that are current "
+                     "switch to it without downloading. Updates that continue the old chain's decoder state are "
+                     "refused after it: the next update starts a new chain (--residual STATE restarts the state "
+                     "file of nnc-edge update --residual).",
          examples=("nnc-edge publish model.nnc --broker mqtt://localhost --model kws",
                    "nnc-edge publish update.nnc --broker mqtts://broker.example:8883 --cafile ca.crt -u host "
                    "--model kws",
                    "nnc-edge publish model.nnc --broker mqtt://localhost --model kws --max-message-bytes 4096",
                    "nnc-edge publish update.nnc --broker mqtt://localhost --model kws --rollout 10 --max-failures 2",
-                   "nnc-edge publish update.nnc --broker mqtt://localhost --model kws --devices pi-1,pi-2"))
+                   "nnc-edge publish update.nnc --broker mqtt://localhost --model kws --devices pi-1,pi-2",
+                   "nnc-edge publish u7.nnc --broker mqtt://localhost --model kws --compact-at 50 "
+                   "--residual chain.state"))
 def run_publish(args):
     with logging_to_stderr(args):
         return _publish(args)
@@ -174,11 +190,15 @@ def _publish(args):
     with publishing_errors(settings, args.input, args.state_dir):
         status = asyncio.run(publisher.publish(data, UPDATE if kind == "update" else FULL, seq=args.seq,
                                                rollout=wave))
+    compaction = publisher.compaction
     if not args.quiet:
-        count = status.counts[-1]
+        published = status if compaction is None else compaction.update
+        count = published.counts[-1]
         print("%s -> %r %s/%s: %s %d, %d bytes in %d message%s" % (
-            args.input, settings, args.prefix, args.model, kind, status.seq, len(data), count,
+            args.input, settings, args.prefix, args.model, kind, published.seq, len(data), count,
             "" if count == 1 else "s"))
+        if compaction is not None:
+            print("model %s: %s" % (args.model, compaction.describe()))
     return watch_wave(args, settings, record, status, started=wave is not None)
 
 
@@ -191,8 +211,11 @@ def make_publisher(args, settings):
     if args.max_message_bytes < mqtt.MIN_MESSAGE_BYTES:
         raise CommandError("--max-message-bytes must be at least %d" % mqtt.MIN_MESSAGE_BYTES, EXIT_INVALID)
     record = ChainRecord(args.state_dir, args.prefix, args.model)
+    compact_at = getattr(args, "compact_at", 0)  # publish's; rollback never compacts
     return record, mqtt.Publisher(settings, args.model, prefix=args.prefix, max_message_bytes=args.max_message_bytes,
-                                  retries=args.retries, record=record, **publisher_signing(args))
+                                  retries=args.retries, record=record,
+                                  compact_at=compact_at / 100 if compact_at else None,
+                                  chain_state=getattr(args, "residual", None), **publisher_signing(args))
 
 
 @contextlib.contextmanager
@@ -262,6 +285,17 @@ def _publish_arguments(parser):
                              "digests, a copy of each bitstream), so that versions never go backwards and a chain "
                              "the broker lost is published again (default: $XDG_STATE_HOME/nnc-edge, else "
                              "~/.local/state/nnc-edge; now %(default)s)")
+    parser.add_argument("--compact-at", type=_percent_or_off, default=50.0, metavar="PERCENT",
+                        help="chain compaction: when the updates since the last full model add up to more than "
+                             "PERCENT%% of its bitstream, publish the current model again as a full model too (the "
+                             "next version) if that is the smaller download, so that devices that join later download "
+                             "only that; devices that are "
+                             "current switch to it without downloading. Not while a staged rollout is in progress. "
+                             "0 turns it off (default %(default)g)")
+    parser.add_argument("--residual", metavar="STATE",
+                        help="the chain state file of nnc-edge update --residual: restarted at the compacted model "
+                             "when the chain is compacted, so that the next update starts a new chain (updates "
+                             "that continue the old chain's decoder state are refused after a compaction)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     from .fleet import add_wave_arguments
     add_wave_arguments(parser, publish=True)

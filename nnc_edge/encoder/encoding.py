@@ -474,6 +474,10 @@ class _Job:
     def __call__(self, group, tensors):
         names = [tensors[i][0] for i in group.members]
         arrays = [tensors[i][1] for i in group.members]
+        raw_float = self.opts["raw_float"]
+        if (group.roles is None and not isinstance(raw_float, bool) and names[0] in raw_float
+                and arrays[0].dtype.kind == "f"):
+            return self.raw(names[0], arrays[0])  # asked for: the float32 values exactly
         if group.roles is None:
             coded = self.code_single(names[0], arrays[0])
         else:
@@ -626,7 +630,8 @@ class Encoder:
     * ``scan_order`` (0): block scan 1..4 with entry points for tensors of 2 or more dimensions.
     * ``row_skip`` (True): profile-1 row skipping, signalled per tensor where it has all-zero rows
       and saves bytes.
-    * ``raw_float`` (True): NNR_PT_RAW_FLOAT where the coded NDU would not be smaller.
+    * ``raw_float`` (True): NNR_PT_RAW_FLOAT where the coded NDU would not be smaller; or a set of
+      tensor names: those always NNR_PT_RAW_FLOAT (their exact values), the others where smaller.
     * ``param_opt`` (True): choose shift_parameter_ids per context (supplement 5.3).
     * ``cabac_unary_length_minus1`` (10).
     * ``block``: True pairs "X.weight" with "X.bias" into NNR_PT_BLOCK NDUs; or a list of groups, each

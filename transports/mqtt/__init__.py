@@ -42,7 +42,9 @@ from .device import (
     DEFAULT_HEALTH_TIMEOUT, MAX_EVENTS, MAX_REASON_CHARS, MAX_REMEMBERED, DeviceLog, FullModelWriter, HealthCheck,
     ModelStore, Receiver, RestoreWriter, UpdateWriter,
 )
-from .publisher import MessageTooSmall, Publisher, PublishError, publish_packet_bytes, read_status, split_bitstream
+from .publisher import (
+    Compaction, MessageTooSmall, Publisher, PublishError, publish_packet_bytes, read_status, split_bitstream,
+)
 from .settings import (
     DEFAULT_GAP_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_PORT, DEFAULT_PREFIX, DEFAULT_TLS_PORT, MIN_MESSAGE_BYTES,
     BrokerSettings, Topics, log, paho_log, topics,
@@ -50,7 +52,7 @@ from .settings import (
 
 __all__ = ["BrokerSettings", "Topics", "topics", "DEFAULT_PREFIX", "DEFAULT_MAX_MESSAGE_BYTES", "MIN_MESSAGE_BYTES",
            "DEFAULT_GAP_TIMEOUT", "DEFAULT_PORT", "DEFAULT_TLS_PORT", "Publisher", "PublishError", "MessageTooSmall",
-           "split_bitstream", "publish_packet_bytes", "read_status", "Receiver", "ModelStore", "FullModelWriter",
+           "Compaction", "split_bitstream", "publish_packet_bytes", "read_status", "Receiver", "ModelStore", "FullModelWriter",
            "UpdateWriter", "RestoreWriter", "HealthCheck", "DEFAULT_HEALTH_TIMEOUT", "DeviceLog", "MAX_REMEMBERED",
            "MAX_EVENTS", "MAX_REASON_CHARS", "run_receiver", "backoff_delays",
            "is_mqtt_error", "log", "paho_log"]

@@ -384,13 +384,15 @@ class UpdateWriter:
 class RestoreWriter:
     """A restore publication (a full model naming the version it restores) of a version the device
     holds, as its current or its previous model: that file copied with the new version's metadata,
-    its tensors byte for byte and its update-chain state with it. Nothing is downloaded."""
+    its tensors byte for byte. Nothing is downloaded. The update-chain state is not carried: a device
+    that downloads the restore has none, and the host starts a new chain at it (a rollback, a
+    compaction: ``nnc-edge publish --compact-at``), which both must decode alike; an old chain's HDSP
+    history would make the new chain's later updates decode differently."""
 
     def __init__(self, store, env, source):
         self.store = store
         self.env = env
         self.source = source
-        self.keys = set(store._state_files(source))  # before the A/B switch adds others
         self.tensors = 0
 
     def feed(self, body):
@@ -403,14 +405,13 @@ class RestoreWriter:
             entries, _, start = modelio.read_safetensors_layout(src, self.source)
             header = modelio.safetensors_header([(name, dtype, shape) for _, _, name, dtype, shape in entries],
                                                 store.metadata(self.env, "restore"))
-            if self.source != store.path:
-                store._put_states(self.source, store.path, self.keys)
+            # Before the model is replaced: a crash in between leaves the old version without its chain
+            # state, which the restore (taken again after a restart) does not need.
+            store._prune_states(store.path, ())
             with _atomicfile().replacing(store.path) as out:
                 out.write(header)
                 src.seek(start)
                 shutil.copyfileobj(src, out, 1 << 20)
-        if self.source != store.path:
-            store._prune_states(store.path, self.keys)
         self.tensors = len(entries)
         self.version = (self.env.seq, self.env.digest)  # the store takes it once the A/B switch is done
 

@@ -18,6 +18,20 @@ wave only; when the status has a wave already, from that wave's first version on
 of the old wave, a halted one's too, stay out of reach of the devices outside the new one) or
 restores an older version (``publish(..., restores=(seq, digest))``, ``nnc-edge rollback``), which
 is for every device and ends the wave. The ``pending`` status names the new wave already.
+
+Chain compaction (``Publisher(compact_at=F)``, ``nnc-edge publish --compact-at PERCENT``): a device that
+joins late downloads the last full model and every update after it. After publishing update N, when
+the bitstreams of the updates since the last full model add up to more than F times that full model's
+bitstream, the publisher also publishes version N + 1: a full model restoring N (``restores=(N,
+digest)``; the bitstream decodes to exactly N's model, ``transports.mqtt.rollout.full_model_of``), if
+it is smaller than the full model and the updates together (exact coding sends the tensors the updates
+moved off the quantization grid as float32 values). The retained chain then starts at N + 1, so late
+joiners download only it, and devices at N switch to it without downloading. Not while the status names
+a staged-rollout wave (the restore would end it).
+The old chain ends there: devices that joined at N + 1 have none of its decoder state (TCA, HDSP), so
+an update that continues it is refused (``_check_continues``); the next update starts a new chain
+from N's model. ``chain_state``: the host's ChainState file (``nnc-edge update --residual``), restarted
+at N's model on compaction (``nnc_edge.updates.ChainState.restart``, the error-feedback residual kept).
 """
 
 import asyncio
@@ -153,9 +167,16 @@ class Publisher:
 
     def __init__(self, settings, model, prefix=DEFAULT_PREFIX, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES,
                  retries=5, window=16, status_timeout=5.0, backoff=(1.0, 30.0), sign=None, ext_bytes=0,
-                 record=None):
+                 record=None, compact_at=None, chain_state=None):
         """``sign(model, seq, parent_digest, digest) -> bytes`` makes the envelopes' extension field
-        (e.g. a signature over the publication), for which ``ext_bytes`` are kept free in each message."""
+        (e.g. a signature over the publication), for which ``ext_bytes`` are kept free in each message.
+        ``compact_at`` (a share > 0, e.g. 0.5; None: never) and ``chain_state`` (a ChainState file):
+        chain compaction, see the module docstring; it needs the ``record``."""
+        if compact_at is not None and (record is None or not compact_at > 0):
+            raise ValueError("compact_at is a share above 0 (e.g. 0.5), and compaction needs the publisher's record")
+        self.compact_at = compact_at
+        self.chain_state = chain_state
+        self.compaction = None  # the Compaction the last publish() made, or None
         self.settings = settings
         self.sign = sign
         self.ext_bytes = ext_bytes
@@ -212,6 +233,7 @@ class Publisher:
         job = _Job(self.bodies(bitstream), kind, seq)
         job.rollout = rollout
         job.restores = restores
+        self.compaction = None
         if self.record is None:
             return await self._publish(job)
         from .. import chain_record
@@ -220,13 +242,89 @@ class Publisher:
                 self.record.load()
                 if kind == UPDATE:
                     job.info = _update_info(bitstream)
-                status = await self._publish(job)
-                self.record.rollout = status.rollout
-                self.record.add(chain_record.Version(status.seq, kind, status.digest, job.result, status.counts[-1],
-                                                     restores))
+                status = await self._recorded(job)
+                if kind == UPDATE and self.compact_at is not None:
+                    status = await self._compact(status) or status
                 return status
         except chain_record.RecordError as exc:
             raise PublishError(str(exc))
+
+    async def _recorded(self, job):
+        """Publish ``job`` and add it to the record (whose lock the caller holds); returns the Status."""
+        from ..chain_record import Version
+        status = await self._publish(job)
+        self.record.rollout = status.rollout
+        self.record.add(Version(status.seq, job.kind, status.digest, job.result, status.counts[-1], job.restores))
+        return status
+
+    # --- chain compaction ------------------------------------------------------------------------
+    async def _compact(self, status):
+        """After update ``status.seq``: the Status of its compacted full model, or None when the chain
+        is not compacted (below the threshold, a wave, no copy of a version); see the module docstring."""
+        rec = self.record
+        full, updates = rec.versions[0], rec.versions[1:]
+        if not updates:
+            return None
+        sizes = [rec.bitstream_bytes(v) for v in rec.versions]
+        if None in sizes:
+            log.info("model %s: the chain is not compacted: this host has no copy of version%s %s", self.model,
+                     "s" if sizes.count(None) > 1 else "",
+                     _ranges([v.seq for v, n in zip(rec.versions, sizes) if n is None]))
+            return None
+        c = Compaction(status, full.seq, sizes[0], sum(sizes[1:]))
+        if c.share <= self.compact_at:
+            return None
+        from .rollout import RolloutError, describe_wave, full_model_of
+        if status.rollout is not None:
+            log.info("model %s: the chain is not compacted although %s: a staged rollout is in progress (%s), which "
+                     "a full model for every device would end; compaction waits until the wave is at 100%% "
+                     "(nnc-edge rollout --percent 100)",
+                     self.model, c.reason(), describe_wave(status.rollout))
+            return None
+        try:
+            bitstream, version, _ = full_model_of(rec, status.seq)
+        except (RolloutError, NNCError) as exc:
+            log.warning("model %s: the chain is not compacted although %s: %s", self.model, c.reason(), exc)
+            return None
+        job = _Job(self.bodies(bitstream), FULL, None)
+        job.restores = (version.seq, version.digest)
+        c.bytes = sum(map(len, job.bodies))  # as the record keeps it
+        if c.bytes >= sum(sizes):
+            # Exact coding sends tensors the updates moved off the quantization grid as float32 values.
+            log.info("model %s: the chain is not compacted although %s: the full model of version %d would be %d "
+                     "bytes, not less than the %d of the full model and the updates a device that joins now "
+                     "downloads", self.model, c.reason(), status.seq, c.bytes, sum(sizes))
+            return None
+        try:
+            new = await self._recorded(job)
+        except PublishError as exc:  # update N is out and recorded: the next update tries again
+            log.warning("model %s: the chain is not compacted although %s: %s", self.model, c.reason(), exc)
+            return None
+        c.seq = new.seq
+        if self.chain_state is not None:
+            c.state_restarted = self._restart_chain_state(c, job.result)
+        self.compaction = c
+        log.info("model %s: %s", self.model, c.describe())
+        return new
+
+    def _restart_chain_state(self, c, model):
+        """Restart the host's chain state file at ``model`` (version c.restores's): True when done."""
+        from nnc_edge.updates import ChainState
+        path = self.chain_state
+        try:
+            state = ChainState.load(path)
+            if state.model != model:
+                log.warning("model %s: the chain state %s is at the model %s, not at the model of version %d (%s): "
+                            "left as it is", self.model, path, digest_hex(state.model)[:12], c.restores,
+                            digest_hex(model)[:12])
+                return False
+            state.restart().save(path)
+        except (OSError, NNCError) as exc:
+            log.warning("model %s: the chain state %s cannot be restarted: %s", self.model, path, exc)
+            return False
+        log.info("model %s: the chain state %s starts a new chain at the model of version %d", self.model, path,
+                 c.restores)
+        return True
 
     async def _publish(self, job):
         delays = backoff_delays(*self.backoff)
@@ -420,6 +518,17 @@ class Publisher:
                                "version %d (%s): make it from that model (nnc-edge update --base)"
                                % (info.sequence, self._describe_model(info.parent), rec.seq,
                                   digest_hex(current)[:12]))
+        base = rec.versions[0]
+        if info.continues_state and base.restores is not None and info.root != self._model_digest(base):
+            # Devices took the restoring full model without decoder state: those that downloaded it have
+            # none, and those that switched locally dropped theirs (a chain cannot go on across it).
+            raise PublishError("this update (record: update %d) continues the decoder state (TCA, HDSP) of a chain "
+                               "that started before version %d, the full model %s version %d: devices that took it "
+                               "do not have that state. Start a new chain from the model of version %d: nnc-edge "
+                               "update with a new --residual state file (or the one nnc-edge publish --compact-at "
+                               "--residual restarted)"
+                               % (info.sequence, base.seq, "the chain was compacted into, of" if base.compacts
+                                  else "that restores", base.restores[0], base.seq))
         return info.result
 
     def _describe_model(self, digest):
@@ -479,6 +588,39 @@ class Publisher:
                 task.cancel()
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
+
+
+class Compaction:
+    """What a compaction did (``Publisher.compaction``): version ``seq`` (``bytes`` long) is the full
+    model of version ``restores``, the update published (``update``: its Status); the updates since
+    full model ``full_seq`` (``full_bytes``) were ``update_bytes``; ``state_restarted``: whether the
+    host's chain state file was restarted (None: none given)."""
+
+    def __init__(self, update, full_seq, full_bytes, update_bytes):
+        self.update = update
+        self.restores = update.seq
+        self.full_seq = full_seq
+        self.full_bytes = full_bytes
+        self.update_bytes = update_bytes
+        self.seq = None
+        self.bytes = None
+        self.state_restarted = None
+
+    @property
+    def share(self):
+        return self.update_bytes / self.full_bytes if self.full_bytes else float("inf")
+
+    def reason(self):
+        return "the updates since version %d are %d bytes, %.0f%% of its %d" % (
+            self.full_seq, self.update_bytes, 100 * self.share, self.full_bytes)
+
+    def describe(self):
+        text = "compacted: version %d is the full model of version %d (%d bytes); %s" % (
+            self.seq, self.restores, self.bytes, self.reason().replace(" are ", " were ", 1))
+        if not self.state_restarted:
+            text += ("; the next update starts a new chain from that model (an update that continues the old "
+                     "chain's decoder state is refused)")
+        return text
 
 
 class _Job:

@@ -22,13 +22,11 @@ Rollback (``restore_publication``, ``rollback``): the record keeps the bitstream
 model, version N + 1 (version numbers only rise), whose envelope names SEQ as its parent: SEQ's own
 bitstream when SEQ is a full model; otherwise the chain decoded up to SEQ and coded again as a full
 model that decodes to exactly SEQ's model (checked by its model digest; float tensors that coding
-does not reproduce bit for bit are coded at the finest step, so that the encoder sends their float32
-values, NNR_PT_RAW_FLOAT). Devices that still hold SEQ switch to it without downloading; the others
+does not reproduce bit for bit go as their float32 values, NNR_PT_RAW_FLOAT). Devices that still hold SEQ switch to it without downloading; the others
 download it. The status after it names no wave: a rollback is for every device.
 """
 
 import asyncio
-import warnings
 
 from decoder_core import NNCError
 
@@ -306,20 +304,25 @@ async def watch(settings, prefix, model, status, max_failures=None, timeout=DEFA
 
 
 # --- rollback -------------------------------------------------------------------------------------
-FINEST_QP = -128  # the finest qp of qp_density 2: raised per tensor until its levels fit int32
-
-
 def restore_publication(record, seq):
     """(bitstream, Version, model digest) for restoring version ``seq`` of the record's chain (see the
     module docstring). RolloutError when the record does not hold it, it is not older than the
     current version, its bitstream is missing, or its model cannot be coded exactly."""
-    import hashlib
     if not record.versions:
         raise RolloutError("this host has no record of model %s in %s: rollback needs the record nnc-edge publish "
                            "keeps there (--state-dir)" % (record.model, record.directory))
     if seq >= record.seq:
         raise RolloutError("version %d is not older than the current version %d" % (seq, record.seq)
                            if seq > record.seq else "version %d is the current version" % seq)
+    return full_model_of(record, seq)
+
+
+def full_model_of(record, seq):
+    """(bitstream, Version, model digest) of a full model that decodes to exactly the model of version
+    ``seq`` on the record's chain (the current version too: a compaction, see transports.mqtt.publisher):
+    its own bitstream for a full model, else the chain decoded up to it and coded again
+    (``exact_full_model``). RolloutError when the record does not hold it or a bitstream is missing."""
+    import hashlib
     chain = []
     for v in record.versions:
         chain.append(v)
@@ -363,9 +366,7 @@ def exact_full_model(tensors, digest, seq=None):
                or not np.array_equal(np.ascontiguousarray(view[n]).view(np.uint8),
                                      np.ascontiguousarray(tensors[n]).view(np.uint8))]
     if inexact:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the qp raised so that levels fit int32: intended
-            data = encode(tensors, qp_per_tensor={n: FINEST_QP for n in inexact})
+        data = encode(tensors, raw_float=frozenset(inexact))  # their float32 values themselves
         view = nnc_edge.decode(data)
     if model_digest(view) != digest:
         raise RolloutError("the model of version %s cannot be coded as a full model that decodes to exactly it "
@@ -398,4 +399,4 @@ async def rollback(publisher, seq):
 
 
 __all__ = ["RolloutError", "Watch", "widen_wave", "describe_wave", "change_wave", "halt_wave", "watch",
-           "restore_publication", "exact_full_model", "rollback", "DEFAULT_WATCH_TIMEOUT"]
+           "restore_publication", "full_model_of", "exact_full_model", "rollback", "DEFAULT_WATCH_TIMEOUT"]
