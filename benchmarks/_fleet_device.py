@@ -54,7 +54,7 @@ def make_receiver(mqtt, spec, device_id, on_applied):
     store = mqtt.ModelStore(os.path.join(spec["root"], device_id), spec["model"])
     options = {}
     if spec.get("health_check"):
-        from transports.mqtt.device import HealthCheck
+        from transports.mqtt.health import HealthCheck
         options["health_check"] = HealthCheck(spec["health_check"])
     return mqtt.Receiver(store, gap_timeout=spec.get("gap_timeout", 30.0), device_id=device_id,
                          on_applied=on_applied, **options)

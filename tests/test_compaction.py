@@ -22,7 +22,7 @@ from nnc_edge.updates import ChainState, encode_update, model_digest, read_updat
 from transports.chain_record import ChainRecord
 from transports.envelope import FULL, UPDATE
 from transports.mqtt import Publisher, PublishError, Receiver
-from transports.mqtt.device import ModelStore
+from transports.mqtt.model_store import ModelStore
 
 from mqtt_broker import Mosquitto
 from test_mqtt import pytestmark  # noqa: F401 (skipped without mosquitto, as test_mqtt.py)

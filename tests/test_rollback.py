@@ -21,7 +21,9 @@ from nnc_edge import modelio
 from transports import envelope, mqtt, report
 from transports.envelope import FULL, UPDATE
 from transports.mqtt import Publisher
-from transports.mqtt.device import HealthCheck, ModelStore, Receiver
+from transports.mqtt.device import Receiver
+from transports.mqtt.health import HealthCheck
+from transports.mqtt.model_store import ModelStore
 
 from test_mqtt import pytestmark  # noqa: F401 (skipped without mosquitto, as test_mqtt.py)
 from test_mqtt import WAIT, Device, assert_model, cached_chain, file_bytes, run, settings_for

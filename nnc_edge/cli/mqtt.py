@@ -340,7 +340,7 @@ def _receive_command(args):
     if args.health_check is not None:
         if args.no_previous:
             raise CommandError("--health-check needs the previous model kept: drop --no-previous", EXIT_INVALID)
-        from transports.mqtt.device import HealthCheck
+        from transports.mqtt.health import HealthCheck
         try:
             health = HealthCheck(args.health_check, args.health_timeout)
         except ValueError as exc:

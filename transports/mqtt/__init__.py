@@ -17,9 +17,10 @@ Modules:
 
 * ``settings``: ``BrokerSettings`` (URL, TLS, credentials), ``topics`` / ``Topics``, the defaults.
 * ``publisher``: the host side, ``Publisher`` and ``split_bitstream`` (its protocol in the docstring).
-* ``device``: the device side, ``Receiver`` and the model it keeps (``ModelStore``, with the
-  previous model beside it, ``FullModelWriter``, ``UpdateWriter``, ``RestoreWriter``), the
-  ``HealthCheck`` run after each apply, ``DeviceLog`` (log lines that name the device).
+* ``device``: the device side, ``Receiver``, and ``DeviceLog`` (log lines that name the device);
+  ``model_store``: the model it keeps (``ModelStore``, with the previous model beside it,
+  ``FullModelWriter``, ``UpdateWriter``, ``RestoreWriter``); ``health``: the ``HealthCheck`` run
+  after each apply.
 * ``connection``: ``run_receiver``, the device's connection loop, and the reconnecting (backoff)
   both sides share.
 * ``fleet``: the fleet view, the devices' retained reports (``transports.report``) read back
@@ -38,10 +39,9 @@ CLI (``nnc_edge.cli``).
 """
 
 from .connection import backoff_delays, is_mqtt_error, run_receiver
-from .device import (
-    DEFAULT_HEALTH_TIMEOUT, MAX_EVENTS, MAX_REASON_CHARS, MAX_REMEMBERED, DeviceLog, FullModelWriter, HealthCheck,
-    ModelStore, Receiver, RestoreWriter, UpdateWriter,
-)
+from .device import MAX_EVENTS, MAX_REASON_CHARS, MAX_REMEMBERED, DeviceLog, Receiver
+from .health import DEFAULT_HEALTH_TIMEOUT, HealthCheck
+from .model_store import FullModelWriter, ModelStore, RestoreWriter, UpdateWriter
 from .publisher import (
     Compaction, MessageTooSmall, Publisher, PublishError, publish_packet_bytes, read_status, split_bitstream,
 )
