@@ -235,7 +235,8 @@ def test_fleet_json_and_wait_for(broker, tmp_path, capsys):
         table = capsys.readouterr().out.splitlines()
         assert table[0].split() == ["DEVICE", "VERSION", "STATE", "AGE", "ERROR"]
         assert table[1].split()[:3] == ["j1", "v2", "current"] and table[1].split()[4] == "-"
-        assert table[-1] == "3 devices: 1 on v1, 2 on v2; 0 failed"
+        assert table[-2:] == ["version 2 published (full model 1); no staged rollout (every device)",
+                              "3 devices: 1 on v1, 2 on v2; 0 failed"]
         assert await fleet_command("--wait-for", "1", "--timeout", "5") == 0
         capsys.readouterr()
         assert await fleet_command("--wait-for", "2", "--timeout", "1") == 1

@@ -341,6 +341,8 @@ def test_too_many_failures_halt_the_wave(broker, tmp_path, capsys):
     status = run(current_status(settings, model))
     assert status.seq == 2 and status.rollout == {"from": 2, "percent": 50, "halted": True}
     assert ChainRecord(state, "nnc", model).load().rollout["halted"] is True
+    assert cli.main(["fleet", "--broker", broker.url, "--model", model]) == 0
+    assert "version 2 published (full model 1); versions 2 on to 50% (halted)" in capsys.readouterr().out
 
     # Real devices of the wave now wait at version 1 (before the wave: they take it).
     real = {"agent": inside[2], "receiver": by_bucket(0, 5000, 4)[3]}

@@ -1,6 +1,7 @@
 """The fleet view: the retained reports (``transports.report``) that the devices of one model keep
-at ``P/M/devices/ID``, read from the broker (``read_fleet``), and waiting until every device that
-reports has reached a version (``wait_for``).
+at ``P/M/devices/ID``, read from the broker (``read_fleet``) with the model's retained status (the
+version published and the staged-rollout wave), and waiting until every device that reports has
+reached a version (``wait_for``).
 
 The broker hands out every retained report at once on subscribing, then each new one as it comes;
 nothing marks the end of the retained ones, so they are taken as complete after ``quiet`` seconds
@@ -15,7 +16,7 @@ from collections import Counter
 
 from decoder_core import NNCError
 
-from .. import report
+from .. import envelope, report
 from ..envelope import excerpt
 from .settings import log, topics
 
@@ -26,17 +27,26 @@ MAX_AGE = 10 * 365 * 86400
 
 
 class Fleet:
-    """The last report of each device of ``model``: ``devices`` maps the id to the parsed report."""
+    """The last report of each device of ``model``: ``devices`` maps the id to the parsed report;
+    ``status``: the model's retained status (transports.envelope.Status; None when there is none or
+    it is malformed)."""
 
     def __init__(self, prefix, model):
-        self.base = topics(prefix, model).base
+        t = topics(prefix, model)
+        self.base = t.base
+        self.status_topic = t.status
         self.model = model
         self.filter = self.base + "/devices/+"
         self.devices = {}
         self.skipped = 0
+        self.status = None
 
     def add(self, topic, payload):
-        """Take the message on one report topic; an empty one is a report being deleted."""
+        """Take the message on one report topic (an empty one is a report being deleted) or on the
+        status topic."""
+        if topic == self.status_topic:
+            self._add_status(payload)
+            return
         device = topic[len(self.base + "/devices/"):]
         if not payload:
             self.devices.pop(device, None)
@@ -52,6 +62,27 @@ class Fleet:
             return
         self.devices[device] = obj
 
+    def _add_status(self, payload):
+        self.status = None
+        if payload:
+            try:
+                status = envelope.parse_status(payload, self.model)
+                status.rollout = report.parse_rollout(status.rollout)
+            except NNCError as exc:
+                log.warning("model %s: skipped its status: %s", self.model, exc)
+                return
+            self.status = status
+
+    def published(self):
+        """The status in words: "version 4 published (full model 1); versions 3 on to 34% (halted)"."""
+        st = self.status
+        if st is None or not st.seq:
+            return "no version published"
+        text = "version %d published (full model %d)" % (st.seq, st.full_seq)
+        if st.pending is not None:
+            text += ", version %d being published" % st.pending[0]
+        return text + "; " + describe_wave(st.rollout)
+
     def reports(self):
         return [self.devices[d] for d in sorted(self.devices)]
 
@@ -60,7 +91,8 @@ class Fleet:
         return [r for r in self.reports() if r["state"] != report.CURRENT or (r.get("seq") or 0) < seq]
 
     def table(self, now=None):
-        """One line per device (id, version, state, last error, age of its report), then the summary."""
+        """One line per device (id, version, state, last error, age of its report), what the status
+        announces, then the summary."""
         now = time.time() if now is None else now
         rows = [("DEVICE", "VERSION", "STATE", "AGE", "ERROR")]
         for r in self.reports():
@@ -68,7 +100,7 @@ class Fleet:
                          printable(r.get("error") or "-")))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4] for row in rows]
-        return lines + [self.summary()]
+        return lines + [self.published(), self.summary()]
 
     def summary(self):
         reports = self.reports()
@@ -82,6 +114,20 @@ class Fleet:
         if self.skipped:
             text += "; %d report%s skipped" % (self.skipped, "" if self.skipped == 1 else "s")
         return text
+
+
+def describe_wave(wave):
+    """``wave`` (a parsed rollout or None) in words: "versions 5 on to 34% and 2 devices (halted)"."""
+    if wave is None:
+        return "no staged rollout (every device)"
+    parts = []
+    if wave.get("percent"):
+        parts.append("%g%%" % wave["percent"])
+    if wave.get("devices"):
+        n = len(wave["devices"])
+        parts.append("%d device%s" % (n, "" if n == 1 else "s"))
+    text = "versions %d on to %s" % (wave["from"], " and ".join(parts) or "no device")
+    return text + (" (halted)" if wave.get("halted") else "")
 
 
 def version_label(r):
@@ -135,6 +181,7 @@ async def _read(settings, fleet, finished, quiet, timeout):
     settled = False
     async with settings.client("fleet") as client:
         await client.subscribe(fleet.filter, qos=1)
+        await client.subscribe(fleet.status_topic, qos=1)
         messages = client.messages.__aiter__()
         # One pending read, kept across timeouts: cancelling it could lose a report.
         waiter = asyncio.ensure_future(messages.__anext__())

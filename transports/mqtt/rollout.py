@@ -32,7 +32,7 @@ from decoder_core import NNCError
 
 from .. import report
 from ..envelope import FULL
-from .fleet import QUIET, Fleet, printable, version_label
+from .fleet import QUIET, Fleet, describe_wave, printable, version_label
 from .publisher import PublishError, read_status
 from .settings import log, topics
 
@@ -46,20 +46,6 @@ class RolloutError(Exception):
 
 
 # --- the wave -------------------------------------------------------------------------------------
-def describe_wave(wave):
-    """``wave`` (a parsed rollout or None) in words: "versions 5 on to 34% and 2 devices (halted)"."""
-    if wave is None:
-        return "no staged rollout (every device)"
-    parts = []
-    if wave.get("percent"):
-        parts.append("%g%%" % wave["percent"])
-    if wave.get("devices"):
-        n = len(wave["devices"])
-        parts.append("%d device%s" % (n, "" if n == 1 else "s"))
-    text = "versions %d on to %s" % (wave["from"], " and ".join(parts) or "no device")
-    return text + (" (halted)" if wave.get("halted") else "")
-
-
 def widen_wave(wave, percent=None, devices=None, resume=False, keep=False):
     """(the new wave or None, [notes]) for widening ``wave`` (a parsed rollout) to ``percent`` and the
     device list ``devices`` (each None: as it is). RolloutError when there is no wave or the change
