@@ -178,16 +178,20 @@ class Decoder:
     def _payload(self, unit, data, start, end):
         return PayloadJob(unit, data, start, end, self.payload_context(unit))
 
-    def payload_context(self, unit):
+    def payload_context(self, unit, reuse=None):
         """What decoding the payload of NDU ``unit`` takes from the decoder state (PayloadContext).
         Its tensor bytes are counted against Limits.max_decoded_bytes here, before anything is
-        allocated for them."""
+        allocated for them. ``reuse``: a PayloadContext no longer used, set anew instead of made."""
         limits = self.parser.limits
         self.decoded_bytes += 4 * decoded_elements(unit.ndu)
         if self.decoded_bytes > limits.max_decoded_bytes:
             raise exceeded("max_decoded_bytes", "%d bytes of tensors in this stream" % self.decoded_bytes,
                            limits.max_decoded_bytes, unit.offset, "nnr_compressed_data_unit_payload")
-        ctx = PayloadContext(unit.general_profile_idc, unit.QpDensity, unit.QuantizationParameter)
+        if reuse is None:
+            ctx = PayloadContext(unit.general_profile_idc, unit.QpDensity, unit.QuantizationParameter)
+        else:
+            ctx = reuse
+            ctx.__init__(unit.general_profile_idc, unit.QpDensity, unit.QuantizationParameter)
         ctx.max_bins = limits.max_bins_per_tensor
         if unit.parent_signalling:
             # Update chains: keep each parameter's integer tensor for TCA and its history for HDSP.

@@ -5,10 +5,15 @@ This is the pure-Python backend; decoder_core/_deepcabac.pyx mirrors decode_tens
 same signature.
 """
 
+import sys
+from array import array
+
 from .compat import zeros
 from .errors import NNCError
 from .limits import DEFAULT_MAX_BINS_PER_TENSOR, exceeded
 from .tables import CtxParameterList, CurveTab, RangeTabLps, StateTransTab
+
+_MICROPYTHON = sys.implementation.name == "micropython"
 
 # Number of left shifts that bring an LPS range (2..228) back to at least 256.
 _RENORM = bytearray(256)
@@ -17,6 +22,40 @@ for _r in range(1, 256):
     while (_r << _n) < 256:
         _n += 1
     _RENORM[_r] = _n
+
+
+def _table(typecode, values):
+    """A constant table of the position loop: an array on MicroPython (half the memory of a tuple or
+    less), a tuple on CPython (where an array makes an int object per item read)."""
+    return array(typecode, values) if _MICROPYTHON else tuple(values)
+
+
+# The position loop's forms of the tables. It keeps R = IvlCurrRange << 7 and a context as
+# [16 * pStateIdx0 + 4096, pStateIdx1, _STEPS[set id], next] (_context), so that its
+# t = (16 * pStateIdx0 + 4096 + pStateIdx1) >> 7 is (pStateIdx >> 7) + 32 for pStateIdx = 16 * pStateIdx0 +
+# pStateIdx1: _LPS_ROWS[R >> 12][t] = rangeTabLps[(IvlCurrRange & 0xE0) + |t - 32|] << 7. (The
+# reachable states, |pStateIdx0| <= 123 and |pStateIdx1| <= 1923, keep t in 1..63.) 1 KiB.
+_LPS_ROWS = [None] * 16
+for _r in range(8):
+    _LPS_ROWS[8 + _r] = _table("H", [RangeTabLps[min(32 * _r + (32 - _t if _t < 32 else _t - 32), 255)] << 7
+                                     for _t in range(64)])
+# The estimators' steps (1.6) in one table per (shift0, shift1): on a 1 the first entry of a context
+# moves by d[c[0] >> 7] (16 times pStateIdx0's step; indexes 16..47) and pStateIdx1 by d[c[1] >> 7]
+# (indexes 0..15 and, negative, 48..63); on a 0 by -d[(8192 - c[0]) >> 7] and -d[-c[1] >> 7].
+# _STEPS[set id]: the 4 tables of CtxParameterList's 4 pairs, 576 bytes.
+_STEPS = []
+for _row in CtxParameterList:
+    for _set in range(len(_STEPS)):
+        if CtxParameterList[_set][:2] == _row[:2]:
+            _STEPS.append(_STEPS[_set])
+            break
+    else:
+        _STEPS.append(_table("H", [(CurveTab[_i - 16] >> (_row[0] + 4)) << 4 if 16 <= _i < 48 else
+                                   CurveTab[(_i + 16) % 32] >> _row[1] for _i in range(64)]))
+# StateTransTab for 3 * state: _TRANS3[3 * state + parity] = 3 * StateTransTab[state][parity].
+_TRANS3 = []
+for _r in StateTransTab:
+    _TRANS3 += [3 * _r[0], 3 * _r[1], 0]
 
 # Both bounds are constants: on MicroPython they are big ints, and computing -_INT32_MAX - 1 per
 # level would allocate.
@@ -222,6 +261,24 @@ def _reset(group, set_ids):
         c[3] = s[1]
 
 
+def _context(set_id):
+    """A context as TensorSteps._positions uses it: [16 * pStateIdx0 + 4096, pStateIdx1, its steps
+    (_STEPS), the next context of the unary ladder (set by _contexts)]. ArithmeticDecoder.decode_decision
+    takes _ctx()'s form."""
+    s = CtxParameterList[set_id]
+    return [16 * s[2] + 4096, s[3], _STEPS[set_id], None]
+
+
+def _reset_contexts(contexts, set_ids):
+    for i in range(len(contexts)):
+        set_id = set_ids[i]
+        s = CtxParameterList[set_id]
+        c = contexts[i]
+        c[0] = 16 * s[2] + 4096
+        c[1] = s[3]
+        c[2] = _STEPS[set_id]
+
+
 # Supplement 1.5: a context-coded bin that reads no bit lowers IvlCurrRange (at most 510) by at least 2
 # (rangeTabLps >= 2), so at most 128 bins pass per bit read; a bypass bin reads one bit.
 _BINS_PER_BIT = 128
@@ -414,7 +471,9 @@ class TensorSteps:
 
     def _positions(self):
         # The hot loop, one function on purpose: locals and inline bins; a call per bin would cost
-        # more than the bin.
+        # more than the bin. Each decision site below is the same inline decode_decision() (1.5-1.7)
+        # on the hot loop's context form (_context): each of the four ends of its branches (MPS or
+        # LPS path, MPS 1 or 0) updates the estimators and acts on the bin's value itself.
         engine = self.engine
         coding = self.coding
         if self.count == 0 or (coding.profile == 1 and coding.codebook_size == 1):
@@ -434,7 +493,11 @@ class TensorSteps:
         row_skip = self.row_skip
         cb = profile == 1 and S > 1
         sign_coded = not (cb and (Z == 0 or Z == S - 1))
+        # Tensors without a codebook, TCA base or HDSP history (the common case) take a path of
+        # their own; the others the phase loop, which handles everything.
+        general = cb or tca or hdsp_lookup
         value_of = self.value_of
+        direct = value_of is None
         nbins = self.nbins
         max_bins = coding.max_bins
 
@@ -442,6 +505,8 @@ class TensorSteps:
         ids = self.set_ids
         contexts, groups = _contexts(coding.context_pool, ids, dq, N, tca, self.hdsp)
         sig, sig_tca, sig_hdsp, sign, sign_tca, gtx, gtx_tca, gtx2 = groups
+        ladder0 = gtx[0]
+        ladder1 = gtx[1]
 
         bh = self.bh
         bw = self.bw
@@ -453,23 +518,23 @@ class TensorSteps:
             sum_offset = 0
 
         out, lo, hi, base, hist = self._window()
-        state = 0
-        nb = 0
-        trans = StateTransTab
+        sb = 0  # 3 * the dependent-quantization state: where its 3 sig_flag contexts start
+        nbc = 0  # the previous QuantParam's class in context selection: 0 zero, 1 negative, 2 positive
+        tr3 = _TRANS3
         # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
         skip_trans = _skip_transitions(w)
         # The engine's registers live in locals here (supplement 1.10's scaled form, as in
-        # ArithmeticDecoder): a bytecode interpreter looks up an attribute or a global by name and a
-        # local by index, and this loop runs for every parameter. They go back into the engine at
-        # every yield and wherever engine methods run.
-        lps_tab = RangeTabLps
+        # ArithmeticDecoder, with IvlCurrRange scaled as well: R = IvlCurrRange << 7): a bytecode
+        # interpreter looks up an attribute or a global by name and a local by index, and this loop
+        # runs for every parameter. They go back into the engine at every yield and wherever engine
+        # methods run.
+        lps_rows = _LPS_ROWS
         renorm = _RENORM
-        curve = CurveTab
         data = engine.data
         p = engine.p
         end = engine.end
         safe = engine.safe
-        rng = engine.range
+        R = engine.range << 7
         value = engine.value
         bn = engine.bits_needed
         block_row = 0
@@ -480,32 +545,32 @@ class TensorSteps:
                     raise NNCError("entry point %d missing from the NDU header" % j, p, "cabac_offset_list")
                 sum_offset += ep_bits[j]
                 pointer = bit_pointer + sum_offset
-                engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
+                engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
                 for status in _reach_entry_point(engine, pointer, j):
                     yield status
                 engine.set_entry_point(ep_offsets[j], pointer, j)
                 p, end, safe = engine.p, engine.end, engine.safe
-                rng, value, bn = engine.range, engine.value, engine.bits_needed
+                R, value, bn = engine.range << 7, engine.value, engine.bits_needed
                 if dq:
-                    state = ep_states[j]
-                _reset(contexts, ids)
-                nb = 0
+                    sb = 3 * ep_states[j]
+                _reset_contexts(contexts, ids)
+                nbc = 0
             block_row += 1
             y_end = by + bh if by + bh < h else h
             for bx in range(0, w, bw):
                 x_end = bx + bw if bx + bw < w else w
                 for y in range(by, y_end):
                     if row_skip is not None and row_skip[y]:
-                        # 6.5: the segment stays 0 (out starts zeroed), nb is unchanged, the DQ
+                        # 6.5: the segment stays 0 (out starts zeroed), nbc is unchanged, the DQ
                         # state moves w times.
                         if dq:
-                            state = skip_trans[state]
+                            sb = 3 * skip_trans[sb // 3]
                         continue
                     row = y * w
                     for x in range(bx, x_end):
                         pos = row + x
                         if pos >= hi or p > safe:
-                            engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
+                            engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
                             while pos >= hi:
                                 # Only in a raster scan: windows may end anywhere.
                                 self.nbins = nbins
@@ -516,147 +581,343 @@ class TensorSteps:
                             data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
                         if nbins > max_bins:
                             raise _too_many_bins(max_bins, engine)
-                        if tca:
-                            bv = base[pos - lo]
+                        if general:
+                            # sig_flag (2.4), then sign_flag, abs_level_greater_x[j] and
+                            # abs_level_greater_x2[j] (2.2): one decision site for all of them, phase
+                            # ``ph`` says which bin it is, and each phase picks the next context.
+                            state = sb // 3
+                            if tca:
+                                bv = base[pos - lo]
+                            else:
+                                bv = 0
+                            if hdsp_lookup and hist[pos - lo]:
+                                c = sig_hdsp[state]
+                            elif bv:
+                                c = sig_tca[2 * state + (1 if bv > 1 or bv < -1 else 0)]
+                            else:
+                                c = sig[sb + nbc]
+                            ph = 0
+                            while True:
+                                s0, s1, d, nx = c
+                                t = s0 + s1 >> 7
+                                lps = lps_rows[R >> 12][t]
+                                R -= lps
+                                if value < R:
+                                    if R < 32768:
+                                        R <<= 1
+                                        value <<= 1
+                                        bn += 1
+                                        if not bn:
+                                            if p >= end:
+                                                raise _past_end(p)
+                                            bn = -8
+                                            value += data[p]
+                                            p += 1
+                                    if t >= 32:
+                                        c[0] = s0 + d[s0 >> 7]
+                                        c[1] = s1 + d[s1 >> 7]
+                                        b = 1
+                                    else:
+                                        c[0] = s0 - d[8192 - s0 >> 7]
+                                        c[1] = s1 - d[-s1 >> 7]
+                                        b = 0
+                                else:
+                                    value -= R
+                                    R = renorm[lps >> 7]
+                                    value <<= R
+                                    bn += R
+                                    R = lps << R
+                                    if bn >= 0:
+                                        if p >= end:
+                                            raise _past_end(p)
+                                        value += data[p] << bn
+                                        p += 1
+                                        bn -= 8
+                                    if t >= 32:
+                                        c[0] = s0 - d[8192 - s0 >> 7]
+                                        c[1] = s1 - d[-s1 >> 7]
+                                        b = 0
+                                    else:
+                                        c[0] = s0 + d[s0 >> 7]
+                                        c[1] = s1 + d[s1 >> 7]
+                                        b = 1
+                                nbins += 1
+                                if ph == 0:
+                                    # sig_flag
+                                    if not b:
+                                        break
+                                    if sign_coded:
+                                        c = sign_tca[0 if bv < 0 else 1] if bv else sign[nbc]
+                                        ph = 1
+                                        continue
+                                    s = 1 if Z != 0 else 0
+                                elif ph == 1:
+                                    s = b
+                                elif ph == 2:
+                                    q += b
+                                    j += 1
+                                    if b and j < N and not (cb and q >= limit):
+                                        c = gtx_tca[2 * j + (0 if absb >= j else 1)] if bv else gtx[2 * j + s]
+                                        continue
+                                    if b and (not cb or q < limit):
+                                        ph = 3
+                                        j = 0
+                                        c = gtx2[0]
+                                        continue
+                                    break
+                                else:
+                                    if b:
+                                        q += 1 << rb
+                                        rb += 1
+                                    j += 1
+                                    if b and j <= 30 and not (cb and q + (1 << rb) > limit):
+                                        c = gtx2[j]
+                                        continue
+                                    break
+                                # The sign is known: the magnitude's bins follow.
+                                ph = 1
+                                q = 1
+                                rb = 0
+                                limit = (Z if s else S - 1 - Z) if cb else 0
+                                if cb and limit <= 1:
+                                    break
+                                absb = bv if bv >= 0 else -bv
+                                j = 0
+                                c = gtx_tca[0 if absb >= 0 else 1] if bv else gtx[s]
+                                ph = 2
+                            if ph == 0:
+                                if dq:
+                                    sb = tr3[sb]
+                                nbc = 0
+                                continue
+                            if ph != 3:
+                                rb = 0
                         else:
-                            bv = 0
-                        # sig_flag (2.4), then sign_flag, abs_level_greater_x[j] and
-                        # abs_level_greater_x2[j] (2.2): one decision site for all of them, phase
-                        # ``ph`` says which bin it is, and each phase picks the next context.
-                        if hdsp_lookup and hist[pos - lo]:
-                            c = sig_hdsp[state]
-                        elif bv:
-                            c = sig_tca[2 * state + (1 if bv > 1 or bv < -1 else 0)]
-                        else:
-                            c = sig[3 * state + (0 if nb == 0 else (1 if nb < 0 else 2))]
-                        ph = 0
-                        while True:
-                            # 1.5-1.7: decode_decision(c)
-                            s0 = c[0]
-                            s1 = c[1]
-                            pq = 16 * s0 + s1
-                            t = pq >> 7
-                            lps = lps_tab[(rng & 0xE0) + (t if t >= 0 else -t)]
-                            rng -= lps
-                            t = rng << 7
-                            if value < t:
-                                b = 1 if pq >= 0 else 0
-                                if rng < 256:
-                                    rng <<= 1
+                            # sig_flag (2.4)
+                            c = sig[sb + nbc]
+                            s0, s1, d, nx = c
+                            t = s0 + s1 >> 7
+                            lps = lps_rows[R >> 12][t]
+                            R -= lps
+                            if value < R:
+                                if R < 32768:
+                                    R <<= 1
                                     value <<= 1
                                     bn += 1
-                                    if bn == 0:
+                                    if not bn:
                                         if p >= end:
                                             raise _past_end(p)
                                         bn = -8
                                         value += data[p]
                                         p += 1
+                                if t >= 32:
+                                    c[0] = s0 + d[s0 >> 7]
+                                    c[1] = s1 + d[s1 >> 7]
+                                else:
+                                    c[0] = s0 - d[8192 - s0 >> 7]
+                                    c[1] = s1 - d[-s1 >> 7]
+                                    if dq:
+                                        sb = tr3[sb]
+                                    nbc = 0
+                                    nbins += 1
+                                    continue
                             else:
-                                b = 0 if pq >= 0 else 1
-                                t = renorm[lps]
-                                value = (value - (rng << 7)) << t
-                                rng = lps << t
-                                bn += t
+                                value -= R
+                                R = renorm[lps >> 7]
+                                value <<= R
+                                bn += R
+                                R = lps << R
                                 if bn >= 0:
                                     if p >= end:
                                         raise _past_end(p)
                                     value += data[p] << bn
                                     p += 1
                                     bn -= 8
-                            if b:
-                                c[0] = s0 + (curve[16 + (s0 >> 3)] >> c[2])
-                                c[1] = s1 + (curve[16 + (s1 >> 7)] >> c[3])
+                                if t >= 32:
+                                    c[0] = s0 - d[8192 - s0 >> 7]
+                                    c[1] = s1 - d[-s1 >> 7]
+                                    if dq:
+                                        sb = tr3[sb]
+                                    nbc = 0
+                                    nbins += 1
+                                    continue
+                                else:
+                                    c[0] = s0 + d[s0 >> 7]
+                                    c[1] = s1 + d[s1 >> 7]
+                            # sign_flag (2.2); a 1 is a negative QuantParam
+                            c = sign[nbc]
+                            s0, s1, d, nx = c
+                            t = s0 + s1 >> 7
+                            lps = lps_rows[R >> 12][t]
+                            R -= lps
+                            if value < R:
+                                if R < 32768:
+                                    R <<= 1
+                                    value <<= 1
+                                    bn += 1
+                                    if not bn:
+                                        if p >= end:
+                                            raise _past_end(p)
+                                        bn = -8
+                                        value += data[p]
+                                        p += 1
+                                if t >= 32:
+                                    c[0] = s0 + d[s0 >> 7]
+                                    c[1] = s1 + d[s1 >> 7]
+                                    s = 1
+                                    c = ladder1
+                                else:
+                                    c[0] = s0 - d[8192 - s0 >> 7]
+                                    c[1] = s1 - d[-s1 >> 7]
+                                    s = 0
+                                    c = ladder0
                             else:
-                                c[0] = s0 - (curve[16 + ((-s0) >> 3)] >> c[2])
-                                c[1] = s1 - (curve[16 + ((-s1) >> 7)] >> c[3])
-                            nbins += 1
-                            if ph == 0:
-                                # sig_flag
-                                if not b:
-                                    break
-                                if sign_coded:
-                                    c = sign_tca[0 if bv < 0 else 1] if bv else sign[0 if nb == 0 else (1 if nb < 0 else 2)]
-                                    ph = 1
-                                    continue
-                                s = 1 if Z != 0 else 0
-                            elif ph == 1:
-                                s = b
-                            elif ph == 2:
-                                q += b
-                                j += 1
-                                if b and j < N and not (cb and q >= limit):
-                                    c = gtx_tca[2 * j + (0 if absb >= j else 1)] if bv else gtx[2 * j + s]
-                                    continue
-                                if b and (not cb or q < limit):
-                                    ph = 3
-                                    j = 0
-                                    c = gtx2[0]
-                                    continue
-                                break
-                            else:
-                                if b:
-                                    q += 1 << rem_bits
-                                    rem_bits += 1
-                                j += 1
-                                if b and j <= 30 and not (cb and q + (1 << rem_bits) > limit):
-                                    c = gtx2[j]
-                                    continue
-                                break
-                            # The sign is known: the magnitude's bins follow.
-                            ph = 1
-                            q = 1
-                            rem_bits = 0
-                            limit = (Z if s else S - 1 - Z) if cb else 0
-                            if cb and limit <= 1:
-                                break
-                            absb = bv if bv >= 0 else -bv
-                            j = 0
-                            c = gtx_tca[0 if absb >= 0 else 1] if bv else gtx[s]
-                            ph = 2
-                        if ph == 0:
-                            if dq:
-                                state = trans[state][0]
-                            nb = 0
-                            continue
-                        if ph == 3 and rem_bits:
-                            # abs_remainder: rem_bits bypass bins (1.8)
-                            nbins += rem_bits
-                            r = 0
-                            t = rng << 7
-                            for _ in range(rem_bits):
-                                value <<= 1
-                                bn += 1
+                                value -= R
+                                R = renorm[lps >> 7]
+                                value <<= R
+                                bn += R
+                                R = lps << R
                                 if bn >= 0:
                                     if p >= end:
                                         raise _past_end(p)
-                                    bn = -8
-                                    value += data[p]
+                                    value += data[p] << bn
                                     p += 1
-                                if value >= t:
-                                    value -= t
-                                    r = (r << 1) | 1
+                                    bn -= 8
+                                if t >= 32:
+                                    c[0] = s0 - d[8192 - s0 >> 7]
+                                    c[1] = s1 - d[-s1 >> 7]
+                                    s = 0
+                                    c = ladder0
                                 else:
-                                    r <<= 1
-                            q += r
-                        k = -q if s else q
-                        if dq:
-                            st = state
-                            state = trans[st][k & 1]
-                            if st & 1:
-                                k = 2 * k + (1 if k < 0 else -1)
+                                    c[0] = s0 + d[s0 >> 7]
+                                    c[1] = s1 + d[s1 >> 7]
+                                    s = 1
+                                    c = ladder1
+                            # abs_level_greater_x[j] for j < N, then abs_level_greater_x2[j - N]
+                            # (2.2): a unary ladder of contexts, each naming the next ([3]). The first
+                            # 0 ends it, and so does its end (31 abs_level_greater_x2 of 1).
+                            j = 0
+                            try:
+                                while True:
+                                    s0, s1, d, nx = c
+                                    t = s0 + s1 >> 7
+                                    lps = lps_rows[R >> 12][t]
+                                    R -= lps
+                                    if value < R:
+                                        if R < 32768:
+                                            R <<= 1
+                                            value <<= 1
+                                            bn += 1
+                                            if not bn:
+                                                if p >= end:
+                                                    raise _past_end(p)
+                                                bn = -8
+                                                value += data[p]
+                                                p += 1
+                                        if t >= 32:
+                                            c[0] = s0 + d[s0 >> 7]
+                                            c[1] = s1 + d[s1 >> 7]
+                                            c = nx
+                                            j += 1
+                                        else:
+                                            c[0] = s0 - d[8192 - s0 >> 7]
+                                            c[1] = s1 - d[-s1 >> 7]
+                                            break
+                                    else:
+                                        value -= R
+                                        R = renorm[lps >> 7]
+                                        value <<= R
+                                        bn += R
+                                        R = lps << R
+                                        if bn >= 0:
+                                            if p >= end:
+                                                raise _past_end(p)
+                                            value += data[p] << bn
+                                            p += 1
+                                            bn -= 8
+                                        if t >= 32:
+                                            c[0] = s0 - d[8192 - s0 >> 7]
+                                            c[1] = s1 - d[-s1 >> 7]
+                                            break
+                                        else:
+                                            c[0] = s0 + d[s0 >> 7]
+                                            c[1] = s1 + d[s1 >> 7]
+                                            c = nx
+                                            j += 1
+                            except TypeError:
+                                # past the last context, whose successor is None
+                                nbins -= 1
+                            nbins += j + 3
+                            if j < N:
+                                q = j + 1
+                                rb = 0
                             else:
-                                k = 2 * k
-                        if k > _INT32_MAX or k < _INT32_MIN:
+                                rb = j - N
+                                q = N + (1 << rb)
+                        if rb:
+                            # abs_remainder: rb bypass bins (1.8), up to 12 at a time. While IvlOffset
+                            # < IvlCurrRange, bin after bin is a long division of the bits by R; bad
+                            # input can make IvlOffset >= IvlCurrRange, and then every bin is a 1.
+                            nbins += rb
+                            if rb < 13:
+                                value <<= rb
+                                bn += rb
+                                while bn >= 0:
+                                    if p >= end:
+                                        raise _past_end(p)
+                                    value += data[p] << bn
+                                    p += 1
+                                    bn -= 8
+                                t = value // R
+                                if t >> rb:
+                                    t = (1 << rb) - 1
+                                value -= t * R
+                                q += t
+                            else:
+                                r = 0
+                                n = rb
+                                while n:
+                                    m = n if n < 13 else 12
+                                    n -= m
+                                    value <<= m
+                                    bn += m
+                                    while bn >= 0:
+                                        if p >= end:
+                                            raise _past_end(p)
+                                        value += data[p] << bn
+                                        p += 1
+                                        bn -= 8
+                                    t = value // R
+                                    if t >> m:
+                                        t = (1 << m) - 1
+                                    value -= t * R
+                                    r = (r << m) + t
+                                q += r
+                        if dq:
+                            # 2.3: QuantParam from the level, and the next state
+                            t = sb & 1
+                            sb = tr3[sb + (q & 1)]
+                            q += q - t
+                        if s:
+                            k = -q
+                            nbc = 1
+                        else:
+                            k = q
+                            nbc = 2
+                        if rb > 28 and (k > _INT32_MAX or k < _INT32_MIN):
+                            # (with rb <= 28, |QuantParam| < 2 * (256 + 2 ** 29) + 1)
                             raise NNCError("decoded level %d does not fit in 32 bits" % k, p, "int_param()")
-                        out[pos - lo] = k if value_of is None else value_of(k)
-                        nb = k
+                        if direct:
+                            out[pos - lo] = k
+                        else:
+                            out[pos - lo] = value_of(k)
             if block_scan and y_end * w >= hi and y_end < h:
-                engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
+                engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
                 self.nbins = nbins
                 yield WINDOW_DONE
                 out, lo, hi, base, hist = self._window()
                 data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
-        engine.p, engine.range, engine.value, engine.bits_needed = p, rng, value, bn
+        engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
         if nbins > max_bins:
             raise _too_many_bins(max_bins, engine)
         self.nbins = nbins
@@ -700,22 +961,31 @@ def _reach_entry_point(engine, pointer, j):
 
 
 def _contexts(pool, ids, dq, N, tca, hdsp):
-    """Every context of a tensor, in the order of shift_parameter_ids() (2.6), set from the set ids
-    it decoded; and the groups (sig, sig_tca, sig_hdsp, sign, sign_tca, gtx, gtx_tca, gtx2), lists
-    of the same objects. With a ``pool`` (a dict; slice decoding keeps one per stream) the objects
-    of an earlier tensor with the same layout are set anew instead of made: fewer allocations per
-    tensor on a small heap."""
+    """Every context of a tensor (_context's form), in the order of shift_parameter_ids() (2.6), set
+    from the set ids it decoded; and the groups (sig, sig_tca, sig_hdsp, sign, sign_tca, gtx,
+    gtx_tca, gtx2), lists of the same objects. The contexts of gtx (abs_level_greater_x, index
+    2 * j + sign) and gtx2 (abs_level_greater_x2) also hold the unary ladder of either sign in
+    themselves: [3] is the next context (gtx[2 * j + 2 + sign], after the last gtx2[0], after
+    gtx2[30] None). With a ``pool`` (a dict; slice
+    decoding keeps one per stream) the objects of an earlier tensor with the same layout are set
+    anew instead of made: fewer allocations per tensor on a small heap."""
     key = (dq, N, tca, hdsp)
     entry = pool.get(key) if pool is not None else None
     if entry is not None:
-        _reset(entry[0], ids)
+        _reset_contexts(entry[0], ids)
         return entry
-    contexts = [_ctx(i) for i in ids]
+    contexts = [_context(i) for i in ids]
     k = 0
     groups = []
     for n, _ in _context_groups(dq, N, tca, hdsp):
         groups.append(contexts[k:k + n])
         k += n
+    gtx = groups[4]
+    gtx2 = groups[6]
+    for i in range(2 * N):
+        gtx[i][3] = gtx[i + 2] if i + 2 < 2 * N else gtx2[0]
+    for i in range(30):
+        gtx2[i][3] = gtx2[i + 1]
     signs = groups[3]
     groups[3:4] = [signs[:3], signs[3:]]
     entry = (contexts, groups)
@@ -731,6 +1001,20 @@ def _context_groups(dq, N, tca, hdsp):
     sign group holds sign_flag's 3 contexts, then the 2 of its TCA variant."""
     return ((24 if dq else 3, None), ((16 if dq else 2) if tca else 0, None), ((8 if dq else 1) if hdsp else 0, None),
             (5 if tca else 3, "sign"), (2 * N, "gtx"), (2 * N if tca else 0, "gtx_tca"), (31, "gtx2"))
+
+
+_GROUPS = {}
+
+
+def _preamble_groups(dq, N, tca, hdsp):
+    """_context_groups(), made once per layout: a tuple of tuples per tensor is garbage on a small heap."""
+    key = 8 * N + (4 if dq else 0) + (2 if tca else 0) + (1 if hdsp else 0)  # an int: no key object
+    groups = _GROUPS.get(key)
+    if groups is None:
+        if len(_GROUPS) >= 16:
+            _GROUPS.clear()
+        groups = _GROUPS[key] = _context_groups(dq, N, tca, hdsp)
+    return groups
 
 
 def preamble(engine, coding, steps):
@@ -775,7 +1059,7 @@ def preamble(engine, coding, steps):
     sign_coded = not (cb and (Z == 0 or Z == S - 1))
     shift_flag = _ctx(0)
     ids = bytearray()  # a set id is 0..8
-    for size, kind in _context_groups(dq, N, coding.tca, hdsp):
+    for size, kind in _preamble_groups(dq, N, coding.tca, hdsp):
         for a in range(size):
             present = True
             if cb:

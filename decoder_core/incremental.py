@@ -28,19 +28,39 @@ slices discards them.
 Pure Python for CPython and MicroPython; on CPython the compiled backend runs the position loop.
 """
 
+import sys
+from array import array
+
 from . import backend
 from .compat import from_raw, zeros
 from .deepcabac import NEED_INPUT, WHOLE, ArithmeticDecoder, TensorCoding, TensorSteps, lookahead_bytes, preamble
 from .errors import Incomplete, NNCError, move_offset
 from .payload import _block_roles, _entry_points, _prod, _split
-from .reconstruction import level_values, step_size
+from .reconstruction import LevelHalves, level_values, step_size
 from .tables import NNR_CPT_DC, NNR_NDU, NNR_PT_BLOCK, NNR_PT_FLOAT, NNR_PT_INT, NNR_PT_RAW_FLOAT
 from .units import nnr_unit_size, parse_unit_header
 
+_MICROPYTHON = sys.implementation.name == "micropython"
+try:
+    # MicroPython: float tensors are decoded as int32 levels into their float32 array and turned
+    # into values in place (reconstruction.LevelHalves), with no float object per table entry.
+    import uctypes as _uctypes
+except ImportError:
+    _uctypes = None
+
 # The window always holds two parameters' worth of look-ahead of the longest unary binarization.
 _MIN_WINDOW = 2 * lookahead_bytes(255) + 64
-# Header bytes tried first; doubled while the header goes on past them.
+# Levels whose value LevelHalves keeps in a table (4 bytes each); the others (about 40 % on
+# silero-vad) are computed per parameter in small integers. A larger table is faster and bigger.
+_HALVES_RADIUS = 31
+# Header bytes tried first; doubled while the header goes on past them. A probe buffer up to
+# _KEPT_PROBE bytes is kept for the next NDU header.
 _FIRST_PROBE = 64
+_KEPT_PROBE = 256
+# What SliceFramer._unit_bytes() found.
+_MORE = 0
+_WHOLE_UNIT = 1
+_PAYLOAD = 2
 
 
 class MemoryChainState:
@@ -115,19 +135,49 @@ class SliceBuffers:
         self._window = None
         # deepcabac.TensorSteps takes its context objects from here instead of making new ones.
         self.contexts = {}
-        self._values = []  # [(step, value_of)], the last two used
+        self._values = []  # [(step, value_of, halves)], the last two used
+        # The last tensor's deepcabac.TensorCoding and TensorSteps, and the last PayloadInput, set
+        # anew for the next one (incremental._tensor_slices, SliceFramer).
+        self.coding = None
+        self.steps = None
+        self.input = None
+        self.context = None  # the last payload's PayloadContext (decoder.payload_context)
+        self.engine = None   # and its ArithmeticDecoder
+        self._views = None  # (kept array('f'), its INT32 view, its UINT16 view)
 
-    def values_for(self, step):
-        """reconstruction.level_values(step), kept for the last two step sizes (weights and biases
-        alternate): a table of reconstructed values is filled once, not once per tensor."""
+    def release(self):
+        """Let go of the window, the slice arrays, the contexts, the value tables and the objects
+        kept for reuse (between payloads: the next payload makes them anew)."""
+        self._kept = {}
+        self._window = None
+        self.contexts = {}
+        self._values = []
+        self._views = None
+        self.coding = self.steps = self.input = self.context = self.engine = None
+
+    def values_for(self, step, halves=False):
+        """reconstruction.level_values(step) (or with ``halves`` a reconstruction.LevelHalves), kept
+        for the last two step sizes (weights and biases alternate): a table of reconstructed values
+        is filled once, not once per tensor."""
         for entry in self._values:
-            if entry[0] == step:
+            if entry[0] == step and entry[2] == halves:
                 return entry[1]
         if len(self._values) >= 2:
             del self._values[0]
-        value_of = level_values(step, 0)
-        self._values.append((step, value_of))
+        value_of = LevelHalves(step, _HALVES_RADIUS) if halves else level_values(step, 0)
+        self._values.append((step, value_of, halves))
         return value_of
+
+    def views(self, out, n):
+        """uctypes views (INT32, UINT16) of the first ``n`` items of ``out``, an array('f') from
+        get() (or a view of one); those of the kept array are made once."""
+        kept = self._kept.get("f") if self.reuse else None
+        if kept is not None and _uctypes.addressof(out) == _uctypes.addressof(kept):
+            if self._views is None or self._views[0] is not kept:
+                self._views = None
+                self._views = (kept,) + _views(kept, len(kept))
+            return self._views[1], self._views[2]
+        return _views(out, n)
 
     def window(self, capacity):
         """The payload input window, one for the life of the stream (payloads follow each other)."""
@@ -141,13 +191,27 @@ class SliceBuffers:
         if not self.reuse:
             return zeros(typecode, n)
         kept = self._kept.get(typecode)
-        if kept is not None and len(kept) == n:
-            _clear(kept, typecode)
-            return kept
-        out = zeros(typecode, n)
-        if kept is None or len(kept) < n:
-            self._kept[typecode] = out  # keep the full-size one; a tensor's last slice may be shorter
+        if kept is not None and len(kept) >= n:
+            # A shorter slice (a tensor's last) is a view of the kept array: no array per tensor.
+            out = kept if len(kept) == n else memoryview(kept)[:n]
+            _clear(out, typecode)
+            return out
+        kept = None
+        if _MICROPYTHON:
+            # array(range(n)) is sized from len(): no n-byte temporary as in compat.zeros.
+            out = array(typecode, range(n))
+            _clear(out, typecode)
+        else:
+            out = zeros(typecode, n)
+        self._kept[typecode] = out
         return out
+
+
+def _views(a, n):
+    address = _uctypes.addressof(a)
+    ints = _uctypes.struct(address, {"v": (_uctypes.ARRAY | 0, _uctypes.INT32 | n)}, _uctypes.LITTLE_ENDIAN).v
+    halves = _uctypes.struct(address, {"v": (_uctypes.ARRAY | 0, _uctypes.UINT16 | 2 * n)}, _uctypes.LITTLE_ENDIAN).v
+    return ints, halves
 
 
 _ZERO_RUN = 64
@@ -157,18 +221,20 @@ _ZERO_RUNS = {}
 
 
 def _clear(a, typecode):
-    # Slice assignment from a short run of zeros: a C copy per 64 elements, no array-sized temporary.
-    run = _ZERO_RUNS.get(typecode)
-    if run is None:
-        run = _ZERO_RUNS[typecode] = zeros(typecode, _ZERO_RUN)
+    zero = 0.0 if typecode == "f" else 0
     n = len(a)
     i = 0
-    while i + _ZERO_RUN <= n:
-        a[i:i + _ZERO_RUN] = run
-        i += _ZERO_RUN
-    while i < n:
-        a[i] = 0
-        i += 1
+    if not _MICROPYTHON:
+        # Slice assignment from a short run of zeros: a C copy per 64 elements, no array-sized
+        # temporary. (MicroPython allocates a slice object per assignment: element by element there.)
+        run = _ZERO_RUNS.get(typecode)
+        if run is None:
+            run = _ZERO_RUNS[typecode] = zeros(typecode, _ZERO_RUN)
+        while i + _ZERO_RUN <= n:
+            a[i:i + _ZERO_RUN] = run
+            i += _ZERO_RUN
+    for i in range(i, n):
+        a[i] = zero
 
 
 class PayloadInput:
@@ -219,6 +285,12 @@ class PayloadInput:
             # An entry point beyond what has arrived: the bytes before it are skipped as they come.
             self.skip = keep - fill
             fill = keep
+        elif _MICROPYTHON:
+            # A slice of a bytearray is a copy there: move the bytes one by one instead (forward:
+            # the target lies before the source).
+            buf = self.buf
+            for i in range(fill - keep):
+                buf[i] = buf[keep + i]
         else:
             self.buf[0:fill - keep] = self.buf[keep:fill]
         self.fill = fill - keep
@@ -244,8 +316,13 @@ class PayloadInput:
             if self.skip:
                 e.safe = -1
 
-    def start_engine(self):
-        e = ArithmeticDecoder(self.buf, 0, self.fill)  # reads the first 2 bytes (NNCError if absent)
+    def start_engine(self, reuse=None):
+        """The arithmetic decoder over the window (``reuse``: one no longer used, set anew)."""
+        if reuse is None:
+            e = ArithmeticDecoder(self.buf, 0, self.fill)  # reads the first 2 bytes (NNCError if absent)
+        else:
+            e = reuse
+            e.__init__(self.buf, 0, self.fill)
         self.engine = e
         self.update()
         return e
@@ -272,7 +349,8 @@ def payload_slices(unit, ctx, inp, n):
         raise NNCError("cabac_unary_length_minus1 is not in the NDU header", 0, "cabac_unary_length_minus1")
     while inp.fill < 2 and not inp.complete:
         yield None
-    engine = inp.start_engine()
+    buffers = ctx.slice_buffers
+    engine = buffers.engine = inp.start_engine(buffers.engine)  # the last payload's engine, set anew
     if pt == NNR_PT_BLOCK:
         parts = _block_parts(ndu, names, dims)
     else:
@@ -368,19 +446,39 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
         if state.base_count != count:
             raise NNCError("temporal context base for '%s' has %d elements, the tensor %d"
                            % (name, state.base_count, count), engine.p, "temporal_context_modeling_flag")
-    coding = TensorCoding(dims, ndu.dq_flag, unary, ndu.scan_order, ctx.profile,
-                          len(codebook) if codebook is not None else 0, zero, eps, None, None,
-                          ndu.get("parent_node_id_present_flag", 0))
+    compiled = backend.tensor_steps
+    buffers = ctx.slice_buffers
+    # Without the compiled backend, the TensorCoding and TensorSteps of the previous tensor (done
+    # with) are set anew: fewer objects made per tensor on a small heap.
+    coding = buffers.coding if compiled is None else None
+    if coding is None:
+        coding = TensorCoding(dims, 0, 0)
+        if compiled is None:
+            buffers.coding = coding
+    coding.__init__(dims, ndu.dq_flag, unary, ndu.scan_order, ctx.profile,
+                    len(codebook) if codebook is not None else 0, zero, eps, None, None,
+                    ndu.get("parent_node_id_present_flag", 0))
     coding.tca = tca
     coding.history = ctx.profile == 1 and state is not None and state.has_history
     coding.max_bins = ctx.max_bins
-    coding.context_pool = ctx.slice_buffers.contexts
+    coding.context_pool = buffers.contexts
     qp = None if qp_value is None else qp_value + ctx.quantization_parameter
-    compiled = backend.tensor_steps
     # Without the compiled backend, plain float tensors are decoded straight into their values: one
     # buffer per slice instead of levels and values.
     direct = compiled is None and state is None and pt != NNR_PT_INT and codebook is None
-    steps = TensorSteps(engine, coding, ctx.slice_buffers.values_for(step_size(qp, ctx.qp_density)) if direct else None)
+    value_of = halves = None
+    if direct:
+        value_of = buffers.values_for(step_size(qp, ctx.qp_density), _uctypes is not None)
+        if _uctypes is not None:
+            halves, value_of = value_of, None  # levels into the float32 array, values after each window
+    steps = buffers.steps if compiled is None else None
+    if steps is None:
+        steps = TensorSteps(engine, coding, value_of)
+        if compiled is None:
+            buffers.steps = steps
+    else:
+        steps.__init__(engine, coding, value_of)
+    value_of = None
     inp.lookahead = steps.lookahead
     inp.update()
     fast = None
@@ -401,6 +499,13 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
         if fast is not None:
             while fast.run(engine, out, lo, hi, base, lookup) == NEED_INPUT:
                 yield None
+        elif halves is not None:
+            ints, words = ctx.slice_buffers.views(out, hi - lo)
+            steps.set_window(lo, hi, ints, base, lookup)
+            while steps.run() == NEED_INPUT:
+                yield None
+            halves.fill(out, ints, words, hi - lo)
+            ints = words = None
         else:
             steps.set_window(lo, hi, out, base, lookup)
             while steps.run() == NEED_INPUT:
@@ -419,6 +524,10 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
         yield (name, shape, lo, values)
         values = None
         lo = hi
+    # The kept TensorSteps lets go of this tensor's position loop (its frame holds the contexts
+    # and windows) until the next tensor sets it anew.
+    steps._steps = None
+    steps.set_window(0, 0, None)
     if state is not None:
         state.done()
 
@@ -471,6 +580,8 @@ class SliceFramer:
         self._size = 0             # nnr_unit_size of the current unit (0: at a unit boundary)
         self._got = 0              # bytes of the current unit consumed
         self._buf = None           # the unit's first bytes (an NDU header) or the whole unit
+        self._limit = 0            # how many bytes of _buf the unit uses so far
+        self._probe = None         # the buffer NDU headers are read into, kept while small
         self._fill = 0
         self._ndu = False
         self._unit = None          # the NDU whose payload is streaming
@@ -513,6 +624,11 @@ class SliceFramer:
             raise NNCError(msg, offset, element)
         self.decoder.finish()
 
+    def release(self):
+        """Between payloads (at_boundary): free the buffers kept for the next payload."""
+        if self._payload is None and self._input is None:
+            self.buffers.release()
+
     def reset(self):
         self._drop()
         try:
@@ -552,14 +668,26 @@ class SliceFramer:
                     take = self._size - self._got
                     if take > n - pos:
                         take = n - pos
-                    if take > len(self._buf) - self._fill:
-                        take = len(self._buf) - self._fill
+                    if take > self._limit - self._fill:
+                        take = self._limit - self._fill
                     self._buf[self._fill:self._fill + take] = mv[pos:pos + take]
                     self._fill += take
                     self._got += take
                     self.bytes += take
                     pos += take
-                    yield from self._unit_bytes()
+                    got = self._unit_bytes()
+                    if got == _WHOLE_UNIT:
+                        yield from self._whole_unit()
+                    elif got == _PAYLOAD:
+                        # The payload's first bytes (after the NDU header) are in the window.
+                        done = self._got == self._size
+                        item = self._pull()
+                        while item is not None:
+                            yield item
+                            item = None  # the caller may drop the slice before the next one is decoded
+                            item = self._pull()
+                        if done:
+                            self._unit_end()
                 else:
                     take = self._size - self._got
                     if take > n - pos:
@@ -576,7 +704,15 @@ class SliceFramer:
                     pos += k
                     self._got += k
                     self.bytes += k
-                    yield from self._payload_bytes()
+                    self._input.update()
+                    done = self._got == self._size
+                    item = self._pull()
+                    while item is not None:
+                        yield item
+                        item = None
+                        item = self._pull()
+                    if done:
+                        self._unit_end()
         except NNCError as exc:
             self._drop()
             _rebase(exc, self._start, 0)
@@ -605,36 +741,50 @@ class SliceFramer:
         # The unit type is in the next byte: an NDU header is then read in growing probes, any
         # other unit whole.
         self._ndu = None
-        self._buf = bytearray(nbytes + 1)
-        self._buf[0:nbytes] = head[0:nbytes]
+        probe = self._probe
+        if probe is None:
+            probe = self._probe = bytearray(_FIRST_PROBE)
+        for i in range(nbytes):
+            probe[i] = head[i]
+        self._buf = probe
+        self._limit = nbytes + 1
         self._fill = nbytes
         return pos + 1
 
     def _unit_bytes(self):
-        """Bytes of a unit before its payload streams: find its type, parse an NDU header."""
-        if self._fill < len(self._buf) and self._got < self._size:
-            return
+        """Bytes of a unit before its payload streams: find its type, parse an NDU header. Returns
+        what comes next: _MORE (bytes), _WHOLE_UNIT (a unit read whole, to decode) or _PAYLOAD
+        (the NDU's payload began). A plain method, not a generator: no generator object per call."""
+        if self._fill < self._limit and self._got < self._size:
+            return _MORE
         if self._ndu is None:
-            self._ndu = (self._buf[-1] >> 2) == NNR_NDU  # nnr_unit_type, u(6)
+            self._ndu = (self._buf[self._fill - 1] >> 2) == NNR_NDU  # nnr_unit_type, u(6)
             self._grow(_FIRST_PROBE if self._ndu else self._size)
-            if self._fill < len(self._buf) and self._got < self._size:
-                return
+            if self._fill < self._limit and self._got < self._size:
+                return _MORE
         if not self._ndu:
-            yield from self._whole_unit()
-            return
+            return _WHOLE_UNIT
         try:
             unit = parse_unit_header(self._buf, 0, self._fill, self.decoder.parser)
         except Incomplete:
-            self._grow(2 * len(self._buf))
-            return
-        yield from self._begin_payload(unit)
+            self._grow(2 * self._limit)
+            return _MORE
+        self._begin_payload(unit)
+        return _PAYLOAD
 
     def _grow(self, size):
+        """Let the unit's buffer take ``size`` bytes (at most the unit): an NDU header's probes use
+        one buffer kept from unit to unit while it stays small, other units get their own."""
         if size > self._size:
             size = self._size
+        self._limit = size
+        if self._ndu and size <= len(self._buf):
+            return
         buf = bytearray(size)
         buf[0:self._fill] = self._buf[0:self._fill]
         self._buf = buf
+        if self._ndu and size <= _KEPT_PROBE:
+            self._probe = buf
 
     def _whole_unit(self):
         """A unit other than an NDU, read whole: parameter sets, topology, and aggregate units,
@@ -651,7 +801,11 @@ class SliceFramer:
             self._input = PayloadInput(memoryview(job.data)[job.start:job.end])
             self._input.fill = self._input.received = self._input.total = job.end - job.start
             self._payload = payload_slices(job.unit, self._context(job.unit, job.ctx), self._input, self.n)
-            yield from self._run()
+            item = self._pull()
+            while item is not None:
+                yield item
+                item = None
+                item = self._pull()
             if self._payload is not None:
                 raise NNCError("payload decoding stopped before the end of its data", self._payload_at,
                                "nnr_compressed_data_unit_payload")
@@ -673,8 +827,12 @@ class SliceFramer:
                 decoder._interrupted(unit)
             first = True
         if first:
-            ctx = self._context(unit, decoder.payload_context(unit))
-            self._input = PayloadInput(self.buffers.window(self.window))
+            ctx = self.buffers.context = self._context(unit, decoder.payload_context(unit, self.buffers.context))
+            inp = self.buffers.input
+            if inp is None:
+                inp = self.buffers.input = PayloadInput(None)
+            inp.__init__(self.buffers.window(self.window))
+            self._input = inp
             self._payload = payload_slices(unit, ctx, self._input, self.n)
             self._payload_at = self._start + start
             self._payload_names = unit.names
@@ -689,50 +847,39 @@ class SliceFramer:
             if k != rest:
                 raise NNCError("payload window too small for the NDU header's trailing bytes", start,
                                "nnr_compressed_data_unit_payload")
-        yield from self._payload_bytes()
-
-    def _payload_bytes(self):
-        inp = self._input
         inp.update()
-        done = self._got == self._size
-        yield from self._run()
-        if not done:
-            return
-        # The unit's last byte is in.
+
+    def _unit_end(self):
+        """The unit's last byte is in (its payload decoded as far as it goes)."""
         self._size = 0
         self._unit = None
         self.units += 1
-        if self._payload is not None and inp.complete:
+        if self._payload is not None and self._input.complete:
             raise NNCError("payload decoding stopped before the end of its data", self._payload_at,
                            "nnr_compressed_data_unit_payload")
 
-    def _run(self):
+    def _pull(self):
+        """The next slice of the open payload, or None when it needs more bytes or has ended."""
         gen = self._payload
         if gen is None:
-            return
+            return None
         try:
-            while True:
-                try:
-                    item = next(gen)
-                except StopIteration:
-                    self._payload = None
-                    self._input = None
-                    return
-                if item is None:
-                    return
-                if item[2] == 0:
-                    self.tensors += 1
-                yield item
-                item = None  # the caller may drop the slice before the next one is decoded
+            item = next(gen)
+        except StopIteration:
+            self._payload = None
+            self._input = None
+            return None
         except NNCError as exc:
             _in_payload(exc, self._input, self._payload_at)
             raise
+        if item is not None and item[2] == 0:
+            self.tensors += 1
+        return item
 
 
 def _default_window():
-    import sys
     # A board's heap is small; on CPython a large window means fewer trips through Python.
-    return 1024 if sys.implementation.name == "micropython" else 1 << 16
+    return 640 if _MICROPYTHON else 1 << 16
 
 
 def _in_payload(exc, inp, payload_at):

@@ -49,9 +49,9 @@ class StreamDecoder:
         if max_unit_size is not None:
             decoder.set_limits(decoder.limits.replace(max_unit_size=max_unit_size))
         self.decoder = decoder
-        self.bytes = 0
-        self.units = 0
-        self.tensors = 0
+        self._bytes = 0
+        self._units = 0
+        self._tensors = 0
         self._head = bytearray(4)  # nnr_unit_size() bytes of the next unit, while incomplete
         self._head_len = 0
         self._buf = None           # the current unit, preallocated from its nnr_unit_size
@@ -64,6 +64,31 @@ class StreamDecoder:
             self._slices = SliceFramer(decoder, slice_elements, window, chain)
 
     # --- state ----------------------------------------------------------------------------------
+    # The progress counters; in slice mode the SliceFramer's.
+    @property
+    def bytes(self):
+        return self._bytes if self._slices is None else self._slices.bytes
+
+    @bytes.setter
+    def bytes(self, value):
+        self._bytes = value
+
+    @property
+    def units(self):
+        return self._units if self._slices is None else self._slices.units
+
+    @units.setter
+    def units(self, value):
+        self._units = value
+
+    @property
+    def tensors(self):
+        return self._tensors if self._slices is None else self._slices.tensors
+
+    @tensors.setter
+    def tensors(self, value):
+        self._tensors = value
+
     @property
     def limits(self):
         return self.decoder.limits
@@ -140,13 +165,8 @@ class StreamDecoder:
         next, and a chunk that completes many slices still holds one slice of memory."""
         if self._slices is None:
             raise ValueError("iter_feed() needs StreamDecoder(slice_elements=N)")
-        s = self._slices
-        try:
-            yield from s.iter_feed(chunk, reuse)
-        finally:
-            self.bytes = s.bytes
-            self.units = s.units
-            self.tensors = s.tensors
+        # The framer's generator itself: no generator object of this method's per chunk.
+        return self._slices.iter_feed(chunk, reuse)
 
     def close(self):
         """End of the stream: raise NNCError unless it ended on a unit boundary with no open
@@ -166,6 +186,13 @@ class StreamDecoder:
             raise NNCError(msg, offset, element)
         self._buf = None
         self.decoder.finish()
+
+    def release(self):
+        """Slice mode, at a boundary between payloads (e.g. where the stream may end): free the
+        window, slice arrays, contexts and value tables kept for the next payload, which then makes
+        them anew. On a small heap, before other work (a commit) that needs the memory."""
+        if self._slices is not None:
+            self._slices.release()
 
     def reset(self):
         """Forget any incomplete unit and open partial-data sequence (e.g. an abandoned

@@ -32,7 +32,9 @@ class Syntax:
             setattr(self, key, fields[key])
 
     def get(self, name, default=None):
-        return self.__dict__.get(name, default)
+        # Not self.__dict__.get: MicroPython's __dict__ is a new dict, a copy of the instance's
+        # table, at every access (some hundred bytes of garbage per NDU header element looked up).
+        return getattr(self, name, default)
 
     def as_dict(self):
         out = {}
@@ -140,7 +142,9 @@ def parse_unit_header(data, offset, available, state):
     reader.partial = available < end
     reader.max_string_bytes = state.limits.max_string_bytes
     reader.pos += size_bytes * 8
-    unit = Syntax(offset=offset, nnr_unit_size=size)
+    unit = Syntax()  # no keyword arguments: their dict would be garbage per unit
+    unit.offset = offset
+    unit.nnr_unit_size = size
     nnr_unit_header(reader, unit, state)
     if unit.nnr_unit_type == NNR_NDU:
         _ndu_payload_bounds(unit, reader.byte_offset(), end)
@@ -378,17 +382,18 @@ def _entry_point_lists(reader, ndu):
         rows = ((ndu.TensorDimensions[0] + bs - 1) >> shift) - 1
     _check_count(rows, MAX_LIST_ENTRIES, reader, "NumBlockRowsMinus1")
     ndu.NumBlockRowsMinus1 = rows
-    ndu.cabac_offset_list = []
-    ndu.dq_state_list = []
-    ndu.BitOffsetList = []
+    # Lists of their final size: appending would leave the smaller ones behind as garbage per header.
+    offsets = ndu.cabac_offset_list = [0] * rows
+    states = ndu.dq_state_list = [0] * rows if ndu.dq_flag else []
+    bits = ndu.BitOffsetList = [0] * rows
     for j in range(rows):
-        ndu.cabac_offset_list.append(reader.u(8, "cabac_offset_list"))
+        offsets[j] = reader.u(8, "cabac_offset_list")
         if ndu.dq_flag:
-            ndu.dq_state_list.append(reader.u(3, "dq_state_list"))
+            states[j] = reader.u(3, "dq_state_list")
         if j == 0:
-            ndu.BitOffsetList.append(reader.ue(11, "bit_offset_delta1"))
+            bits[j] = reader.ue(11, "bit_offset_delta1")
         else:
-            ndu.BitOffsetList.append(ndu.BitOffsetList[j - 1] + reader.ie(7, "bit_offset_delta2"))
+            bits[j] = bits[j - 1] + reader.ie(7, "bit_offset_delta2")
 
 
 def _prod(values):

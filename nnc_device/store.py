@@ -296,12 +296,13 @@ class StoreSession:
         self.limits = limits
         self.meta = meta
         self.record = None
-        # The tensors this run writes: name -> (dtype, shape, file), and their names in stream order.
-        # The index's dicts are built only to commit: a model of many tensors keeps less meanwhile.
+        # The tensors this run writes: name -> (dtype, shape, K: the file t<G>_<K>.bin), and their
+        # names in stream order. The index's dicts and file names are made only to commit: a model
+        # of many tensors keeps less meanwhile.
         self._written = {}
         self._order = []
         self._base_tensors = {}    # an update: name -> the base's index entry
-        self._created = []         # files this run created (removed unless it commits)
+        self._created = []         # files this run created (removed unless it commits); K: t<G>_<K>.bin
         self._files = []           # files open now
         self._leading = LeadingUnits()
         self._decoder = None
@@ -309,6 +310,7 @@ class StoreSession:
         self._finished = False
         self._next = 0
         self._tensor = None        # the tensor being written: [name, dtype, count, written, out file, old file]
+        self._slot = [None] * 6    # the list _tensor is
         self._piece = None
 
     # -- files of this run --
@@ -319,9 +321,16 @@ class StoreSession:
         self._next += 1
         return self._next - 1
 
-    def _create(self, name, mode="wb"):
-        self._created.append(name)
-        return self._open(name, mode)
+    def _create(self, name, mode="wb", number=None):
+        """Create the file ``name``, or with ``number`` K the tensor file t<G>_<K>.bin."""
+        if number is None:
+            self._created.append(name)
+            return self._open(name, mode)
+        self._created.append(number)
+        # The path in one string: a tensor's file makes less garbage.
+        f = open("%s/t%d_%d.bin" % (self.directory, self.generation, number), mode)
+        self._files.append(f)
+        return f
 
     def _open(self, name, mode):
         f = open(_join(self.directory, name), mode)
@@ -345,6 +354,9 @@ class StoreSession:
                     self._begin()
             else:
                 self._decode(chunk)
+            if self._decoder is not None and self._decoder.at_boundary:
+                # The stream may end here: the decoder's buffers are not kept through a commit.
+                self._decoder.release()
         except BaseException:
             self.abort()
             raise
@@ -380,6 +392,8 @@ class StoreSession:
                 pass
         self._files = []
         for name in self._created:
+            if not isinstance(name, str):
+                name = self._name("t", name)
             try:
                 os.remove(_join(self.directory, name))
             except OSError:
@@ -442,10 +456,17 @@ class StoreSession:
                                          % (name, base["dtype"], dtype))
             old = self._open(base["file"], "rb")
         dtype = dtype or "<f4"
-        file = self._name("t", self._number())
-        self._written[name] = (dtype, shape, file)
+        k = self._number()
+        self._written[name] = (dtype, shape, k)
         self._order.append(name)
-        self._tensor = [name, dtype, _count(shape), 0, self._create(file), old]
+        t = self._slot  # one list for the life of the session
+        t[0] = name
+        t[1] = dtype
+        t[2] = _count(shape)
+        t[3] = 0
+        t[4] = self._create(None, "wb", k)
+        t[5] = old
+        self._tensor = t
 
     def _put(self, name, start, values):
         t = self._tensor
@@ -486,6 +507,7 @@ class StoreSession:
         self._close(out, True)
         if old is not None:
             self._close(old)
+        t[4] = t[5] = None
         self._tensor = None
 
     # -- the new generation --
@@ -498,10 +520,10 @@ class StoreSession:
             for t in self.base["tensors"]:
                 new = written.get(t["name"])
                 out.append(t if new is None else {"name": t["name"], "dtype": t["dtype"], "shape": t["shape"],
-                                                  "file": new[2]})
+                                                  "file": self._name("t", new[2])})
             return out
-        return [{"name": n, "dtype": written[n][0], "shape": list(written[n][1]), "file": written[n][2]}
-                for n in self._order]
+        return [{"name": n, "dtype": written[n][0], "shape": list(written[n][1]),
+                 "file": self._name("t", written[n][2])} for n in self._order]
 
     def _index(self):
         """The new generation's index, its digest checked against the update record."""

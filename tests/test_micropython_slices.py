@@ -3,7 +3,7 @@
 Same runner and fixtures as tests/test_micropython.py (skipped without Node or the npm package,
 except with CI=true). The conformance vectors go through StreamDecoder(slice_elements=N) with every
 chunk size and slice size of the issue; nnc_device.store runs for silero-vad, the p1_tca chain and
-real updates; and p1_real_silero_vad is stored in a heap of what the imports take plus 56 KiB.
+real updates; and p1_real_silero_vad is stored in a heap of what the imports take plus 42 KiB.
 """
 
 import os
@@ -28,9 +28,10 @@ SLICES = [1, 7, 4096]
 # is the same code for every vector (all pairs run on the small ones), and CPython runs every pair
 # of both (tests/test_slices.py).
 LARGE = {"p1_real_silero_vad": [(1, 4096)], "p0_real_silero_vad": [(7, 7)]}
-# Issue 15's target is the imports + 32 KiB; the store run needs the imports + 53.6 KiB today
-# (benchmarks/micropython_heap.py prints both, and what the rest goes to). This guards what is reached.
-BUDGET = 56 << 10
+# Issue 15's target is the imports + 32 KiB; the store run needs a heap of the imports + 35 KiB
+# today (in 4 KiB steps; 39 KiB with contexts of 5 KiB instead of 3.7: benchmarks/micropython_heap.py
+# prints both, and what the rest goes to). This guards what is reached, with a margin.
+BUDGET = 42 << 10
 # gc.mem_alloc() after the imports differs by some tens of bytes from one run to the next.
 IMPORT_NOISE = 512
 
@@ -59,6 +60,31 @@ def test_conformance_vectors_in_slices_on_micropython(micropython, vectors):  # 
                 if name not in LARGE or (chunk, n) in LARGE[name]:
                     assert re.search(r"^ok   chunk %d slice %d %s " % (chunk, n, name), proc.stdout, re.M), \
                         (chunk, n, name)
+
+
+def test_level_halves_match_level_values():
+    # MicroPython decodes float tensors in slices through reconstruction.LevelHalves (uctypes views
+    # of the slice array, which CPython lacks): here through memoryview casts, against the
+    # level_values() that CPython's slice decoding uses, for steps from subnormal to infinite.
+    from array import array
+    from decoder_core.reconstruction import LevelHalves, level_values, step_size
+    rng = np.random.default_rng(5)
+    steps = [step_size(qp, d) for d in (0, 3, 6) for qp in range(-1300, 1300, 23)] + [100000.0]
+    steps += [float(x) for x in rng.uniform(0.0, 1.0, 20)] + [float("inf"), 0.0]
+    n = 600
+    for k, step in enumerate(steps):
+        levels = np.concatenate([rng.integers(-40, 41, n // 2), rng.integers(-2 ** 17, 2 ** 17, n // 4),
+                                 rng.integers(-2 ** 31, 2 ** 31, n // 8), rng.integers(2 ** 24 - 4, 2 ** 24 + 4, n // 8)])
+        levels[::7] = 0
+        out = array("f", bytes(4 * n))
+        raw = memoryview(out).cast("B")
+        ints, halves = raw.cast("i"), raw.cast("H")
+        ints[:] = array("i", levels.astype(np.int32).tolist())
+        LevelHalves(step, 31 if k % 2 else 3).fill(out, ints, halves, n)
+        raw = ints = halves = None
+        value_of = level_values(step, 0)
+        want = array("f", [value_of(int(v)) if v else 0.0 for v in levels.astype(np.int32)])
+        assert out.tobytes() == want.tobytes(), step
 
 
 # --- the store ---------------------------------------------------------------------------------------
@@ -125,7 +151,7 @@ def test_store_on_micropython(micropython, vectors, tmp_path):  # noqa: F811
 
 
 # --- memory ------------------------------------------------------------------------------------------
-def test_silero_is_stored_in_the_import_size_plus_56kib(micropython, vectors, device_mpy):  # noqa: F811
+def test_silero_is_stored_in_the_import_size_plus_42kib(micropython, vectors, device_mpy):  # noqa: F811
     # p1_real_silero_vad in 256-byte chunks, slices of 2048 elements, decoder_core and nnc_device as
     # .mpy files, in a heap of what importing them takes plus BUDGET; the run measures the import
     # size itself, and fails if the heap has to grow.
