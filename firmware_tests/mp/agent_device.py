@@ -78,7 +78,12 @@ def agent_step():
     try:
         m.check(S[0])
     except HeapTooSmall as e:
-        print("agent memory: FAIL %s" % e)
+        asm = a.assembly
+        print("agent memory: FAIL %s (agent: %s, target %s, %d bodies queued, %s, %s)"
+              % (e, a.state, a.target, len(a.bodies),
+                 "no publication" if asm is None else "assembling %s, message %d of %d" % (asm.first.describe(),
+                                                                                        asm.next, asm.first.count),
+                 "verifying a signature" if a.verifying is not None else "decoding" if a.session else "idle"))
         raise SystemExit(1)
     if live > S[4] or step > S[5] or m.peak - S[2] > S[3]:
         S[3], S[4], S[5] = max(S[3], m.peak - S[2]), max(S[4], live), max(S[5], step)
