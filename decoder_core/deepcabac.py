@@ -960,6 +960,13 @@ def _reach_entry_point(engine, pointer, j):
         yield NEED_INPUT
 
 
+# How many context layouts a pool keeps. A layout with TCA and HDSP is about 100 contexts (5 KB on
+# MicroPython); an update's tensors mix layouts (TCA, HDSP, dependent quantization per tensor), so
+# a small heap keeps only the last one and makes another anew when the layout changes (measured in
+# tests/test_agent_micropython.py: 4.7 KB less live state during the updates, the same peak).
+_POOL_LAYOUTS = 1 if _MICROPYTHON else 4
+
+
 def _contexts(pool, ids, dq, N, tca, hdsp):
     """Every context of a tensor (_context's form), in the order of shift_parameter_ids() (2.6), set
     from the set ids it decoded; and the groups (sig, sig_tca, sig_hdsp, sign, sign_tca, gtx,
@@ -990,8 +997,8 @@ def _contexts(pool, ids, dq, N, tca, hdsp):
     groups[3:4] = [signs[:3], signs[3:]]
     entry = (contexts, groups)
     if pool is not None:
-        if len(pool) >= 4:
-            pool.clear()  # layouts rarely change within a stream; keep the few in use
+        if len(pool) >= _POOL_LAYOUTS:
+            pool.clear()  # layouts rarely change within a stream; keep the one or few in use
         pool[key] = entry
     return entry
 
@@ -1058,8 +1065,13 @@ def preamble(engine, coding, steps):
     max_abs = Z if Z > S - 1 - Z else S - 1 - Z
     sign_coded = not (cb and (Z == 0 or Z == S - 1))
     shift_flag = _ctx(0)
-    ids = bytearray()  # a set id is 0..8
-    for size, kind in _preamble_groups(dq, N, coding.tca, hdsp):
+    groups = _preamble_groups(dq, N, coding.tca, hdsp)
+    count = 0
+    for size, _ in groups:
+        count += size
+    ids = bytearray(count)  # a set id is 0..8; sized up front: appending regrows it on a small heap
+    k = 0
+    for size, kind in groups:
         for a in range(size):
             present = True
             if cb:
@@ -1080,7 +1092,8 @@ def preamble(engine, coding, steps):
                 if engine.decode_decision(shift_flag):
                     set_id = 1 + engine.uae(3)
                     nbins += 3
-            ids.append(set_id)
+            ids[k] = set_id
+            k += 1
     eps = coding.entry_points
     use_eps = steps.block_scan and h > steps.bh and eps is not None
     if use_eps:

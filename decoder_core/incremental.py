@@ -464,8 +464,12 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
     coding.context_pool = buffers.contexts
     qp = None if qp_value is None else qp_value + ctx.quantization_parameter
     # Without the compiled backend, plain float tensors are decoded straight into their values: one
-    # buffer per slice instead of levels and values.
-    direct = compiled is None and state is None and pt != NNR_PT_INT and codebook is None
+    # buffer per slice instead of levels and values. With uctypes (MicroPython) also those of an
+    # update chain: the slice's int32 levels are written to the chain state before they become values
+    # in place, instead of a float object per parameter from reconstruct() (garbage of some KB per
+    # slice, which this port's GC may not collect before the next).
+    direct = (compiled is None and pt != NNR_PT_INT and codebook is None
+              and (state is None or _uctypes is not None))
     value_of = halves = None
     if direct:
         value_of = buffers.values_for(step_size(qp, ctx.qp_density), _uctypes is not None)
@@ -504,6 +508,10 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
             steps.set_window(lo, hi, ints, base, lookup)
             while steps.run() == NEED_INPUT:
                 yield None
+            if state is not None:
+                # ``out`` holds the int32 levels' bytes until fill() turns them into values.
+                backend.update_history(ints, hist)
+                state.write(lo, out, hist)
             halves.fill(out, ints, words, hi - lo)
             ints = words = None
         else:
@@ -511,7 +519,7 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
             while steps.run() == NEED_INPUT:
                 yield None
         base = None
-        if state is not None:
+        if state is not None and halves is None:
             backend.update_history(out, hist)
             state.write(lo, out, hist)
         hist = lookup = None

@@ -166,6 +166,7 @@ class Agent:
         self.content_error = None  # why, while the rest of the publication is hashed to confirm it is genuine
         self.verifying = None     # [pieces, envelope, payload] of a signature being checked
         self.accepted = None      # the envelope whose signature checked out, to be started next step
+        self.committed = None     # with feed_bytes: the store session whose old generation goes next step
         self.started = 0
         self.state = report.CURRENT
         self.error = None
@@ -203,6 +204,10 @@ class Agent:
     def step(self):
         """One piece of work: a piece of a signature check, a subscription, or one message. Returns
         False when there was nothing to do."""
+        if self.committed is not None:
+            session, self.committed = self.committed, None
+            session.remove_old()
+            return True
         if self.verifying is not None:
             self._verify_piece()
             return True
@@ -494,7 +499,11 @@ class Agent:
             if self.content_error is not None:
                 raise self.content_error
             self._set_state(report.APPLYING)
-            self.session.close()
+            # With feed_bytes the old generation is removed in the next step: on a port that
+            # collects between steps only, the commit's garbage and the removal's would add up.
+            self.session.close(keep_old=self.feed_bytes is not None)
+            if self.feed_bytes is not None:
+                self.committed = self.session
         except NNCError as exc:
             # Unless the digest confirmed the bytes, a forged copy under a genuine envelope may have
             # failed: refusing would make the device ignore the real one, so it is retried later.

@@ -44,6 +44,11 @@ from decoder_core.stream import StreamDecoder
 
 from .record import LeadingUnits, model_digest
 
+try:
+    import uctypes as _uctypes  # MicroPython: the float32 bits of a slice without float objects
+except ImportError:
+    _uctypes = None
+
 FORMAT = "nnc-device-store"
 VERSION = 1
 DEFAULT_SLICE_ELEMENTS = 2048
@@ -177,11 +182,12 @@ def _sync_directory(directory):
         pass
 
 
-def _read(f, buf, size, what):
-    """Fill ``buf`` (``size`` bytes: an array, a view of one or a bytearray) from ``f``."""
+def _read(f, buf, size, what, name):
+    """Fill ``buf`` (``size`` bytes: an array, a view of one or a bytearray) from ``f``; the error
+    names ``what % name`` (formatted only then: this runs for every slice)."""
     got = f.readinto(buf)
     if got != size:
-        raise StoreError("%s ends early: %d bytes read, %d expected" % (what, got or 0, size))
+        raise StoreError("%s ends early: %d bytes read, %d expected" % (what % name, got or 0, size))
 
 
 def _dtype(values):
@@ -209,9 +215,21 @@ class _FileChain:
         self.session = session
         self.entries = {e["name"]: e for e in entries}
         self.new = {}
+        # One TCA base and one history buffer for every slice of the run (each slice's are used up
+        # before the next is read): not an array and a bytearray per slice, which on a port that
+        # collects only between calls is garbage of some KB per step of a sparse update.
+        self._kept = {}
 
     def open(self, name, count):
         return _ChainTensor(self, name, count)
+
+    def buffer(self, kind, n):
+        """The kept array("i") (``kind`` "i") or bytearray ("B") of ``n`` items, or a view of one."""
+        kept = self._kept.get(kind)
+        if kept is None or len(kept) < n:
+            kept = None
+            self._kept[kind] = kept = zeros("i", n) if kind == "i" else bytearray(n)
+        return kept if len(kept) == n else memoryview(kept)[:n]
 
 
 class _ChainTensor:
@@ -230,16 +248,19 @@ class _ChainTensor:
         self.end = 0
 
     def read_base(self, lo, hi):
-        levels = zeros("i", hi - lo)
+        levels = self.chain.buffer("i", hi - lo)
         self.levels.seek(4 * lo)
-        _read(self.levels, levels, 4 * (hi - lo), "the TCA base of %r" % self.name)
+        _read(self.levels, levels, 4 * (hi - lo), "the TCA base of %r", self.name)
         return levels
 
     def read_history(self, lo, hi):
-        hist = bytearray(hi - lo)
+        hist = self.chain.buffer("B", hi - lo)
         if self.history is not None:
             self.history.seek(lo)
-            _read(self.history, hist, hi - lo, "the HDSP history of %r" % self.name)
+            _read(self.history, hist, hi - lo, "the HDSP history of %r", self.name)
+        else:
+            for i in range(hi - lo):
+                hist[i] = 0
         return hist
 
     def write(self, lo, levels, history):
@@ -361,8 +382,11 @@ class StoreSession:
             self.abort()
             raise
 
-    def close(self):
-        """End of the stream: check it, commit the new generation and return its index."""
+    def close(self, keep_old=False):
+        """End of the stream: check it, commit the new generation and return its index. The old
+        generation's files are removed after, or with ``keep_old`` by remove_old() (for a caller
+        that works in small steps on a port that collects garbage between them only: the removal
+        makes garbage per file, a commit of its own)."""
         if self._finished:
             raise ValueError("close() after close() or abort()")
         try:
@@ -379,8 +403,14 @@ class StoreSession:
             raise
         self._finished = True
         self.base = index
-        _clear(self.directory, index)
+        if not keep_old:
+            _clear(self.directory, index)
         return index
+
+    def remove_old(self):
+        """After close(keep_old=True): remove the files the committed index does not name (a run
+        that never gets here leaves them to the next session, which clears them first)."""
+        _clear(self.directory, self.base)
 
     def abort(self):
         """Give the stream up: close and remove every file this session wrote."""
@@ -487,14 +517,27 @@ class StoreSession:
         where the difference is nonzero, so the others are copied bit for bit."""
         buf = self._piece
         n = len(diff)
+        # On MicroPython every float read from an array is a 16-byte heap object: zero differences
+        # (most of an update) are found from the float32 bits instead (16-bit halves: small ints), so
+        # only the changed elements make floats.
+        bits = None
+        if _uctypes is not None and n:
+            bits = _uctypes.struct(_uctypes.addressof(diff), {"v": (_uctypes.ARRAY | 0, _uctypes.UINT16 | 2 * n)},
+                                   _uctypes.LITTLE_ENDIAN).v
         for j in range(0, n, len(buf)):
             k = n - j if n - j < len(buf) else len(buf)
             piece = buf if k == len(buf) else memoryview(buf)[:k]
-            _read(old, piece, 4 * k, "the stored tensor %r" % name)
-            for i in range(k):
-                d = diff[j + i]
-                if d != 0.0:
-                    buf[i] = buf[i] + d
+            _read(old, piece, 4 * k, "the stored tensor %r", name)
+            if bits is not None:
+                for i in range(k):
+                    h = 2 * (j + i)
+                    if bits[h] or bits[h + 1] & 0x7FFF:  # not +0.0 or -0.0
+                        buf[i] = buf[i] + diff[j + i]
+            else:
+                for i in range(k):
+                    d = diff[j + i]
+                    if d != 0.0:
+                        buf[i] = buf[i] + d
             out.write(piece)
 
     def _end_tensor(self):
