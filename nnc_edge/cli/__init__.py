@@ -146,7 +146,9 @@ def build_parser():
         importlib.import_module(module)
     parser = argparse.ArgumentParser(
         prog="nnc-edge",
-        description="Decode and inspect ISO/IEC 15938-17 Neural Network Coding (NNC) bitstreams.",
+        description="ISO/IEC 15938-17 Neural Network Coding (NNC): encode, decode and inspect NNR bitstreams,\n"
+                    "make and apply updates, and deliver them to devices over MQTT (publish, receive,\n"
+                    "fleet, rollout, rollback).",
         epilog="exit status: 0 success, 1 a file cannot be read or written, 2 invalid bitstream or usage.\n"
                "Run 'nnc-edge COMMAND --help' for a command's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
