@@ -43,15 +43,14 @@ outside it the device stays at its version and reports ``waiting``.
 A full model that restores the version the device has (``nnc-edge rollback --to``; the envelope's
 parent) is taken without a download: the store's index is committed again as a new generation
 naming the same files, with the new version in its meta and without the update chain's decoder state
-(``_relabel``: the host starts a new chain at a restored version, as for a device that downloads it).
+(``nnc_device.store.relabel``: the host starts a new chain at a restored version, as for a device
+that downloads it).
 The agent keeps no previous model (no A/B, no health check): a restore of any other version is
 downloaded as a full model.
 """
 
 import binascii
 import hashlib
-import json
-import os
 import struct
 import time
 
@@ -59,7 +58,7 @@ from decoder_core.errors import NNCError
 from transports import envelope, report
 from transports.envelope import FULL, UPDATE, Assembly, digest_hex
 
-from .store import StoreSession, read_index
+from .store import StoreSession, read_index, relabel
 
 try:
     from time import ticks_add, ticks_diff, ticks_ms
@@ -417,7 +416,7 @@ class Agent:
             return False
         started = ticks_ms()
         try:
-            _relabel(self.directory, {"model": self.model, "seq": env.seq, "digest": digest_hex(env.digest),
+            relabel(self.directory, {"model": self.model, "seq": env.seq, "digest": digest_hex(env.digest),
                                       "kind": "restore"})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._say("restoring %s locally failed (%s): downloading it" % (env.describe(), _reason(exc)))
@@ -621,34 +620,6 @@ class Agent:
     def _say(self, line):
         if self.log is not None:
             self.log("nnc-device %s/%s: %s" % (self.device_id, self.model, line))
-
-
-def _relabel(directory, meta):
-    """Commit the store's index (nnc_device.store's format) again as the next generation with
-    ``meta``: the same tensor files and no chain state (at update 0 of a chain rooted at this model,
-    as after a full model), a new index file (``index<G+1>.tmp`` renamed to ``index<G+1>.json``,
-    which replaces no file), then the old index removed; a crash leaves one of the two, and the
-    store's next run clears what its index does not name (the old chain-state files too)."""
-    index = read_index(directory)
-    if index is None:
-        raise ValueError("the store holds no model")
-    old = index["generation"]
-    index["generation"] = old + 1
-    index["meta"] = meta
-    index["chain"] = []
-    index["sequence"], index["root"] = 0, index["digest"]
-    base = directory.rstrip("/") or "/"
-    tmp = "%s/index%d.tmp" % (base, old + 1)
-    with open(tmp, "w") as f:
-        json.dump(index, f)
-        f.flush()
-        if hasattr(os, "fsync"):
-            os.fsync(f.fileno())
-    os.rename(tmp, "%s/index%d.json" % (base, old + 1))
-    try:
-        os.remove("%s/index%d.json" % (base, old))
-    except OSError:
-        pass  # the store's next run removes it
 
 
 def _sleep_ms(ms):

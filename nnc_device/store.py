@@ -182,6 +182,46 @@ def _sync_directory(directory):
         pass
 
 
+def _commit_index(directory, index):
+    """Write ``index`` as index<G>.tmp, sync it and rename it to index<G>.json: the commit point, a
+    new name, so no filesystem has to replace a file. The temporary file goes if that fails."""
+    name = _join(directory, "%s%d" % (_INDEX, index["generation"]))
+    try:
+        f = open(name + ".tmp", "w")
+        try:
+            json.dump(index, f)
+            _sync(f)
+        finally:
+            f.close()
+        os.rename(name + ".tmp", name + ".json")
+    except BaseException:
+        try:
+            os.remove(name + ".tmp")
+        except OSError:
+            pass
+        raise
+    _sync_directory(directory)
+
+
+def relabel(directory, meta):
+    """Commit the stored model again as the next generation with ``meta`` (a version the device
+    takes without downloading it, e.g. one that restores the model it has): the same tensor files
+    and no update-chain state (a restored version starts a new chain, as for a device that downloads
+    it). The old index and chain-state files are removed after; a crash leaves them to the next
+    session, which clears them first. Returns the new index; StoreError when there is no model."""
+    directory = _normalize(directory)
+    index = read_index(directory)
+    if index is None:
+        raise StoreError("%s holds no model" % directory)
+    index["generation"] += 1
+    index["meta"] = meta
+    index["chain"] = []
+    index["sequence"], index["root"] = 0, index["digest"]
+    _commit_index(directory, index)
+    _clear(directory, index)
+    return index
+
+
 def _read(f, buf, size, what, name):
     """Fill ``buf`` (``size`` bytes: an array, a view of one or a bytearray) from ``f``; the error
     names ``what % name`` (formatted only then: this runs for every slice)."""
@@ -593,14 +633,8 @@ class StoreSession:
                 "chain": [entries[n] for n in sorted(entries)], "meta": self.meta}
 
     def _commit(self, index):
-        tmp = "%s%d.tmp" % (_INDEX, self.generation)
-        f = self._create(tmp, "w")
-        json.dump(index, f)
-        self._close(f, True)
-        # The commit point: a new name, so no filesystem has to replace a file.
-        os.rename(_join(self.directory, tmp), _join(self.directory, "%s%d.json" % (_INDEX, self.generation)))
+        _commit_index(self.directory, index)
         self._created = []
-        _sync_directory(self.directory)
 
     def _digest(self, tensors):
         """The model digest of stored tensor files (``tensors``: index entries)."""

@@ -23,7 +23,7 @@ from decoder_core.units import nnr_unit_size
 from nnc_device import record
 from nnc_device.store import (
     AlreadyAppliedError, CorruptUpdateError, MissingStateError, StoreError, StoreSession, WrongBaseError, read_index,
-    store_stream,
+    relabel, store_stream,
 )
 from nnc_edge import updates
 from test_conformance import CASES, expected_tensors, read_vector
@@ -211,6 +211,39 @@ def test_repeated_update_and_missing_state_are_refused(device, tmp_path_factory)
     with pytest.raises(MissingStateError):
         store_bytes(second, directory)
     assert snapshot(directory) == before
+
+
+def test_relabel_commits_the_same_tensors_without_chain_state(device, tmp_path_factory, monkeypatch):
+    # A version restored without a download (nnc_device.agent): a new generation naming the same tensor
+    # files, the update chain's decoder state dropped (the restored version starts a new chain).
+    directory, model = device
+    residual = str(tmp_path_factory.mktemp("host") / "chain.state")
+    rng = np.random.default_rng(6)
+    first, model1 = updates.encode_update(model, drift(model, rng), residual=residual, return_model=True)
+    store_bytes(first, directory)
+    old = read_index(str(directory))
+    assert old["chain"]
+    tensors = {t["file"]: open(os.path.join(str(directory), t["file"]), "rb").read() for t in old["tensors"]}
+    # A failed commit leaves the store as it was, with no temporary file.
+    before = snapshot(directory)
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "rename", full_disk)
+    with pytest.raises(OSError):
+        relabel(str(directory), {"seq": 9})
+    monkeypatch.undo()
+    assert snapshot(directory) == before
+
+    new = relabel(str(directory), {"seq": 9})
+    assert new == read_index(str(directory))
+    assert (new["generation"], new["meta"], new["chain"], new["sequence"], new["root"]) == \
+        (old["generation"] + 1, {"seq": 9}, [], 0, old["digest"])
+    assert new["tensors"] == old["tensors"] and new["digest"] == old["digest"]
+    assert sorted(os.listdir(str(directory))) == sorted(list(tensors) + ["index%d.json" % new["generation"]])
+    assert {name: open(os.path.join(str(directory), name), "rb").read() for name in tensors} == tensors
+    with pytest.raises(StoreError):
+        relabel(str(tmp_path_factory.mktemp("empty")), {"seq": 1})
 
 
 def test_update_needs_a_stored_model_and_a_model_stream_is_not_an_update(device, tmp_path):
