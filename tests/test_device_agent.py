@@ -181,6 +181,10 @@ def test_wave_and_report_definitions():
     for i in range(200):
         if report.in_wave("d%d" % i, {"from": 2, "percent": 10}):
             assert report.in_wave("d%d" % i, {"from": 2, "percent": 50})
+    # A receiver without a device id has no bucket: only a wave of every device takes it, unless halted.
+    assert [report.highest_version(None, wave, 9) for wave in (
+        None, {"from": 4, "percent": 99.9}, {"from": 4, "percent": 100}, {"from": 4, "percent": 100, "halted": True},
+        {"from": 4, "devices": ["board-1"]})] == [9, 3, 9, 3, 3]
     assert client_id("board-1") == "nnc-edge-board-1"
     with pytest.raises(ValueError):
         client_id("a/b")

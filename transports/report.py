@@ -187,9 +187,12 @@ def parse_rollout(value):
 
 
 def in_wave(device_id, rollout):
-    """True when the wave includes this device (always without a wave), halted or not."""
+    """True when the wave includes this device (always without a wave), halted or not. A device
+    without an id (None) has no bucket: only a wave of 100 percent includes it."""
     if rollout is None:
         return True
+    if device_id is None:
+        return rollout.get("percent", 0) >= 100
     return device_id in rollout.get("devices", ()) or bucket(device_id) < rollout.get("percent", 0) * (BUCKETS // 100)
 
 

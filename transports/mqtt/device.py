@@ -155,7 +155,7 @@ class Receiver:
         if target is not None and st is not None and st.seq:
             # Also caps what streams in live after the newest version: a publication under way
             # (pending) of a version outside the wave is not fetched either.
-            if target > _highest_version(self.device_id, self.rollout):
+            if target > report.highest_version(self.device_id, self.rollout, 0xFFFFFFFF):
                 self.hold = "wave"
                 return None
         if target is not None and self._rolled_back(target):
@@ -639,17 +639,6 @@ class _Version:
 
     def describe(self):
         return "version %d (%s)" % (self.seq, digest_hex(self.digest)[:12])
-
-
-def _highest_version(device_id, rollout):
-    """The newest version the wave lets this device take (report.highest_version for any number of
-    versions announced). A receiver without a device id has no bucket: it is in a wave of 100
-    percent only."""
-    if device_id is not None:
-        return report.highest_version(device_id, rollout, 0xFFFFFFFF)
-    if rollout is None or (rollout.get("percent", 0) >= 100 and not rollout.get("halted")):
-        return 0xFFFFFFFF
-    return rollout["from"] - 1
 
 
 class DeviceLog(logging.LoggerAdapter):
