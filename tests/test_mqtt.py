@@ -109,21 +109,27 @@ def settings_for(broker, **kw):
     return mqtt.BrokerSettings(broker.url, timeout=3.0, **kw)
 
 
-async def retained_topics(settings, prefix):
-    """The topics under prefix the broker holds a retained message for."""
+async def retained_messages(settings, topic_filter):
+    """(topic, payload) of every retained message the broker holds under ``topic_filter``: read until
+    a marker published after subscribing comes back."""
     found = []
     async with settings.client("probe") as client:
         marker = "probe/%d" % os.getpid()
-        await client.subscribe(prefix + "/#", qos=1)
+        await client.subscribe(topic_filter, qos=1)
         await client.subscribe(marker, qos=1)
         await client.publish(marker, b"x", qos=1)
         messages = client.messages.__aiter__()
         while True:
             message = await asyncio.wait_for(messages.__anext__(), WAIT)
             if message.topic.value == marker:
-                return sorted(found)
+                return found
             if message.retain and message.payload:
-                found.append(message.topic.value)
+                found.append((message.topic.value, bytes(message.payload)))
+
+
+async def retained_topics(settings, prefix):
+    """The topics under prefix the broker holds a retained message for."""
+    return sorted(topic for topic, _ in await retained_messages(settings, prefix + "/#"))
 
 
 # --- scenarios ------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from transports.mqtt.rollout import RolloutError, widen_wave
 
 from mqtt_broker import LOOPBACK, Mosquitto
 from test_mqtt import pytestmark  # noqa: F401 (skipped without mosquitto, as test_mqtt.py)
-from test_mqtt import WAIT, Device, assert_model, cached_chain, retained_topics, run, settings_for
+from test_mqtt import WAIT, Device, assert_model, cached_chain, retained_messages, retained_topics, run, settings_for
 
 
 @pytest.fixture(scope="module")
@@ -401,19 +401,9 @@ def test_max_failures_needs_a_wave(broker, tmp_path, capsys):
 async def publication(settings, model, seq):
     """(envelopes, bitstream) of the retained publication of version ``seq``."""
     found = {}
-    async with settings.client("fetch") as client:
-        await client.subscribe("nnc/%s/seq/%d/+" % (model, seq), qos=1)
-        marker = "nnc/%s/sync/fetch" % model
-        await client.subscribe(marker, qos=1)
-        await client.publish(marker, b"x", qos=1)
-        messages = client.messages.__aiter__()
-        while True:
-            message = await asyncio.wait_for(messages.__anext__(), WAIT)
-            if message.topic.value == marker:
-                break
-            if message.payload:
-                env = envelope.parse(message.payload)
-                found[env.index] = env
+    for _, payload in await retained_messages(settings, "nnc/%s/seq/%d/+" % (model, seq)):
+        env = envelope.parse(payload)
+        found[env.index] = env
     envs = [found[i] for i in sorted(found)]
     assert envs and len(envs) == envs[0].count
     return envs, b"".join(bytes(e.body) for e in envs)
