@@ -7,6 +7,7 @@
 - the default thread count suits a 1-CPU Pi Zero and a 4-CPU Pi 5.
 """
 
+import logging
 import os
 import shutil
 import subprocess
@@ -44,7 +45,7 @@ def captured(monkeypatch):
     seen = []
 
     async def fake_receive(settings, receiver, once, timeout):
-        seen.append((settings, receiver, once, timeout))
+        seen.append((settings, receiver, once, timeout, logging.getLogger("nnc_edge").level))
         return True
 
     monkeypatch.setattr(mqtt_cli, "_receive", fake_receive)
@@ -54,11 +55,11 @@ def captured(monkeypatch):
         del seen[:]
         status = cli.main(["receive"] + argv)
         assert status == 0
-        settings, receiver, once, timeout = seen[0]
+        settings, receiver, once, timeout, log_level = seen[0]
         store = receiver.store
         return {"broker": dict(vars(settings)), "topics": receiver.topics.base, "gap_timeout": receiver.gap_timeout,
                 "verifies": receiver.verify is not None, "out": store.directory, "model": store.model,
-                "threads": store.threads, "once": once, "timeout": timeout}
+                "threads": store.threads, "once": once, "timeout": timeout, "log_level": log_level}
     return run
 
 
@@ -108,6 +109,11 @@ def test_config_gives_the_settings_of_the_same_flags(captured, files):
     by_config = captured(["--config", write_config(files, CONFIG.format(d=files))])
     assert by_flags == by_config
     assert by_config["broker"]["password"] == "s3cret" and by_config["threads"] == 2 and by_config["verifies"]
+    # -q (or quiet = true) logs problems only; without it, each publication; -v also MQTT's details.
+    assert by_config["log_level"] == logging.WARNING
+    plain = ["--broker", "mqtt://localhost", "--model", "kws", "--out", str(files / "model")]
+    assert captured(plain)["log_level"] == logging.INFO
+    assert captured(plain + ["-v"])["log_level"] == logging.DEBUG
 
 
 def test_flags_override_the_config(captured, files):

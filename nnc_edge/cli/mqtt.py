@@ -321,13 +321,14 @@ def _publish_arguments(parser):
                    "nnc-edge receive --broker mqtt://localhost --model kws --out /var/lib/kws --id pi-7 "
                    "--health-check '/opt/kws/selftest \"$NNC_EDGE_MODEL\"' --health-timeout 120"))
 def run_receive(args):
+    # Settled first: before, -q/-v (or the config file's quiet/verbose) are still placeholders.
+    args.config_options.settle(args)
     with logging_to_stderr(args):
         return _receive_command(args)
 
 
 def _receive_command(args):
     from transports import mqtt
-    args.config_options.settle(args)
     _check_model_name(args.model)
     if args.device_id is not None:
         from transports.report import check_device_id
