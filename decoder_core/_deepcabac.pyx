@@ -847,7 +847,7 @@ def decode_tensor_levels(engine, coding, out=None):
 cdef class TensorSteps:
     """The compiled position loop of deepcabac.TensorSteps for streaming: same windows, same results.
 
-    Made after deepcabac.preamble() has decoded the tensor's first bins (``steps`` holds them);
+    Made after deepcabac.TensorSteps.preamble() has decoded the tensor's first bins (``steps`` holds them);
     run(engine, out, lo, hi, base, hist) decodes positions lo .. hi-1 into ``out`` (array('i') or
     any writable buffer of 4-byte items, indexed by position - lo), reading the engine's registers
     before and writing them back after, and returns deepcabac.WINDOW_DONE or NEED_INPUT.

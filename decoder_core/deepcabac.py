@@ -251,14 +251,18 @@ def _ctx(set_id):
     return [s[2], s[3], s[0] + 4, s[1]]
 
 
+def _set_ctx(c, set_id):
+    """_ctx(set_id) in an existing context."""
+    s = CtxParameterList[set_id]
+    c[0] = s[2]
+    c[1] = s[3]
+    c[2] = s[0] + 4
+    c[3] = s[1]
+
+
 def _reset(group, set_ids):
     for i in range(len(group)):
-        s = CtxParameterList[set_ids[i]]
-        c = group[i]
-        c[0] = s[2]
-        c[1] = s[3]
-        c[2] = s[0] + 4
-        c[3] = s[1]
+        _set_ctx(group[i], set_ids[i])
 
 
 def _context(set_id):
@@ -283,9 +287,10 @@ def _reset_contexts(contexts, set_ids):
 # (rangeTabLps >= 2), so at most 128 bins pass per bit read; a bypass bin reads one bit.
 _BINS_PER_BIT = 128
 
-# What TensorSteps.run() returns.
-NEED_INPUT = 0   # decoding stopped before a parameter because engine.p passed engine.safe
-WINDOW_DONE = 1  # every position of the current output window is decoded
+# What TensorSteps.run() and TensorSteps.preamble() return.
+NEED_INPUT = 0     # decoding stopped before a parameter because engine.p passed engine.safe
+WINDOW_DONE = 1    # every position of the current output window is decoded
+PREAMBLE_DONE = 2  # the bins before the first parameter are decoded
 
 # engine.safe while every byte of the segment is present: decoding never stops for input.
 WHOLE = 1 << 60
@@ -409,8 +414,12 @@ class TensorSteps:
     parameter never runs out of bytes in the middle. Windows follow each other (window_end() says how
     far the next may reach); a block scan (scan_order > 0) needs whole block rows in a window.
 
-    The preamble (profile-1 start bins, row-skip flags, shift_parameter_ids()) runs in preamble();
-    the compiled backend takes its result and runs its own position loop.
+    The preamble (profile-1 start bins, row-skip flags, shift_parameter_ids()) runs in preamble(),
+    which run() calls; the compiled backend takes its result and runs its own position loop.
+
+    A TensorSteps set anew with __init__ for the next tensor (slice decoding keeps one per stream)
+    keeps its loops (generators): they take the next tensor when they see a new ``serial``. On
+    MicroPython a generator is some hundred bytes, garbage per tensor otherwise.
     """
 
     def __init__(self, engine, coding, value_of=None):
@@ -440,7 +449,9 @@ class TensorSteps:
         self.row_skip = None
         self.set_ids = None
         self.use_eps = False
-        self._steps = None
+        self.serial += 1  # the class's 0 at first
+        if self._loops is None:
+            self._loops = [None, None]  # run()'s and preamble()'s generators, made on first use
 
     def window_end(self, lo, n):
         """Where a window starting at ``lo`` (where the previous one ended) ends: at most ``n``
@@ -464,340 +475,170 @@ class TensorSteps:
     def _window(self):
         return self.out, self.lo, self.hi, self.base, self.hist
 
+    serial = 0
+    _loops = None
+    _ids = None  # the set ids' buffer (id_buffer)
+
+    def id_buffer(self, count):
+        """A bytearray for the ``count`` set ids (0..8) preamble() decodes, sized up front (appending
+        regrows it on a small heap) and kept for the next tensor set anew with as many."""
+        ids = self._ids
+        if ids is None or len(ids) != count:
+            ids = self._ids = bytearray(count)
+        return ids
+
     def run(self):
-        if self._steps is None:
-            self._steps = self._positions()
-        return next(self._steps)
+        return self._resume(0)
+
+    def preamble(self):
+        """Decode the bins before the first parameter (2.1 step 3, 6.4, 2.6) as far as the input
+        allows: NEED_INPUT, or PREAMBLE_DONE once ``hdsp``, ``row_skip``, ``set_ids``, ``use_eps``
+        and ``nbins`` are set (again PREAMBLE_DONE until the next tensor)."""
+        return self._resume(1)
+
+    def _resume(self, k):
+        loops = self._loops
+        loop = loops[k]
+        if loop is None:
+            loop = loops[k] = self._positions() if k == 0 else _preambles(self)
+        try:
+            return next(loop)
+        except BaseException:
+            loops[k] = None  # a loop that raised has ended: the next tensor makes another
+            raise
 
     def _positions(self):
         # The hot loop, one function on purpose: locals and inline bins; a call per bin would cost
         # more than the bin. Each decision site below is the same inline decode_decision() (1.5-1.7)
         # on the hot loop's context form (_context): each of the four ends of its branches (MPS or
         # LPS path, MPS 1 or 0) updates the estimators and acts on the bin's value itself.
-        engine = self.engine
-        coding = self.coding
-        if self.count == 0 or (coding.profile == 1 and coding.codebook_size == 1):
-            while True:
-                yield WINDOW_DONE  # 6.8: a one-entry codebook codes no bins; every QuantParam is 0.
-        for status in preamble(engine, coding, self):
-            yield status
-        h = self.h
-        w = self.w
-        dq = coding.dq_flag
-        N = coding.cabac_unary_length_minus1 + 1
-        profile = coding.profile
-        S = coding.codebook_size if profile == 1 else 0
-        Z = coding.codebook_zero_offset
-        tca = coding.tca
-        hdsp_lookup = self.hdsp and coding.history  # 6.7: without an earlier decode the history is all 0
-        row_skip = self.row_skip
-        cb = profile == 1 and S > 1
-        sign_coded = not (cb and (Z == 0 or Z == S - 1))
-        # Tensors without a codebook, TCA base or HDSP history (the common case) take a path of
-        # their own; the others the phase loop, which handles everything.
-        general = cb or tca or hdsp_lookup
-        value_of = self.value_of
-        direct = value_of is None
-        nbins = self.nbins
-        max_bins = coding.max_bins
+        while True:
+            serial = self.serial
+            engine = self.engine
+            coding = self.coding
+            if self.count == 0 or (coding.profile == 1 and coding.codebook_size == 1):
+                while self.serial == serial:
+                    yield WINDOW_DONE  # 6.8: a one-entry codebook codes no bins; every QuantParam is 0.
+                continue
+            while self.preamble() == NEED_INPUT:
+                yield NEED_INPUT
+            h = self.h
+            w = self.w
+            dq = coding.dq_flag
+            N = coding.cabac_unary_length_minus1 + 1
+            profile = coding.profile
+            S = coding.codebook_size if profile == 1 else 0
+            Z = coding.codebook_zero_offset
+            tca = coding.tca
+            hdsp_lookup = self.hdsp and coding.history  # 6.7: without an earlier decode the history is all 0
+            row_skip = self.row_skip
+            cb = profile == 1 and S > 1
+            sign_coded = not (cb and (Z == 0 or Z == S - 1))
+            # Tensors without a codebook, TCA base or HDSP history (the common case) take a path of
+            # their own; the others the phase loop, which handles everything.
+            general = cb or tca or hdsp_lookup
+            value_of = self.value_of
+            direct = value_of is None
+            nbins = self.nbins
+            max_bins = coding.max_bins
 
-        # Every context, in the order of shift_parameter_ids() (2.6), from the set ids it decoded.
-        ids = self.set_ids
-        contexts, groups = _contexts(coding.context_pool, ids, dq, N, tca, self.hdsp)
-        sig, sig_tca, sig_hdsp, sign, sign_tca, gtx, gtx_tca, gtx2 = groups
-        ladder0 = gtx[0]
-        ladder1 = gtx[1]
+            # Every context, in the order of shift_parameter_ids() (2.6), from the set ids it decoded.
+            ids = self.set_ids
+            # sig_flag's contexts come first (offset 0); the other groups by their offsets.
+            contexts, sign, offsets = _contexts(coding.context_pool, ids, dq, N, tca, self.hdsp)
+            o_sig_tca, o_sig_hdsp, o_sign_tca, o_gtx, o_gtx_tca, o_gtx2 = offsets
+            ladder0 = contexts[o_gtx]
+            ladder1 = contexts[o_gtx + 1]
 
-        bh = self.bh
-        bw = self.bw
-        block_scan = self.block_scan
-        use_eps = self.use_eps
-        if use_eps:
-            bit_pointer = engine.get_bit_pointer()
-            ep_offsets, ep_states, ep_bits, ep_first = coding.entry_points
-            sum_offset = 0
+            bh = self.bh
+            bw = self.bw
+            block_scan = self.block_scan
+            use_eps = self.use_eps
+            if use_eps:
+                bit_pointer = engine.get_bit_pointer()
+                ep_offsets, ep_states, ep_bits, ep_first = coding.entry_points
+                sum_offset = 0
 
-        out, lo, hi, base, hist = self._window()
-        sb = 0  # 3 * the dependent-quantization state: where its 3 sig_flag contexts start
-        nbc = 0  # the previous QuantParam's class in context selection: 0 zero, 1 negative, 2 positive
-        tr3 = _TRANS3
-        # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
-        skip_trans = _skip_transitions(w)
-        # The engine's registers live in locals here (supplement 1.10's scaled form, as in
-        # ArithmeticDecoder, with IvlCurrRange scaled as well: R = IvlCurrRange << 7): a bytecode
-        # interpreter looks up an attribute or a global by name and a local by index, and this loop
-        # runs for every parameter. They go back into the engine at every yield and wherever engine
-        # methods run.
-        lps_rows = _LPS_ROWS
-        renorm = _RENORM
-        data = engine.data
-        p = engine.p
-        end = engine.end
-        safe = engine.safe
-        R = engine.range << 7
-        value = engine.value
-        bn = engine.bits_needed
-        block_row = 0
-        for by in range(0, h, bh):
-            if by > 0 and use_eps:
-                j = ep_first + block_row - 1
-                if j >= len(ep_bits):
-                    raise NNCError("entry point %d missing from the NDU header" % j, p, "cabac_offset_list")
-                sum_offset += ep_bits[j]
-                pointer = bit_pointer + sum_offset
-                engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
-                for status in _reach_entry_point(engine, pointer, j):
-                    yield status
-                engine.set_entry_point(ep_offsets[j], pointer, j)
-                p, end, safe = engine.p, engine.end, engine.safe
-                R, value, bn = engine.range << 7, engine.value, engine.bits_needed
-                if dq:
-                    sb = 3 * ep_states[j]
-                _reset_contexts(contexts, ids)
-                nbc = 0
-            block_row += 1
-            y_end = by + bh if by + bh < h else h
-            for bx in range(0, w, bw):
-                x_end = bx + bw if bx + bw < w else w
-                for y in range(by, y_end):
-                    if row_skip is not None and row_skip[y]:
-                        # 6.5: the segment stays 0 (out starts zeroed), nbc is unchanged, the DQ
-                        # state moves w times.
-                        if dq:
-                            sb = 3 * skip_trans[sb // 3]
-                        continue
-                    row = y * w
-                    for x in range(bx, x_end):
-                        pos = row + x
-                        if pos >= hi or p > safe:
-                            engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
-                            while pos >= hi:
-                                # Only in a raster scan: windows may end anywhere.
-                                self.nbins = nbins
-                                yield WINDOW_DONE
-                                out, lo, hi, base, hist = self._window()
-                            while engine.p > engine.safe:
-                                yield NEED_INPUT
-                            data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
-                        if nbins > max_bins:
-                            raise _too_many_bins(max_bins, engine)
-                        if general:
-                            # sig_flag (2.4), then sign_flag, abs_level_greater_x[j] and
-                            # abs_level_greater_x2[j] (2.2): one decision site for all of them, phase
-                            # ``ph`` says which bin it is, and each phase picks the next context.
-                            state = sb // 3
-                            if tca:
-                                bv = base[pos - lo]
-                            else:
-                                bv = 0
-                            if hdsp_lookup and hist[pos - lo]:
-                                c = sig_hdsp[state]
-                            elif bv:
-                                c = sig_tca[2 * state + (1 if bv > 1 or bv < -1 else 0)]
-                            else:
-                                c = sig[sb + nbc]
-                            ph = 0
-                            while True:
-                                s0, s1, d, nx = c
-                                t = s0 + s1 >> 7
-                                lps = lps_rows[R >> 12][t]
-                                R -= lps
-                                if value < R:
-                                    if R < 32768:
-                                        R <<= 1
-                                        value <<= 1
-                                        bn += 1
-                                        if not bn:
-                                            if p >= end:
-                                                raise _past_end(p)
-                                            bn = -8
-                                            value += data[p]
-                                            p += 1
-                                    if t >= 32:
-                                        c[0] = s0 + d[s0 >> 7]
-                                        c[1] = s1 + d[s1 >> 7]
-                                        b = 1
-                                    else:
-                                        c[0] = s0 - d[8192 - s0 >> 7]
-                                        c[1] = s1 - d[-s1 >> 7]
-                                        b = 0
+            out, lo, hi, base, hist = self._window()
+            sb = 0  # 3 * the dependent-quantization state: where its 3 sig_flag contexts start
+            nbc = 0  # the previous QuantParam's class in context selection: 0 zero, 1 negative, 2 positive
+            tr3 = _TRANS3
+            # Parity-0 transitions repeated w times (6.5): the cycles have length 1, 2 or 4.
+            skip_trans = _skip_transitions(w)
+            # The engine's registers live in locals here (supplement 1.10's scaled form, as in
+            # ArithmeticDecoder, with IvlCurrRange scaled as well: R = IvlCurrRange << 7): a bytecode
+            # interpreter looks up an attribute or a global by name and a local by index, and this loop
+            # runs for every parameter. They go back into the engine at every yield and wherever engine
+            # methods run.
+            lps_rows = _LPS_ROWS
+            renorm = _RENORM
+            data = engine.data
+            p = engine.p
+            end = engine.end
+            safe = engine.safe
+            R = engine.range << 7
+            value = engine.value
+            bn = engine.bits_needed
+            block_row = 0
+            for by in range(0, h, bh):
+                if by > 0 and use_eps:
+                    j = ep_first + block_row - 1
+                    if j >= len(ep_bits):
+                        raise NNCError("entry point %d missing from the NDU header" % j, p, "cabac_offset_list")
+                    sum_offset += ep_bits[j]
+                    pointer = bit_pointer + sum_offset
+                    engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
+                    for status in _reach_entry_point(engine, pointer, j):
+                        yield status
+                    engine.set_entry_point(ep_offsets[j], pointer, j)
+                    p, end, safe = engine.p, engine.end, engine.safe
+                    R, value, bn = engine.range << 7, engine.value, engine.bits_needed
+                    if dq:
+                        sb = 3 * ep_states[j]
+                    _reset_contexts(contexts, ids)
+                    nbc = 0
+                block_row += 1
+                y_end = by + bh if by + bh < h else h
+                for bx in range(0, w, bw):
+                    x_end = bx + bw if bx + bw < w else w
+                    for y in range(by, y_end):
+                        if row_skip is not None and row_skip[y]:
+                            # 6.5: the segment stays 0 (out starts zeroed), nbc is unchanged, the DQ
+                            # state moves w times.
+                            if dq:
+                                sb = 3 * skip_trans[sb // 3]
+                            continue
+                        row = y * w
+                        for x in range(bx, x_end):
+                            pos = row + x
+                            if pos >= hi or p > safe:
+                                engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
+                                while pos >= hi:
+                                    # Only in a raster scan: windows may end anywhere.
+                                    self.nbins = nbins
+                                    yield WINDOW_DONE
+                                    out, lo, hi, base, hist = self._window()
+                                while engine.p > engine.safe:
+                                    yield NEED_INPUT
+                                data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
+                            if nbins > max_bins:
+                                raise _too_many_bins(max_bins, engine)
+                            if general:
+                                # sig_flag (2.4), then sign_flag, abs_level_greater_x[j] and
+                                # abs_level_greater_x2[j] (2.2): one decision site for all of them, phase
+                                # ``ph`` says which bin it is, and each phase picks the next context.
+                                state = sb // 3
+                                if tca:
+                                    bv = base[pos - lo]
                                 else:
-                                    value -= R
-                                    R = renorm[lps >> 7]
-                                    value <<= R
-                                    bn += R
-                                    R = lps << R
-                                    if bn >= 0:
-                                        if p >= end:
-                                            raise _past_end(p)
-                                        value += data[p] << bn
-                                        p += 1
-                                        bn -= 8
-                                    if t >= 32:
-                                        c[0] = s0 - d[8192 - s0 >> 7]
-                                        c[1] = s1 - d[-s1 >> 7]
-                                        b = 0
-                                    else:
-                                        c[0] = s0 + d[s0 >> 7]
-                                        c[1] = s1 + d[s1 >> 7]
-                                        b = 1
-                                nbins += 1
-                                if ph == 0:
-                                    # sig_flag
-                                    if not b:
-                                        break
-                                    if sign_coded:
-                                        c = sign_tca[0 if bv < 0 else 1] if bv else sign[nbc]
-                                        ph = 1
-                                        continue
-                                    s = 1 if Z != 0 else 0
-                                elif ph == 1:
-                                    s = b
-                                elif ph == 2:
-                                    q += b
-                                    j += 1
-                                    if b and j < N and not (cb and q >= limit):
-                                        c = gtx_tca[2 * j + (0 if absb >= j else 1)] if bv else gtx[2 * j + s]
-                                        continue
-                                    if b and (not cb or q < limit):
-                                        ph = 3
-                                        j = 0
-                                        c = gtx2[0]
-                                        continue
-                                    break
+                                    bv = 0
+                                if hdsp_lookup and hist[pos - lo]:
+                                    c = contexts[o_sig_hdsp + state]
+                                elif bv:
+                                    c = contexts[o_sig_tca + 2 * state + (1 if bv > 1 or bv < -1 else 0)]
                                 else:
-                                    if b:
-                                        q += 1 << rb
-                                        rb += 1
-                                    j += 1
-                                    if b and j <= 30 and not (cb and q + (1 << rb) > limit):
-                                        c = gtx2[j]
-                                        continue
-                                    break
-                                # The sign is known: the magnitude's bins follow.
-                                ph = 1
-                                q = 1
-                                rb = 0
-                                limit = (Z if s else S - 1 - Z) if cb else 0
-                                if cb and limit <= 1:
-                                    break
-                                absb = bv if bv >= 0 else -bv
-                                j = 0
-                                c = gtx_tca[0 if absb >= 0 else 1] if bv else gtx[s]
-                                ph = 2
-                            if ph == 0:
-                                if dq:
-                                    sb = tr3[sb]
-                                nbc = 0
-                                continue
-                            if ph != 3:
-                                rb = 0
-                        else:
-                            # sig_flag (2.4)
-                            c = sig[sb + nbc]
-                            s0, s1, d, nx = c
-                            t = s0 + s1 >> 7
-                            lps = lps_rows[R >> 12][t]
-                            R -= lps
-                            if value < R:
-                                if R < 32768:
-                                    R <<= 1
-                                    value <<= 1
-                                    bn += 1
-                                    if not bn:
-                                        if p >= end:
-                                            raise _past_end(p)
-                                        bn = -8
-                                        value += data[p]
-                                        p += 1
-                                if t >= 32:
-                                    c[0] = s0 + d[s0 >> 7]
-                                    c[1] = s1 + d[s1 >> 7]
-                                else:
-                                    c[0] = s0 - d[8192 - s0 >> 7]
-                                    c[1] = s1 - d[-s1 >> 7]
-                                    if dq:
-                                        sb = tr3[sb]
-                                    nbc = 0
-                                    nbins += 1
-                                    continue
-                            else:
-                                value -= R
-                                R = renorm[lps >> 7]
-                                value <<= R
-                                bn += R
-                                R = lps << R
-                                if bn >= 0:
-                                    if p >= end:
-                                        raise _past_end(p)
-                                    value += data[p] << bn
-                                    p += 1
-                                    bn -= 8
-                                if t >= 32:
-                                    c[0] = s0 - d[8192 - s0 >> 7]
-                                    c[1] = s1 - d[-s1 >> 7]
-                                    if dq:
-                                        sb = tr3[sb]
-                                    nbc = 0
-                                    nbins += 1
-                                    continue
-                                else:
-                                    c[0] = s0 + d[s0 >> 7]
-                                    c[1] = s1 + d[s1 >> 7]
-                            # sign_flag (2.2); a 1 is a negative QuantParam
-                            c = sign[nbc]
-                            s0, s1, d, nx = c
-                            t = s0 + s1 >> 7
-                            lps = lps_rows[R >> 12][t]
-                            R -= lps
-                            if value < R:
-                                if R < 32768:
-                                    R <<= 1
-                                    value <<= 1
-                                    bn += 1
-                                    if not bn:
-                                        if p >= end:
-                                            raise _past_end(p)
-                                        bn = -8
-                                        value += data[p]
-                                        p += 1
-                                if t >= 32:
-                                    c[0] = s0 + d[s0 >> 7]
-                                    c[1] = s1 + d[s1 >> 7]
-                                    s = 1
-                                    c = ladder1
-                                else:
-                                    c[0] = s0 - d[8192 - s0 >> 7]
-                                    c[1] = s1 - d[-s1 >> 7]
-                                    s = 0
-                                    c = ladder0
-                            else:
-                                value -= R
-                                R = renorm[lps >> 7]
-                                value <<= R
-                                bn += R
-                                R = lps << R
-                                if bn >= 0:
-                                    if p >= end:
-                                        raise _past_end(p)
-                                    value += data[p] << bn
-                                    p += 1
-                                    bn -= 8
-                                if t >= 32:
-                                    c[0] = s0 - d[8192 - s0 >> 7]
-                                    c[1] = s1 - d[-s1 >> 7]
-                                    s = 0
-                                    c = ladder0
-                                else:
-                                    c[0] = s0 + d[s0 >> 7]
-                                    c[1] = s1 + d[s1 >> 7]
-                                    s = 1
-                                    c = ladder1
-                            # abs_level_greater_x[j] for j < N, then abs_level_greater_x2[j - N]
-                            # (2.2): a unary ladder of contexts, each naming the next ([3]). The first
-                            # 0 ends it, and so does its end (31 abs_level_greater_x2 of 1).
-                            j = 0
-                            try:
+                                    c = contexts[sb + nbc]
+                                ph = 0
                                 while True:
                                     s0, s1, d, nx = c
                                     t = s0 + s1 >> 7
@@ -817,12 +658,11 @@ class TensorSteps:
                                         if t >= 32:
                                             c[0] = s0 + d[s0 >> 7]
                                             c[1] = s1 + d[s1 >> 7]
-                                            c = nx
-                                            j += 1
+                                            b = 1
                                         else:
                                             c[0] = s0 - d[8192 - s0 >> 7]
                                             c[1] = s1 - d[-s1 >> 7]
-                                            break
+                                            b = 0
                                     else:
                                         value -= R
                                         R = renorm[lps >> 7]
@@ -838,49 +678,235 @@ class TensorSteps:
                                         if t >= 32:
                                             c[0] = s0 - d[8192 - s0 >> 7]
                                             c[1] = s1 - d[-s1 >> 7]
-                                            break
+                                            b = 0
                                         else:
                                             c[0] = s0 + d[s0 >> 7]
                                             c[1] = s1 + d[s1 >> 7]
-                                            c = nx
-                                            j += 1
-                            except TypeError:
-                                # past the last context, whose successor is None
-                                nbins -= 1
-                            nbins += j + 3
-                            if j < N:
-                                q = j + 1
-                                rb = 0
+                                            b = 1
+                                    nbins += 1
+                                    if ph == 0:
+                                        # sig_flag
+                                        if not b:
+                                            break
+                                        if sign_coded:
+                                            c = contexts[o_sign_tca + (0 if bv < 0 else 1)] if bv else sign[nbc]
+                                            ph = 1
+                                            continue
+                                        s = 1 if Z != 0 else 0
+                                    elif ph == 1:
+                                        s = b
+                                    elif ph == 2:
+                                        q += b
+                                        j += 1
+                                        if b and j < N and not (cb and q >= limit):
+                                            if bv:
+                                                c = contexts[o_gtx_tca + 2 * j + (0 if absb >= j else 1)]
+                                            else:
+                                                c = contexts[o_gtx + 2 * j + s]
+                                            continue
+                                        if b and (not cb or q < limit):
+                                            ph = 3
+                                            j = 0
+                                            c = contexts[o_gtx2]
+                                            continue
+                                        break
+                                    else:
+                                        if b:
+                                            q += 1 << rb
+                                            rb += 1
+                                        j += 1
+                                        if b and j <= 30 and not (cb and q + (1 << rb) > limit):
+                                            c = contexts[o_gtx2 + j]
+                                            continue
+                                        break
+                                    # The sign is known: the magnitude's bins follow.
+                                    ph = 1
+                                    q = 1
+                                    rb = 0
+                                    limit = (Z if s else S - 1 - Z) if cb else 0
+                                    if cb and limit <= 1:
+                                        break
+                                    absb = bv if bv >= 0 else -bv
+                                    j = 0
+                                    c = contexts[o_gtx_tca + (0 if absb >= 0 else 1)] if bv else contexts[o_gtx + s]
+                                    ph = 2
+                                if ph == 0:
+                                    if dq:
+                                        sb = tr3[sb]
+                                    nbc = 0
+                                    continue
+                                if ph != 3:
+                                    rb = 0
                             else:
-                                rb = j - N
-                                q = N + (1 << rb)
-                        if rb:
-                            # abs_remainder: rb bypass bins (1.8), up to 12 at a time. While IvlOffset
-                            # < IvlCurrRange, bin after bin is a long division of the bits by R; bad
-                            # input can make IvlOffset >= IvlCurrRange, and then every bin is a 1.
-                            nbins += rb
-                            if rb < 13:
-                                value <<= rb
-                                bn += rb
-                                while bn >= 0:
-                                    if p >= end:
-                                        raise _past_end(p)
-                                    value += data[p] << bn
-                                    p += 1
-                                    bn -= 8
-                                t = value // R
-                                if t >> rb:
-                                    t = (1 << rb) - 1
-                                value -= t * R
-                                q += t
-                            else:
-                                r = 0
-                                n = rb
-                                while n:
-                                    m = n if n < 13 else 12
-                                    n -= m
-                                    value <<= m
-                                    bn += m
+                                # sig_flag (2.4)
+                                c = contexts[sb + nbc]
+                                s0, s1, d, nx = c
+                                t = s0 + s1 >> 7
+                                lps = lps_rows[R >> 12][t]
+                                R -= lps
+                                if value < R:
+                                    if R < 32768:
+                                        R <<= 1
+                                        value <<= 1
+                                        bn += 1
+                                        if not bn:
+                                            if p >= end:
+                                                raise _past_end(p)
+                                            bn = -8
+                                            value += data[p]
+                                            p += 1
+                                    if t >= 32:
+                                        c[0] = s0 + d[s0 >> 7]
+                                        c[1] = s1 + d[s1 >> 7]
+                                    else:
+                                        c[0] = s0 - d[8192 - s0 >> 7]
+                                        c[1] = s1 - d[-s1 >> 7]
+                                        if dq:
+                                            sb = tr3[sb]
+                                        nbc = 0
+                                        nbins += 1
+                                        continue
+                                else:
+                                    value -= R
+                                    R = renorm[lps >> 7]
+                                    value <<= R
+                                    bn += R
+                                    R = lps << R
+                                    if bn >= 0:
+                                        if p >= end:
+                                            raise _past_end(p)
+                                        value += data[p] << bn
+                                        p += 1
+                                        bn -= 8
+                                    if t >= 32:
+                                        c[0] = s0 - d[8192 - s0 >> 7]
+                                        c[1] = s1 - d[-s1 >> 7]
+                                        if dq:
+                                            sb = tr3[sb]
+                                        nbc = 0
+                                        nbins += 1
+                                        continue
+                                    else:
+                                        c[0] = s0 + d[s0 >> 7]
+                                        c[1] = s1 + d[s1 >> 7]
+                                # sign_flag (2.2); a 1 is a negative QuantParam
+                                c = sign[nbc]
+                                s0, s1, d, nx = c
+                                t = s0 + s1 >> 7
+                                lps = lps_rows[R >> 12][t]
+                                R -= lps
+                                if value < R:
+                                    if R < 32768:
+                                        R <<= 1
+                                        value <<= 1
+                                        bn += 1
+                                        if not bn:
+                                            if p >= end:
+                                                raise _past_end(p)
+                                            bn = -8
+                                            value += data[p]
+                                            p += 1
+                                    if t >= 32:
+                                        c[0] = s0 + d[s0 >> 7]
+                                        c[1] = s1 + d[s1 >> 7]
+                                        s = 1
+                                        c = ladder1
+                                    else:
+                                        c[0] = s0 - d[8192 - s0 >> 7]
+                                        c[1] = s1 - d[-s1 >> 7]
+                                        s = 0
+                                        c = ladder0
+                                else:
+                                    value -= R
+                                    R = renorm[lps >> 7]
+                                    value <<= R
+                                    bn += R
+                                    R = lps << R
+                                    if bn >= 0:
+                                        if p >= end:
+                                            raise _past_end(p)
+                                        value += data[p] << bn
+                                        p += 1
+                                        bn -= 8
+                                    if t >= 32:
+                                        c[0] = s0 - d[8192 - s0 >> 7]
+                                        c[1] = s1 - d[-s1 >> 7]
+                                        s = 0
+                                        c = ladder0
+                                    else:
+                                        c[0] = s0 + d[s0 >> 7]
+                                        c[1] = s1 + d[s1 >> 7]
+                                        s = 1
+                                        c = ladder1
+                                # abs_level_greater_x[j] for j < N, then abs_level_greater_x2[j - N]
+                                # (2.2): a unary ladder of contexts, each naming the next ([3]). The first
+                                # 0 ends it, and so does its end (31 abs_level_greater_x2 of 1).
+                                j = 0
+                                try:
+                                    while True:
+                                        s0, s1, d, nx = c
+                                        t = s0 + s1 >> 7
+                                        lps = lps_rows[R >> 12][t]
+                                        R -= lps
+                                        if value < R:
+                                            if R < 32768:
+                                                R <<= 1
+                                                value <<= 1
+                                                bn += 1
+                                                if not bn:
+                                                    if p >= end:
+                                                        raise _past_end(p)
+                                                    bn = -8
+                                                    value += data[p]
+                                                    p += 1
+                                            if t >= 32:
+                                                c[0] = s0 + d[s0 >> 7]
+                                                c[1] = s1 + d[s1 >> 7]
+                                                c = nx
+                                                j += 1
+                                            else:
+                                                c[0] = s0 - d[8192 - s0 >> 7]
+                                                c[1] = s1 - d[-s1 >> 7]
+                                                break
+                                        else:
+                                            value -= R
+                                            R = renorm[lps >> 7]
+                                            value <<= R
+                                            bn += R
+                                            R = lps << R
+                                            if bn >= 0:
+                                                if p >= end:
+                                                    raise _past_end(p)
+                                                value += data[p] << bn
+                                                p += 1
+                                                bn -= 8
+                                            if t >= 32:
+                                                c[0] = s0 - d[8192 - s0 >> 7]
+                                                c[1] = s1 - d[-s1 >> 7]
+                                                break
+                                            else:
+                                                c[0] = s0 + d[s0 >> 7]
+                                                c[1] = s1 + d[s1 >> 7]
+                                                c = nx
+                                                j += 1
+                                except TypeError:
+                                    # past the last context, whose successor is None
+                                    nbins -= 1
+                                nbins += j + 3
+                                if j < N:
+                                    q = j + 1
+                                    rb = 0
+                                else:
+                                    rb = j - N
+                                    q = N + (1 << rb)
+                            if rb:
+                                # abs_remainder: rb bypass bins (1.8), up to 12 at a time. While IvlOffset
+                                # < IvlCurrRange, bin after bin is a long division of the bits by R; bad
+                                # input can make IvlOffset >= IvlCurrRange, and then every bin is a 1.
+                                nbins += rb
+                                if rb < 13:
+                                    value <<= rb
+                                    bn += rb
                                     while bn >= 0:
                                         if p >= end:
                                             raise _past_end(p)
@@ -888,42 +914,61 @@ class TensorSteps:
                                         p += 1
                                         bn -= 8
                                     t = value // R
-                                    if t >> m:
-                                        t = (1 << m) - 1
+                                    if t >> rb:
+                                        t = (1 << rb) - 1
                                     value -= t * R
-                                    r = (r << m) + t
-                                q += r
-                        if dq:
-                            # 2.3: QuantParam from the level, and the next state
-                            t = sb & 1
-                            sb = tr3[sb + (q & 1)]
-                            q += q - t
-                        if s:
-                            k = -q
-                            nbc = 1
-                        else:
-                            k = q
-                            nbc = 2
-                        if rb > 28 and (k > _INT32_MAX or k < _INT32_MIN):
-                            # (with rb <= 28, |QuantParam| < 2 * (256 + 2 ** 29) + 1)
-                            raise NNCError("decoded level %d does not fit in 32 bits" % k, p, "int_param()")
-                        if direct:
-                            out[pos - lo] = k
-                        else:
-                            out[pos - lo] = value_of(k)
-            if block_scan and y_end * w >= hi and y_end < h:
-                engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
-                self.nbins = nbins
+                                    q += t
+                                else:
+                                    r = 0
+                                    n = rb
+                                    while n:
+                                        m = n if n < 13 else 12
+                                        n -= m
+                                        value <<= m
+                                        bn += m
+                                        while bn >= 0:
+                                            if p >= end:
+                                                raise _past_end(p)
+                                            value += data[p] << bn
+                                            p += 1
+                                            bn -= 8
+                                        t = value // R
+                                        if t >> m:
+                                            t = (1 << m) - 1
+                                        value -= t * R
+                                        r = (r << m) + t
+                                    q += r
+                            if dq:
+                                # 2.3: QuantParam from the level, and the next state
+                                t = sb & 1
+                                sb = tr3[sb + (q & 1)]
+                                q += q - t
+                            if s:
+                                k = -q
+                                nbc = 1
+                            else:
+                                k = q
+                                nbc = 2
+                            if rb > 28 and (k > _INT32_MAX or k < _INT32_MIN):
+                                # (with rb <= 28, |QuantParam| < 2 * (256 + 2 ** 29) + 1)
+                                raise NNCError("decoded level %d does not fit in 32 bits" % k, p, "int_param()")
+                            if direct:
+                                out[pos - lo] = k
+                            else:
+                                out[pos - lo] = value_of(k)
+                if block_scan and y_end * w >= hi and y_end < h:
+                    engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
+                    self.nbins = nbins
+                    yield WINDOW_DONE
+                    out, lo, hi, base, hist = self._window()
+                    data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
+            engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
+            if nbins > max_bins:
+                raise _too_many_bins(max_bins, engine)
+            self.nbins = nbins
+            while self.serial == serial:
+                # The last windows (after skipped rows, several may be left), until the next tensor.
                 yield WINDOW_DONE
-                out, lo, hi, base, hist = self._window()
-                data, p, end, safe = engine.data, engine.p, engine.end, engine.safe
-        engine.p, engine.range, engine.value, engine.bits_needed = p, R >> 7, value, bn
-        if nbins > max_bins:
-            raise _too_many_bins(max_bins, engine)
-        self.nbins = nbins
-        while True:
-            # The last windows (after skipped rows, several may be left).
-            yield WINDOW_DONE
 
 
 _SKIP_TRANSITIONS = {}
@@ -969,13 +1014,15 @@ _POOL_LAYOUTS = 1 if _MICROPYTHON else 4
 
 def _contexts(pool, ids, dq, N, tca, hdsp):
     """Every context of a tensor (_context's form), in the order of shift_parameter_ids() (2.6), set
-    from the set ids it decoded; and the groups (sig, sig_tca, sig_hdsp, sign, sign_tca, gtx,
-    gtx_tca, gtx2), lists of the same objects. The contexts of gtx (abs_level_greater_x, index
-    2 * j + sign) and gtx2 (abs_level_greater_x2) also hold the unary ladder of either sign in
+    from the set ids it decoded; sign_flag's 3 contexts (a list of their own: the hot loop's fast
+    path picks one per nonzero parameter); and the offsets into the first list of the groups
+    sig_tca, sig_hdsp, sign_tca, gtx, gtx_tca and gtx2 (sig starts at 0). Offsets, not a list per
+    group: about 0.7 KB less per layout on MicroPython. The contexts of gtx (abs_level_greater_x,
+    index 2 * j + sign) and gtx2 (abs_level_greater_x2) also hold the unary ladder of either sign in
     themselves: [3] is the next context (gtx[2 * j + 2 + sign], after the last gtx2[0], after
-    gtx2[30] None). With a ``pool`` (a dict; slice
-    decoding keeps one per stream) the objects of an earlier tensor with the same layout are set
-    anew instead of made: fewer allocations per tensor on a small heap."""
+    gtx2[30] None). With a ``pool`` (a dict; slice decoding keeps one per stream) the objects of an
+    earlier tensor with the same layout are set anew instead of made: fewer allocations per tensor
+    on a small heap."""
     key = (dq, N, tca, hdsp)
     entry = pool.get(key) if pool is not None else None
     if entry is not None:
@@ -983,19 +1030,18 @@ def _contexts(pool, ids, dq, N, tca, hdsp):
         return entry
     contexts = [_context(i) for i in ids]
     k = 0
-    groups = []
+    starts = []
     for n, _ in _context_groups(dq, N, tca, hdsp):
-        groups.append(contexts[k:k + n])
+        starts.append(k)
         k += n
-    gtx = groups[4]
-    gtx2 = groups[6]
+    o_sign = starts[3]
+    o_gtx = starts[4]
+    o_gtx2 = starts[6]
     for i in range(2 * N):
-        gtx[i][3] = gtx[i + 2] if i + 2 < 2 * N else gtx2[0]
+        contexts[o_gtx + i][3] = contexts[o_gtx + i + 2] if i + 2 < 2 * N else contexts[o_gtx2]
     for i in range(30):
-        gtx2[i][3] = gtx2[i + 1]
-    signs = groups[3]
-    groups[3:4] = [signs[:3], signs[3:]]
-    entry = (contexts, groups)
+        contexts[o_gtx2 + i][3] = contexts[o_gtx2 + i + 1]
+    entry = (contexts, contexts[o_sign:o_sign + 3], (starts[1], starts[2], o_sign + 3, o_gtx, starts[5], o_gtx2))
     if pool is not None:
         if len(pool) >= _POOL_LAYOUTS:
             pool.clear()  # layouts rarely change within a stream; keep the one or few in use
@@ -1024,86 +1070,96 @@ def _preamble_groups(dq, N, tca, hdsp):
     return groups
 
 
-def preamble(engine, coding, steps):
-    """The bins before the first parameter (2.1 step 3, 6.4, 2.6): the HDSP flag and row-skip flags
-    of profile 1, then shift_parameter_ids(). A generator that yields NEED_INPUT while it waits for
-    bytes; it stores what it decoded in ``steps`` (hdsp, row_skip, set_ids, use_eps, nbins)."""
-    h = steps.h
-    w = steps.w
-    profile = coding.profile
-    nbins = 0
-    hdsp = 0
-    row_skip = None
-    while engine.p > engine.safe:
-        yield NEED_INPUT
-    if profile == 1 and w > 1 and h > 1:
-        if coding.parent_node_id_present_flag:
-            hdsp = engine.decode_bypass()
-            nbins += 1
-        nbins += 1
-        if engine.decode_bypass():
-            row_skip = bytearray(h)
-            nbins += h
-            ctx = _ctx(0)
-            for r in range(h):
-                while engine.p > engine.safe:
-                    yield NEED_INPUT
-                row_skip[r] = engine.decode_decision(ctx)
-    left = engine.left()
-    if left is not None and steps.count:
-        skipped = 0
-        if row_skip is not None:
-            for r in range(h):
-                skipped += row_skip[r]
-        _check_coded(steps.count - skipped * w, left, engine)
-
-    dq = coding.dq_flag
-    N = coding.cabac_unary_length_minus1 + 1
-    S = coding.codebook_size if profile == 1 else 0
-    Z = coding.codebook_zero_offset
-    cb = profile == 1 and S > 1
-    max_abs = Z if Z > S - 1 - Z else S - 1 - Z
-    sign_coded = not (cb and (Z == 0 or Z == S - 1))
+def _preambles(steps):
+    """TensorSteps.preamble()'s loop: the bins before the first parameter of each tensor ``steps``
+    is set to (2.1 step 3, 6.4, 2.6): the HDSP flag and row-skip flags of profile 1, then
+    shift_parameter_ids(). Yields NEED_INPUT while it waits for bytes; stores what it decoded in
+    ``steps`` (hdsp, row_skip, set_ids, use_eps, nbins), then yields PREAMBLE_DONE until the next
+    tensor."""
+    row_flag = _ctx(0)
     shift_flag = _ctx(0)
-    groups = _preamble_groups(dq, N, coding.tca, hdsp)
-    count = 0
-    for size, _ in groups:
-        count += size
-    ids = bytearray(count)  # a set id is 0..8; sized up front: appending regrows it on a small heap
-    k = 0
-    for size, kind in groups:
-        for a in range(size):
-            present = True
-            if cb:
-                # 6.8: which shift_idx() are present with a profile-1 codebook
-                if kind == "sign":
-                    present = sign_coded
-                elif kind == "gtx":
-                    present = a < 2 * max_abs
-                elif kind == "gtx_tca":
-                    present = a < 2 * (max_abs - 1)
-                elif kind == "gtx2":
-                    present = (N - 1) + ((2 << a) - 1) < max_abs
-            set_id = 0
-            if present:
-                while engine.p > engine.safe:
-                    yield NEED_INPUT
+    while True:
+        serial = steps.serial
+        engine = steps.engine
+        coding = steps.coding
+        h = steps.h
+        w = steps.w
+        profile = coding.profile
+        nbins = 0
+        hdsp = 0
+        row_skip = None
+        while engine.p > engine.safe:
+            yield NEED_INPUT
+        if profile == 1 and w > 1 and h > 1:
+            if coding.parent_node_id_present_flag:
+                hdsp = engine.decode_bypass()
                 nbins += 1
-                if engine.decode_decision(shift_flag):
-                    set_id = 1 + engine.uae(3)
-                    nbins += 3
-            ids[k] = set_id
-            k += 1
-    eps = coding.entry_points
-    use_eps = steps.block_scan and h > steps.bh and eps is not None
-    if use_eps:
-        # 1.11: IvlCurrRange = 256 before the first parameter as well.
-        engine.reset_range()
-    steps.hdsp = hdsp
-    steps.row_skip = row_skip
-    steps.set_ids = ids
-    steps.use_eps = use_eps
-    steps.nbins = nbins
+            nbins += 1
+            if engine.decode_bypass():
+                row_skip = bytearray(h)
+                nbins += h
+                _set_ctx(row_flag, 0)
+                for r in range(h):
+                    while engine.p > engine.safe:
+                        yield NEED_INPUT
+                    row_skip[r] = engine.decode_decision(row_flag)
+        left = engine.left()
+        if left is not None and steps.count:
+            skipped = 0
+            if row_skip is not None:
+                for r in range(h):
+                    skipped += row_skip[r]
+            _check_coded(steps.count - skipped * w, left, engine)
+
+        dq = coding.dq_flag
+        N = coding.cabac_unary_length_minus1 + 1
+        S = coding.codebook_size if profile == 1 else 0
+        Z = coding.codebook_zero_offset
+        cb = profile == 1 and S > 1
+        max_abs = Z if Z > S - 1 - Z else S - 1 - Z
+        sign_coded = not (cb and (Z == 0 or Z == S - 1))
+        _set_ctx(shift_flag, 0)
+        groups = _preamble_groups(dq, N, coding.tca, hdsp)
+        count = 0
+        for size, _ in groups:
+            count += size
+        ids = steps.id_buffer(count)
+        k = 0
+        for size, kind in groups:
+            for a in range(size):
+                present = True
+                if cb:
+                    # 6.8: which shift_idx() are present with a profile-1 codebook
+                    if kind == "sign":
+                        present = sign_coded
+                    elif kind == "gtx":
+                        present = a < 2 * max_abs
+                    elif kind == "gtx_tca":
+                        present = a < 2 * (max_abs - 1)
+                    elif kind == "gtx2":
+                        present = (N - 1) + ((2 << a) - 1) < max_abs
+                set_id = 0
+                if present:
+                    while engine.p > engine.safe:
+                        yield NEED_INPUT
+                    nbins += 1
+                    if engine.decode_decision(shift_flag):
+                        set_id = 1 + engine.uae(3)
+                        nbins += 3
+                ids[k] = set_id
+                k += 1
+        eps = coding.entry_points
+        use_eps = steps.block_scan and h > steps.bh and eps is not None
+        if use_eps:
+            # 1.11: IvlCurrRange = 256 before the first parameter as well.
+            engine.reset_range()
+        steps.hdsp = hdsp
+        steps.row_skip = row_skip
+        steps.set_ids = ids
+        steps.use_eps = use_eps
+        steps.nbins = nbins
+        while steps.serial == serial:
+            yield PREAMBLE_DONE
 
 
 def _too_many_bins(max_bins, engine):

@@ -33,7 +33,7 @@ from array import array
 
 from . import backend
 from .compat import from_raw, zeros
-from .deepcabac import NEED_INPUT, WHOLE, ArithmeticDecoder, TensorCoding, TensorSteps, lookahead_bytes, preamble
+from .deepcabac import NEED_INPUT, WHOLE, ArithmeticDecoder, TensorCoding, TensorSteps, lookahead_bytes
 from .errors import Incomplete, NNCError, move_offset
 from .payload import _block_roles, _entry_points, _prod, _split
 from .reconstruction import LevelHalves, level_values, step_size
@@ -333,7 +333,20 @@ class PayloadInput:
 
 def payload_slices(unit, ctx, inp, n):
     """Decode the NDU payload arriving in ``inp`` (7.3); a generator that yields None while it needs
-    more bytes, and each slice (name, shape, start, values) as soon as it is decoded."""
+    more bytes, and each slice (name, shape, start, values) as soon as it is decoded. A payload of
+    one arithmetic-coded tensor (the common case) is that tensor's _tensor_slices() itself: one
+    generator less per tensor on a small heap."""
+    ndu = unit.ndu
+    pt = ndu.nnr_compressed_data_unit_payload_type
+    dims = ndu.get("TensorDimensions")
+    unary = ndu.get("cabac_unary_length_minus1")
+    if (len(unit.names) == 1 and pt != NNR_PT_RAW_FLOAT and pt != NNR_PT_BLOCK and dims is not None
+            and unary is not None):
+        return _tensor_slices(None, inp, ctx, ndu, unit.names[0], dims, unary, pt, None, 0, None, n)
+    return _payload_slices(unit, ctx, inp, n)
+
+
+def _payload_slices(unit, ctx, inp, n):
     ndu = unit.ndu
     names = unit.names
     pt = ndu.nnr_compressed_data_unit_payload_type
@@ -354,10 +367,7 @@ def payload_slices(unit, ctx, inp, n):
     if pt == NNR_PT_BLOCK:
         parts = _block_parts(ndu, names, dims)
     else:
-        codebook = ndu.Codebook if ndu.codebook_present_flag else None
-        zero = ndu.get("CbZeroOffset", 0)
-        if ndu.get("decomposed_part") == "H" and ndu.codebook_present_flag:
-            codebook, zero = ndu.get("CodebookDC", codebook), ndu.get("CbZeroOffsetDC", zero)
+        codebook, zero = _codebook(ndu)
         name = names[0] if len(names) == 1 else "|".join(names)
         parts = [(name, dims, pt, codebook, zero, _entry_points(ndu, 0))]
     whole = len(names) > 1 and pt != NNR_PT_BLOCK
@@ -395,6 +405,15 @@ def payload_slices(unit, ctx, inp, n):
     engine.terminate_cabac()
 
 
+def _codebook(ndu):
+    """The codebook and its zero offset of an NDU's tensor (7.3.6; a decomposition's H has its own)."""
+    codebook = ndu.Codebook if ndu.codebook_present_flag else None
+    zero = ndu.get("CbZeroOffset", 0)
+    if ndu.get("decomposed_part") == "H" and ndu.codebook_present_flag:
+        codebook, zero = ndu.get("CodebookDC", codebook), ndu.get("CbZeroOffsetDC", zero)
+    return codebook, zero
+
+
 def _block_parts(ndu, names, dims):
     """7.3.5: the tensors of an NNR_PT_BLOCK in decoding order: LS, bias, batch-norm, then the weight
     (or G then H), each as (name, dims, payload type, codebook, zero offset, entry points)."""
@@ -424,7 +443,17 @@ def _block_parts(ndu, names, dims):
 
 
 def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero, eps, n):
-    """7.3.6 for one tensor, window by window: quant_param(), quant_tensor(), reconstruction."""
+    """7.3.6 for one tensor, window by window: quant_param(), quant_tensor(), reconstruction. With
+    no ``engine`` the tensor is the whole payload (payload_slices): it starts and ends the payload's
+    arithmetic decoder itself and takes its codebook and entry points from ``ndu``."""
+    whole_payload = engine is None
+    if whole_payload:
+        codebook, zero = _codebook(ndu)
+        eps = _entry_points(ndu, 0)
+        while inp.fill < 2 and not inp.complete:
+            yield None
+        buffers = ctx.slice_buffers
+        engine = buffers.engine = inp.start_engine(buffers.engine)  # the last payload's engine, set anew
     qp_value = None
     if pt != NNR_PT_INT:
         if ctx.qp_density is None:
@@ -487,7 +516,7 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
     inp.update()
     fast = None
     if compiled is not None and count and not (ctx.profile == 1 and coding.codebook_size == 1):
-        for _ in preamble(engine, coding, steps):
+        while steps.preamble() == NEED_INPUT:
             yield None
         fast = compiled(engine, coding, steps)
     shape = tuple(dims)
@@ -532,12 +561,14 @@ def _tensor_slices(engine, inp, ctx, ndu, name, dims, unary, pt, codebook, zero,
         yield (name, shape, lo, values)
         values = None
         lo = hi
-    # The kept TensorSteps lets go of this tensor's position loop (its frame holds the contexts
-    # and windows) until the next tensor sets it anew.
-    steps._steps = None
     steps.set_window(0, 0, None)
     if state is not None:
         state.done()
+    if whole_payload:
+        state = steps = coding = buffers = None
+        while not inp.complete:
+            yield None
+        engine.terminate_cabac()
 
 
 def _raw_float_slices(ndu, names, dims, inp, n):
