@@ -30,6 +30,11 @@ def _table(typecode, values):
     return array(typecode, values) if _MICROPYTHON else tuple(values)
 
 
+# The tables below are computed into this list, not a new list each: on MicroPython a list per
+# table would be garbage between the tables, holes too small for a slice array later.
+_SCRATCH = [0] * 64
+
+
 # The position loop's forms of the tables. It keeps R = IvlCurrRange << 7 and a context as
 # [16 * pStateIdx0 + 4096, pStateIdx1, _STEPS[set id], next] (_context), so that its
 # t = (16 * pStateIdx0 + 4096 + pStateIdx1) >> 7 is (pStateIdx >> 7) + 32 for pStateIdx = 16 * pStateIdx0 +
@@ -37,25 +42,31 @@ def _table(typecode, values):
 # reachable states, |pStateIdx0| <= 123 and |pStateIdx1| <= 1923, keep t in 1..63.) 1 KiB.
 _LPS_ROWS = [None] * 16
 for _r in range(8):
-    _LPS_ROWS[8 + _r] = _table("H", [RangeTabLps[min(32 * _r + (32 - _t if _t < 32 else _t - 32), 255)] << 7
-                                     for _t in range(64)])
+    for _t in range(64):
+        _SCRATCH[_t] = RangeTabLps[min(32 * _r + (32 - _t if _t < 32 else _t - 32), 255)] << 7
+    _LPS_ROWS[8 + _r] = _table("H", _SCRATCH)
 # The estimators' steps (1.6) in one table per (shift0, shift1): on a 1 the first entry of a context
 # moves by d[c[0] >> 7] (16 times pStateIdx0's step; indexes 16..47) and pStateIdx1 by d[c[1] >> 7]
 # (indexes 0..15 and, negative, 48..63); on a 0 by -d[(8192 - c[0]) >> 7] and -d[-c[1] >> 7].
 # _STEPS[set id]: the 4 tables of CtxParameterList's 4 pairs, 576 bytes.
-_STEPS = []
-for _row in CtxParameterList:
-    for _set in range(len(_STEPS)):
-        if CtxParameterList[_set][:2] == _row[:2]:
-            _STEPS.append(_STEPS[_set])
+_STEPS = [None] * len(CtxParameterList)
+for _k in range(len(_STEPS)):
+    _row = CtxParameterList[_k]
+    for _set in range(_k):
+        if CtxParameterList[_set][0] == _row[0] and CtxParameterList[_set][1] == _row[1]:
+            _STEPS[_k] = _STEPS[_set]
             break
     else:
-        _STEPS.append(_table("H", [(CurveTab[_i - 16] >> (_row[0] + 4)) << 4 if 16 <= _i < 48 else
-                                   CurveTab[(_i + 16) % 32] >> _row[1] for _i in range(64)]))
+        for _i in range(64):
+            _SCRATCH[_i] = ((CurveTab[_i - 16] >> (_row[0] + 4)) << 4 if 16 <= _i < 48 else
+                            CurveTab[(_i + 16) % 32] >> _row[1])
+        _STEPS[_k] = _table("H", _SCRATCH)
+del _SCRATCH
 # StateTransTab for 3 * state: _TRANS3[3 * state + parity] = 3 * StateTransTab[state][parity].
-_TRANS3 = []
-for _r in StateTransTab:
-    _TRANS3 += [3 * _r[0], 3 * _r[1], 0]
+_TRANS3 = [0] * (3 * len(StateTransTab))
+for _r in range(len(StateTransTab)):
+    _TRANS3[3 * _r] = 3 * StateTransTab[_r][0]
+    _TRANS3[3 * _r + 1] = 3 * StateTransTab[_r][1]
 
 # Both bounds are constants: on MicroPython they are big ints, and computing -_INT32_MAX - 1 per
 # level would allocate.
@@ -450,8 +461,17 @@ class TensorSteps:
         self.set_ids = None
         self.use_eps = False
         self.serial += 1  # the class's 0 at first
-        if self._loops is None:
-            self._loops = [None, None]  # run()'s and preamble()'s generators, made on first use
+        loops = self._loops
+        if loops is None:
+            # run()'s and preamble()'s generators (made on first use), and whether each waits for
+            # the next tensor, its last one done.
+            self._loops = [None, None, True, True]
+        else:
+            for k in (0, 1):
+                if not loops[k + 2]:
+                    # Stopped inside its tensor (the stream was given up there): it cannot take this one.
+                    loops[k] = None
+                    loops[k + 2] = True
 
     def window_end(self, lo, n):
         """Where a window starting at ``lo`` (where the previous one ended) ends: at most ``n``
@@ -512,11 +532,14 @@ class TensorSteps:
         # more than the bin. Each decision site below is the same inline decode_decision() (1.5-1.7)
         # on the hot loop's context form (_context): each of the four ends of its branches (MPS or
         # LPS path, MPS 1 or 0) updates the estimators and acts on the bin's value itself.
+        loops = self._loops
         while True:
             serial = self.serial
+            loops[2] = False
             engine = self.engine
             coding = self.coding
             if self.count == 0 or (coding.profile == 1 and coding.codebook_size == 1):
+                loops[2] = True
                 while self.serial == serial:
                     yield WINDOW_DONE  # 6.8: a one-entry codebook codes no bins; every QuantParam is 0.
                 continue
@@ -966,6 +989,7 @@ class TensorSteps:
             if nbins > max_bins:
                 raise _too_many_bins(max_bins, engine)
             self.nbins = nbins
+            loops[2] = True
             while self.serial == serial:
                 # The last windows (after skipped rows, several may be left), until the next tensor.
                 yield WINDOW_DONE
@@ -1078,8 +1102,10 @@ def _preambles(steps):
     tensor."""
     row_flag = _ctx(0)
     shift_flag = _ctx(0)
+    loops = steps._loops
     while True:
         serial = steps.serial
+        loops[3] = False
         engine = steps.engine
         coding = steps.coding
         h = steps.h
@@ -1158,6 +1184,7 @@ def _preambles(steps):
         steps.set_ids = ids
         steps.use_eps = use_eps
         steps.nbins = nbins
+        loops[3] = True
         while steps.serial == serial:
             yield PREAMBLE_DONE
 

@@ -173,16 +173,20 @@ _STORE_MEMORY = {
 }
 
 
-def store_memory(vectors, names, heap, libraries=None, chunk=256, slice_elements=2048):
+def store_memory(vectors, names, heap, libraries=None, chunk=256, slice_elements=2048, into_file=False,
+                 whole_import=False):
     """Run mp/store_memory.py in a ``heap``-byte heap: the exported vectors ``names`` (an update
     chain's steps in order; none: only the imports are measured) streamed in ``chunk``-byte chunks
-    into the device store with slices of ``slice_elements``. ``libraries``: {package: directory}
+    into the device store with slices of ``slice_elements`` (``into_file``: one bitstream through
+    decoder_core's StreamDecoder into one file, the store not imported). The modules are imported
+    one a step (``whole_import``: the decoder in one step, the store in another). ``libraries``: {package: directory}
     replacing the sources (compile_device()). Returns (passed, facts, CompletedProcess); facts holds
     the figures the script printed (bytes): decoder, store and imports (import sizes), before (the
     heap in use before them), script, live, peak (beyond imports and script) and low_water, where
     present."""
     args = [str(heap)] + ["/vectors/%s.json" % name for name in names] + ["--chunk", str(chunk)]
     args += ["--slice", str(slice_elements)]
+    args += (["--file"] if into_file else []) + (["--whole-import"] if whole_import else [])
     copies = [(vectors, "/vectors")]
     for package, directory in (libraries or {}).items():
         copies.append((directory, "/lib/" + package))

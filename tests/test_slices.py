@@ -134,6 +134,21 @@ def test_truncated_stream_raises_at_close(backend, cut):
     assert "stream ends inside" in str(info.value)
 
 
+@pytest.mark.parametrize("cut", [0.3, 0.7])
+def test_a_stream_given_up_inside_a_tensor_leaves_nothing_for_the_next(backend, cut):
+    # The decoder keeps its position and preamble loops from tensor to tensor; one stopped inside a
+    # tensor (the stream ended there, or the caller reset) must not go on with the next stream's.
+    data = read_vector("p1_real_silero_vad")
+    dec = StreamDecoder(slice_elements=4096)
+    dec.feed(data[:int(len(data) * cut)])
+    with pytest.raises(NNCError):
+        dec.close()
+    assert_same(collect(dec, data, 4096, 4096), expected_tensors("p1_real_silero_vad"), cut)
+    dec.feed(data[:int(len(data) * cut)])
+    dec.reset()
+    assert_same(collect(dec, data, 4096, 4096), expected_tensors("p1_real_silero_vad"), cut)
+
+
 def test_corrupt_payload_raises_nncerror(backend):
     data = bytearray(read_vector("p1_large_2d"))
     # The last payload byte carries the stop bit: clearing the final bytes breaks terminate_cabac().

@@ -44,6 +44,34 @@ def mismatch(expected, name, shape, values, raw=None):
     return None
 
 
+def file_mismatches(path, expected, buf):
+    """What differs between a file holding the expected tensors' bytes one after the other and the
+    expectation: a list of messages, empty when each tensor's bytes are the expected ones.
+    ``buf``: a bytearray the file is read through."""
+    errors = []
+    with open(path, "rb") as f:
+        for e in expected["tensors"]:
+            if _crc(f, buf, e["bytes"]) != (e["bytes"], e["crc32"]):
+                errors.append("%s: its bytes in %s differ from the expected tensor" % (e["name"], path))
+        if f.readinto(buf):
+            errors.append("%s goes on after the expected tensors" % path)
+    return errors
+
+
+def _crc(f, buf, limit=None):
+    """(size, CRC-32) of what ``f`` holds from here, up to ``limit`` bytes."""
+    crc = size = 0
+    view = memoryview(buf)
+    while limit is None or size < limit:
+        want = len(buf) if limit is None or limit - size > len(buf) else limit - size
+        n = f.readinto(view[:want])
+        if not n:
+            break
+        crc = binascii.crc32(view[:n], crc)
+        size += n
+    return size, crc & 0xFFFFFFFF
+
+
 def store_mismatches(index, expected, directory, buf):
     """What differs between the tensors of a device store (its index, nnc_device.store) and an
     expectation: a list of messages, empty when every file is the expected tensor bit for bit.
@@ -54,15 +82,9 @@ def store_mismatches(index, expected, directory, buf):
     if got != want:
         errors.append("tensors %r, expected %r" % (got, want))
     for t, e in zip(index["tensors"], expected["tensors"]):
-        crc = size = 0
         with open(directory + "/" + t["file"], "rb") as f:
-            while True:
-                n = f.readinto(buf)
-                if not n:
-                    break
-                crc = binascii.crc32(memoryview(buf)[:n], crc)
-                size += n
+            size, crc = _crc(f, buf)
         if t["dtype"] != "<%s4" % e["type"] or t["shape"] != e["shape"] or size != e["bytes"] \
-                or crc & 0xFFFFFFFF != e["crc32"]:
+                or crc != e["crc32"]:
             errors.append("%s: the stored file differs from the expected tensor" % t["name"])
     return errors

@@ -1,6 +1,7 @@
-# MicroPython: bitstreams streamed into the device store inside a fixed GC heap.
+# MicroPython: bitstreams streamed into the device store, or into one file, inside a fixed GC heap.
 #
-#   node run.mjs --heap HEAP --loop step store_memory.py HEAP NAME.json... [--chunk BYTES] [--slice N]
+#   node run.mjs --heap HEAP --loop step store_memory.py HEAP NAME.json... [--chunk BYTES] [--slice N] [--file]
+#                [--whole-import]
 #
 # run.mjs calls step() once per chunk, as a device's main loop calls into Python per event: this
 # port collects garbage only between calls (an allocation inside one never collects; heap.py), and
@@ -9,10 +10,17 @@
 #
 # The first steps measure what importing the decoder (decoder_core.stream), then the store
 # (nnc_device.store), add to gc.mem_alloc(), before anything else is imported (earlier imports
-# shift the figure by a few KB: qstr pools, sys.modules). This script is kept small: its code
+# shift the figure by a few KB: qstr pools, sys.modules). They import one module a step, in the
+# order of decoder_core.MODULES, as a device with a small heap does (README "On a
+# microcontroller"): the garbage one module's loading leaves is collected before the next loads
+# into its place. With --whole-import the decoder and the store are imported in one step each
+# (import decoder_core.stream): their loading's garbage then lies between what they keep, holes
+# that a later allocation larger than them cannot use. This script is kept small: its code
 # lies in the heap too. Then each NAME.nnc (several: an update chain's steps, in order) is read
 # in chunks into one buffer and pushed into StoreSession(slice_elements=N); in a step of its own,
-# the stored files are checked against NAME.json (expect.py, loaded only then). The heap must
+# the stored files are checked against NAME.json (expect.py, loaded only then). With --file (one
+# bitstream) the store is not imported: the slices of StreamDecoder(slice_elements=N).iter_feed()
+# are written one after the other into one file, /out.bin, checked tensor by tensor. The heap must
 # never grow beyond HEAP. Prints the sizes, the largest live state between chunks, the peak and the
 # gc.mem_free() low-water mark; exits with status 1 on any failure.
 import gc
@@ -22,10 +30,13 @@ TOTAL = gc.mem_alloc() + gc.mem_free()  # for heap.Meter: the heap may already g
 
 
 def parse_args(argv):
-    opts = {"heap": int(argv[1]), "json": [], "chunk": 256, "slice": 2048}
+    opts = {"heap": int(argv[1]), "json": [], "chunk": 256, "slice": 2048, "file": False, "whole-import": False}
     i = 2
     while i < len(argv):
-        if argv[i] in ("--chunk", "--slice"):
+        if argv[i] in ("--file", "--whole-import"):
+            opts[argv[i][2:]] = True
+            i += 1
+        elif argv[i] in ("--chunk", "--slice"):
             opts[argv[i][2:]] = int(argv[i + 1])
             i += 2
         else:
@@ -37,19 +48,33 @@ def parse_args(argv):
 opts = parse_args(sys.argv)
 # phase, before, decoder import, imports, script, live, live at, stream index, peak, error
 S = [0, 0, 0, 0, 0, 0, None, -1, 0, None]
-R = {}  # meter, session, file, buffer, stored index
+R = {}  # meter, session (a StoreSession or, with --file, a StreamDecoder), file, out, buffer, stored index
+IMPORTS = []  # modules still to import, one a step
 
 
 def step():
     gc.collect()
+    if IMPORTS:
+        __import__(IMPORTS.pop(0))
+        return True
     phase = S[0]
     S[0] = phase + 1
+    whole = opts["whole-import"]
     if phase == 0:
         S[1] = gc.mem_alloc()
-        from decoder_core.stream import StreamDecoder  # noqa: F401  (measured alone)
+        if whole:
+            IMPORTS.append("decoder_core.stream")
+        else:
+            import decoder_core  # the package alone (MicroPython), then its modules
+
+            for name in decoder_core.MODULES:
+                IMPORTS.append("decoder_core." + name)
     elif phase == 1:
         S[2] = gc.mem_alloc() - S[1]
-        from nnc_device.store import StoreSession  # noqa: F401
+        if not opts["file"]:
+            IMPORTS.append("nnc_device.store")
+            if not whole:
+                IMPORTS.insert(0, "nnc_device.record")
     elif phase == 2:
         S[3] = gc.mem_alloc() - S[1]
         import heap  # noqa: F401  (the harness, after the measurement)
@@ -80,8 +105,13 @@ def next_stream():
     S[7] += 1
     if S[7] >= len(opts["json"]):
         return finish()
-    from nnc_device.store import StoreSession
     R["file"] = open(opts["json"][S[7]][:-len(".json")] + ".nnc", "rb")
+    if opts["file"]:
+        from decoder_core.stream import StreamDecoder
+        R["out"] = open("/out.bin", "wb")
+        R["session"] = StreamDecoder(slice_elements=opts["slice"])
+        return True
+    from nnc_device.store import StoreSession
     R["session"] = StoreSession("/store", slice_elements=opts["slice"])
     return True
 
@@ -103,7 +133,17 @@ def chunk():
         S[6] = f.tell()
     buf = R["buf"]
     n = f.readinto(buf)
-    if n:
+    if opts["file"]:
+        out = R["out"]
+        if n:
+            # reuse: one array for every slice, each written away before the next is decoded
+            for _, _, _, values in R["session"].iter_feed(memoryview(buf)[:n], True):
+                out.write(values)
+        else:
+            R["session"].close()
+            out.close()
+            R["index"] = "/out.bin"
+    elif n:
         R["session"].feed(memoryview(buf)[:n])
     else:
         R["index"] = R["session"].close()
@@ -121,9 +161,13 @@ def chunk():
 
 def check():
     """The stored files against the expectation, while the decoder's memory is free."""
-    from expect import load, store_mismatches
+    from expect import file_mismatches, load, store_mismatches
     path = opts["json"][S[7]]
-    errors = store_mismatches(R.pop("index"), load(path), "/store", R["buf"])
+    if opts["file"]:
+        R.pop("out")
+        errors = file_mismatches(R.pop("index"), load(path), R["buf"])
+    else:
+        errors = store_mismatches(R.pop("index"), load(path), "/store", R["buf"])
     del sys.modules["expect"]  # the next stream of a chain runs without it
     if errors:
         return fail("%s: %s" % (path, "; ".join(errors)))
