@@ -11,7 +11,7 @@ On MicroPython importing the package imports none of its modules: the names abov
 first used (module ``__getattr__``), so that a small heap can import the modules one at a time,
 in the order of ``MODULES``, collecting garbage between them. Loading a module leaves garbage (about
 a fifth of what it allocates) between the objects it keeps; collected before the next module loads,
-those holes are filled by it instead of fragmenting the heap (README "On a microcontroller").
+those holes are filled by it instead of fragmenting the heap (README "MicroPython").
 """
 
 import sys

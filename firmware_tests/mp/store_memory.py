@@ -11,9 +11,9 @@
 # The first steps measure what importing the decoder (decoder_core.stream), then the store
 # (nnc_device.store), add to gc.mem_alloc(), before anything else is imported (earlier imports
 # shift the figure by a few KB: qstr pools, sys.modules). They import one module a step, in the
-# order of decoder_core.MODULES, as a device with a small heap does (README "On a
-# microcontroller"): the garbage one module's loading leaves is collected before the next loads
-# into its place. With --whole-import the decoder and the store are imported in one step each
+# order of decoder_core.MODULES, as a device with a small heap does (README "MicroPython"): the
+# garbage one module's loading leaves is collected before the next loads into its place. With
+# --whole-import the decoder and the store are imported in one step each
 # (import decoder_core.stream): their loading's garbage then lies between what they keep, holes
 # that a later allocation larger than them cannot use. This script is kept small: its code
 # lies in the heap too. Then each NAME.nnc (several: an update chain's steps, in order) is read
