@@ -455,7 +455,8 @@ class Agent:
         try:
             bodies = a.add(env)
         except NNCError as exc:
-            self._abandon(_reason(exc), True if self.trusted is None else None)
+            # Messages that do not fit together: a damaged copy, maybe, of the genuine publication.
+            self._abandon(_reason(exc), None)
             return
         if bodies:
             a.last_progress = ticks_ms()
@@ -504,9 +505,10 @@ class Agent:
             if self.feed_bytes is not None:
                 self.committed = self.session
         except NNCError as exc:
-            # Unless the digest confirmed the bytes, a forged copy under a genuine envelope may have
-            # failed: refusing would make the device ignore the real one, so it is retried later.
-            self._abandon(_reason(exc), True if confirmed or self.trusted is None else None)
+            # Unless the digest confirmed the bytes, a damaged or forged copy under a genuine envelope
+            # (signed or not) may have failed: refusing would make the device ignore the real one, so
+            # it is retried later.
+            self._abandon(_reason(exc), True if confirmed else None)
             return
         except (OSError, MemoryError) as exc:
             self._abandon("%s: %s" % (type(exc).__name__, _reason(exc)), None)

@@ -129,6 +129,54 @@ def test_unsigned_publication_refused(setup, tmp_path):
     assert broker.report("board-1")["state"] == "current"
 
 
+def test_an_unsigned_device_pauses_a_damaged_copy_and_refuses_a_bad_bitstream_for_good(setup, tmp_path):
+    # Without trusted keys, as with them: content is refused for good only once the digest confirms
+    # the bytes; a copy that is not what its envelope names (damaged on the way) only pauses its
+    # digest, and the genuine publication of the same version is taken after the pause.
+    import time
+
+    key, steps, pubs = setup
+    broker = Broker()
+    agent = Agent(Client(broker, client_id("board-1")), MODEL, str(tmp_path), "board-1", log=None,
+                  gap_timeout=0.05)
+    agent.start()
+    full = steps[0][0]
+    pieces = [full[i:i + 500] for i in range(0, len(full), 500)]
+    digest, payloads = envelope.messages(MODEL, envelope.FULL, 1, pieces)
+    assert len(payloads) >= 3
+    damaged = bytearray(payloads[0])
+    damaged[-len(pieces[0])] ^= 0x40  # the first byte of its body: nnr_unit_size of the NNR_STR
+    broker.publish_messages(1, [bytes(damaged)] + payloads[1:])
+    broker.publish_status(envelope.Status(MODEL, 1, digest, 1, [len(payloads)]))
+    run(agent, broker)
+    rep = broker.report("board-1")
+    assert rep["state"] == "failed" and "digest" in rep["error"], rep
+    assert snapshot(tmp_path) == {}
+    broker.publish_messages(1, payloads)  # the genuine copies now retained
+    time.sleep(0.1)
+    run(agent, broker)
+    rep = broker.report("board-1")
+    assert (rep["state"], rep["seq"]) == ("current", 1), rep
+    assert_same_bits(stored(tmp_path), {k: np.asarray(v) for k, v in steps[0][1].items()}, 1)
+    before = snapshot(tmp_path)
+
+    # Version 2, a bitstream the decoder refuses in its first message (no NNR_STR), its digest its own:
+    # the rest is still hashed, and then it is refused for good.
+    bad = full[4:]
+    bad_pieces = [bad[i:i + 500] for i in range(0, len(bad), 500)]
+    digest2, payloads2 = envelope.messages(MODEL, envelope.FULL, 2, bad_pieces)
+    broker.publish_messages(2, payloads2)
+    broker.publish_status(envelope.Status(MODEL, 2, digest2, 2, [len(payloads2)]))
+    run(agent, broker)
+    rep = broker.report("board-1")
+    assert rep["state"] == "rejected" and "before any NNR_STR" in rep["error"], rep
+    time.sleep(0.1)
+    run(agent, broker)
+    rep = broker.report("board-1")
+    assert (rep["state"], rep["seq"]) == ("rejected", 1), rep
+    assert snapshot(tmp_path) == before
+
+
 def test_killed_during_an_update_recovers(setup, tmp_path):
     key, steps, pubs = setup
     broker = Broker()

@@ -369,24 +369,73 @@ def _at_version_1(tmp_path):
     return host, rx
 
 
-def test_receiver_refuses_corrupt_data_and_keeps_the_model(tmp_path, caplog):
+def _damaged(payload, at):
+    """A copy of a message whose body byte ``at`` (negative: from the end) changed: the same
+    envelope, other bytes."""
+    body = envelope.parse(payload).body
+    bad = bytearray(payload)
+    bad[len(payload) - len(body) + at if at >= 0 else len(payload) + at] ^= 0x40
+    return bytes(bad)
+
+
+def test_receiver_pauses_a_damaged_copy_and_keeps_the_model(tmp_path, caplog):
+    # An unsigned device, as a signed one: a copy whose bytes are not those its envelope's digest
+    # names may be a damaged copy of the genuine publication, so its digest is only paused.
     host, rx = _at_version_1(tmp_path)
     before = _file_bytes(rx.store.path)
     seq, payloads = host.update(_model(2, 0.01))
-    bad = bytearray(payloads[-1])
-    bad[-3] ^= 0x40
     with caplog.at_level(logging.WARNING, logger="nnc_edge.mqtt"):
-        _deliver(rx, seq, payloads[:-1] + [bytes(bad)])  # the last message's body changed
+        _deliver(rx, seq, payloads[:-1] + [_damaged(payloads[-1], -3)])  # the last message's body changed
     assert "digest" in caplog.text and _file_bytes(rx.store.path) == before
-    assert rx.store.version[0] == 1 and rx.assembly is None
-    _deliver(rx, seq, payloads)  # the same publication again: refused for good, it is known to be bad
-    assert rx.store.version[0] == 1
-    # A truncated NNR bitstream with a matching digest (the publisher's mistake) is refused too.
+    assert rx.store.version[0] == 1 and rx.assembly is None and rx.failure[0] == "failed"
+    _deliver(rx, seq, payloads)  # the genuine publication at once: its digest is paused
+    assert rx.store.version[0] == 1 and _file_bytes(rx.store.path) == before
+    rx.clock.now += rx.gap_timeout + 1
+    _deliver(rx, seq, payloads)  # after the pause: applied
+    assert rx.store.version == host.version
+    _same_tensors(modelio.load(rx.store.path), host.expected)
+
+
+def test_receiver_refuses_a_bad_bitstream_for_good_once_its_digest_is_confirmed(tmp_path, caplog):
+    host, rx = _at_version_1(tmp_path)
+    before = _file_bytes(rx.store.path)
+    # A truncated NNR bitstream with a matching digest (the publisher's mistake): refused for good.
+    seq = 2
     _, truncated = envelope.messages(MODEL, UPDATE, seq, [encode(_model(2, 0.01))[:-7]], *rx.store.version)
     with caplog.at_level(logging.WARNING, logger="nnc_edge.mqtt"):
         _deliver(rx, seq, truncated)
     assert "abandoned update 2" in caplog.text.splitlines()[-1]
     assert rx.store.version[0] == 1 and _file_bytes(rx.store.path) == before
+    assert rx.failure[0] == "rejected"
+    rx.clock.now += rx.gap_timeout + 1
+    _deliver(rx, seq, truncated)  # not even after the pause
+    assert rx.store.version[0] == 1 and rx.assembly is None
+
+
+def test_receiver_hashes_a_full_model_to_its_end_after_its_decoder_refused_it(tmp_path, caplog):
+    # The decoder refuses the bitstream in its first message (no NNR_STR); the rest is still
+    # received and hashed: with the digest confirmed the publication is refused for good, with
+    # another digest (a damaged copy of a genuine publication) it is paused, then the genuine applied.
+    clock = Clock()
+    rx = _receiver(tmp_path, clock)
+    good = encode(_model(1))
+    bad = good[4:]  # without its NNR_STR unit (4 bytes)
+    for data, confirmed in ((bad, True), (good, False)):
+        # In 500-byte pieces (split_bitstream would parse the bad bitstream's units).
+        digest, payloads = envelope.messages(MODEL, FULL, 1, [data[i:i + 500] for i in range(0, len(data), 500)])
+        assert len(payloads) >= 3
+        rx.on_status(envelope.Status(MODEL, 1, digest, 1, [len(payloads)]).payload())
+        sent = payloads if confirmed else [_damaged(payloads[0], 0)] + payloads[1:]
+        with caplog.at_level(logging.WARNING, logger="nnc_edge.mqtt"):
+            _deliver(rx, 1, sent)
+        assert rx.store.version is None and rx.assembly is None
+        assert not os.path.exists(rx.store.path) and os.listdir(rx.store.directory) == []
+        assert rx.failure[0] == ("rejected" if confirmed else "failed"), rx.failure
+        assert ("before any NNR_STR" if confirmed else "does not match the envelope's digest") in rx.failure[1]
+        clock.now += rx.gap_timeout + 1
+        _deliver(rx, 1, payloads)
+        assert (rx.store.version is None) == confirmed
+    _same_tensors(modelio.load(rx.store.path), nnc_edge.decode(good))
 
 
 def test_receiver_refuses_an_update_of_another_parent_and_keeps_its_model(tmp_path, caplog):

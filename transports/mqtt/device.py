@@ -72,7 +72,10 @@ class Receiver:
     bounded (MAX_REMEMBERED publications, MAX_EVENTS events). A refusal never moves the device to an
     older version: it keeps its model until a publication it can apply arrives (a new full model,
     or another publication of the next version), and says so every ``gap_timeout`` while the status
-    announces a version it does not have.
+    announces a version it does not have. Content is refused for good only once the bytes received
+    are known to be those the envelope's digest names (a bitstream the decoder refuses early is still
+    received and hashed to its end); a copy that is not only pauses its digest for ``gap_timeout``,
+    for it may be a damaged or forged copy of the genuine publication.
     """
 
     def __init__(self, store, prefix=DEFAULT_PREFIX, gap_timeout=DEFAULT_GAP_TIMEOUT,
@@ -118,6 +121,7 @@ class Receiver:
         self.behind_since = None  # clock reading: since then the device lags the status and nothing arrives
         self.assembly = None
         self.writer = None
+        self.content_error = None  # the NNCError the bitstream being assembled was refused with
         self.started = None
         self.applied = _Recent(maxlen=MAX_EVENTS)
         self.events = _Recent(maxlen=MAX_EVENTS)
@@ -310,6 +314,7 @@ class Receiver:
                 return
             a = self.assembly = Assembly(env, self.max_buffered)
             a.last_progress = self.started = self.clock()
+            self.content_error = None
             # A restore of a version the device holds: switched to locally, the rest of the
             # publication's messages ignored.
             source = self.store.holding(env.parent_seq, env.parent_digest) if env.kind == FULL and env.parent_seq \
@@ -328,21 +333,29 @@ class Receiver:
             if bodies:
                 a.last_progress = self.clock()
             for body in bodies:
-                await self._blocking(self.writer.feed, body)
+                if self.content_error is not None:
+                    break
+                try:
+                    await self._blocking(self.writer.feed, body)
+                except NNCError as exc:
+                    self._content_failed(exc)
             if a.complete:
                 a.check()
                 confirmed = True
+                if self.content_error is not None:
+                    raise self.content_error
                 await self.flush_report()
                 if self.health_check is not None:
                     await self._blocking(self.store.begin_check, env.seq, env.digest)
                 await self._blocking(self.store.commit, self.writer, False)
                 self.store.version = self.writer.version
         except NNCError as exc:
-            # With signatures, bytes not yet known to be the signed ones may be a forged copy under a
-            # genuine envelope: refusing their digest would make the device ignore the real publication.
-            # Not refused for good, then retried after a pause: the retained copies that come again on
-            # resubscribing could be the same bad ones, which must not make a busy loop.
-            self._abandon(_reason(exc), refuse=True if confirmed or self.verify is None else None)
+            # Bytes not yet known to be those the digest names may be a damaged or forged copy under a
+            # genuine envelope (signed or not): refusing their digest would make the device ignore the
+            # real publication. Not refused for good, then, but retried after a pause: the retained
+            # copies that come again on resubscribing could be the same bad ones, which must not make
+            # a busy loop.
+            self._abandon(_reason(exc), refuse=True if confirmed else None)
             return
         except (OSError, ValueError) as exc:  # a full disk, an unreadable model file, ...
             self._abandon("%s: %s (retrying in %g s)" % (type(exc).__name__, _reason(exc), self.gap_timeout),
@@ -350,6 +363,13 @@ class Receiver:
             return
         if a.complete and await self._healthy(a):
             self._done(a)
+
+    def _content_failed(self, exc):
+        """The bitstream was refused (the writer removes what it wrote): the rest of the publication
+        is still received and hashed, so that a refusal for good is of the published bytes only."""
+        self.content_error = exc
+        writer, self.writer = self.writer, None
+        writer.abort()
 
     async def _blocking(self, fn, *args):
         """fn(*args) on the store's executor (None: the event loop's default one)."""
@@ -605,7 +625,7 @@ class Receiver:
         if a is None:
             return
         writer = self.writer
-        self.assembly = self.writer = None
+        self.assembly = self.writer = self.content_error = None
         if writer is not None:
             writer.abort()
         if refuse:
