@@ -195,9 +195,14 @@ class Receiver:
                 return k + 1
         elif st.pending is not None and (k, d) == st.pending[:2]:
             return k + 1  # applied as it was published; the status follows
-        self._event("warning", "model %s: the device's %s is not on the published chain (current version %d, "
-                    "full model %d): fetching the full model" % (self.model, self.store.describe(), st.seq,
-                                                                  st.full_seq))
+        if k < st.full_seq:
+            # The device missed a new full model (a new chain, a rollback, a compaction): routine.
+            self.log.info("model %s: version %d is a full model published after the device's %s: fetching it",
+                          self.model, st.full_seq, self.store.describe())
+        else:
+            self._event("warning", "model %s: the device's %s is not on the published chain (current version %d, "
+                        "full model %d): fetching the full model" % (self.model, self.store.describe(), st.seq,
+                                                                      st.full_seq))
         self.diverged = True
         return st.full_seq
 
