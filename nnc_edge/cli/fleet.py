@@ -17,7 +17,7 @@ from transports.chain_record import RecordError, default_state_dir
 
 from . import EXIT_INVALID, CommandError, arguments, command
 from .mqtt import _check_model_name, _positive_float, _positive_int, add_broker_arguments, broker_errors
-from .mqtt import broker_settings, logging_to_stderr, make_publisher, publishing_errors
+from .mqtt import broker_settings, logged, make_publisher, publishing_errors
 
 
 @command("fleet", help="show which version each device of a model runs (device reports over MQTT)",
@@ -29,12 +29,8 @@ from .mqtt import broker_settings, logging_to_stderr, make_publisher, publishing
          examples=("nnc-edge fleet --broker mqtt://localhost --model kws",
                    "nnc-edge fleet --broker mqtt://localhost --model kws --json",
                    "nnc-edge fleet --broker mqtt://localhost --model kws --wait-for 4 --timeout 600"))
+@logged()
 def run_fleet(args):
-    with logging_to_stderr(args):
-        return _fleet(args)
-
-
-def _fleet(args):
     from transports.mqtt import fleet
     _check_model_name(args.model)
     settings = broker_settings(args)
@@ -218,12 +214,8 @@ def watch_wave(args, settings, record, status, started=False):
                    "--timeout 1800",
                    "nnc-edge rollout --broker mqtt://localhost --model kws --devices pi-1,pi-2,pi-7",
                    "nnc-edge rollout --broker mqtt://localhost --model kws --resume"))
+@logged(quiet_level=logging.ERROR)
 def run_rollout(args):
-    with logging_to_stderr(args, quiet_level=logging.ERROR):
-        return _rollout(args)
-
-
-def _rollout(args):
     from transports.chain_record import ChainRecord
     from transports.mqtt import rollout
     _check_model_name(args.model)
@@ -275,12 +267,8 @@ def _rollout_arguments(parser):
          examples=("nnc-edge rollback --broker mqtt://localhost --model kws --to 6",
                    "nnc-edge rollback --broker mqtt://localhost --model kws --to 6 --signing-key publisher.key "
                    "--max-message-bytes 4096"))
+@logged()
 def run_rollback(args):
-    with logging_to_stderr(args):
-        return _rollback(args)
-
-
-def _rollback(args):
     from transports.mqtt import rollout
     _check_model_name(args.model)
     settings = broker_settings(args)

@@ -13,6 +13,7 @@ deploy/nnc-edge-receive@.service): each key is a long option's name, options on 
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -130,6 +131,17 @@ def logging_to_stderr(args, quiet_level=logging.WARNING):
         paho.setLevel(saved[3])
 
 
+def logged(quiet_level=logging.WARNING):
+    """Decorator: the command handler run(args) runs with logging_to_stderr(args, quiet_level)."""
+    def wrap(run):
+        @functools.wraps(run)
+        def run_logged(args):
+            with logging_to_stderr(args, quiet_level):
+                return run(args)
+        return run_logged
+    return wrap
+
+
 def _check_model_name(model):
     from transports.envelope import check_model_name
     try:
@@ -174,12 +186,8 @@ def _connection_error(settings, exc):
                    "nnc-edge publish update.nnc --broker mqtt://localhost --model kws --devices pi-1,pi-2",
                    "nnc-edge publish u7.nnc --broker mqtt://localhost --model kws --compact-at 50 "
                    "--residual chain.state"))
+@logged()
 def run_publish(args):
-    with logging_to_stderr(args):
-        return _publish(args)
-
-
-def _publish(args):
     from transports.envelope import FULL, UPDATE
     _check_model_name(args.model)
     settings = broker_settings(args)
